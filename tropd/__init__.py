@@ -1,0 +1,3 @@
+"""tropd: Trust Region On-Policy Distillation of language models."""
+
+__version__ = "0.1.0"

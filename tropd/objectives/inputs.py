@@ -1,0 +1,99 @@
+"""Per-token inputs every objective reads, and what it returns.
+
+Shapes: B sequences, T response positions, V vocabulary, K teacher top-k. Position ``t`` of every tensor
+refers to the response token ``tokens[:, t]`` (inputs are already shifted: ``student_logits[:, t]`` is the
+student's distribution for that token given everything before it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class TokenInputs:
+    """One scored batch of rollouts, aligned per response position.
+
+    Attributes:
+        student_logits: ``[B,T,V]`` student logits at each response position; requires grad.
+        tokens: ``[B,T]`` int64 response tokens ``y_t``.
+        behavior_logprobs: ``[B,T]`` ``b_t = log π_beh(y_t | h_t)``, recorded at rollout time (detached).
+        teacher_logprobs: ``[B,T]`` ``q_t = log π_T(y_t | h_t)`` (detached).
+        teacher_topk_ids: ``[B,T,K]`` ids of the teacher's top-k tokens at each position.
+        teacher_topk_logprobs: ``[B,T,K]`` their teacher log-probs, **not renormalised**.
+        teacher_entropy: ``[B,T]`` full-vocabulary teacher entropy ``H_T(t)``.
+        teacher_logits: ``[B,T,V]`` full teacher logits (only the full-vocabulary objectives gkd, trb).
+        loss_mask: ``[B,T]`` bool, positions that carry loss (response tokens, not prompt or padding).
+        teacher_token_mask: ``[B,T]`` bool, teacher-written guidance-prefix positions (subset of loss_mask).
+        trust_mask: ``[B,T]`` bool, if given it replaces the sampled trust mask ``M_t`` (tests, replay).
+        generator: ``torch.Generator`` for the Bernoulli trust mask (device of the logits).
+        progress: fraction of training done in ``[0, 1]`` (curriculum objectives such as reopold_2stage).
+    """
+
+    student_logits: torch.Tensor
+    tokens: torch.Tensor
+    behavior_logprobs: torch.Tensor | None = None
+    teacher_logprobs: torch.Tensor | None = None
+    teacher_topk_ids: torch.Tensor | None = None
+    teacher_topk_logprobs: torch.Tensor | None = None
+    teacher_entropy: torch.Tensor | None = None
+    teacher_logits: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    teacher_token_mask: torch.Tensor | None = None
+    trust_mask: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    progress: float | None = None
+
+    def __post_init__(self) -> None:
+        logits = self.student_logits
+        if logits.dim() != 3:
+            raise ValueError(f"TokenInputs.student_logits must be [B,T,V], got shape {tuple(logits.shape)}")
+        bt = tuple(logits.shape[:2])
+        if tuple(self.tokens.shape) != bt:
+            raise ValueError(f"TokenInputs.tokens must be [B,T]={bt}, got {tuple(self.tokens.shape)}")
+        if self.loss_mask is None:
+            self.loss_mask = torch.ones(bt, dtype=torch.bool, device=logits.device)
+        if self.teacher_token_mask is None:
+            self.teacher_token_mask = torch.zeros(bt, dtype=torch.bool, device=logits.device)
+        self.loss_mask = self.loss_mask.bool()
+        self.teacher_token_mask = self.teacher_token_mask.bool() & self.loss_mask
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, torch.Tensor) or f.name in ("student_logits", "tokens"):
+                continue
+            if tuple(value.shape[:2]) != bt:
+                raise ValueError(f"TokenInputs.{f.name} must start with [B,T]={bt}, got {tuple(value.shape)}")
+        if self.teacher_logits is not None and self.teacher_logits.shape[-1] != logits.shape[-1]:
+            raise ValueError(
+                f"TokenInputs.teacher_logits has vocabulary {self.teacher_logits.shape[-1]}, "
+                f"student_logits has {logits.shape[-1]}: teacher and student must share a tokenizer"
+            )
+        if (self.teacher_topk_ids is None) != (self.teacher_topk_logprobs is None):
+            raise ValueError("TokenInputs.teacher_topk_ids and teacher_topk_logprobs must be given together")
+
+    @property
+    def student_mask(self) -> torch.Tensor:
+        """Loss-bearing positions sampled by the student (not teacher-written)."""
+        return self.loss_mask & ~self.teacher_token_mask
+
+    def require(self, objective: str, *names: str) -> None:
+        """Raise a clear error naming every input ``objective`` needs but did not get."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"objective '{objective}' needs TokenInputs.{', '.join(missing)}, which is None")
+
+
+@dataclass
+class ObjectiveOutput:
+    """Result of an objective on one (micro-)batch.
+
+    ``loss = token_losses.sum() / num_tokens``: the token mean over loss-bearing positions, where
+    ``num_tokens`` is this batch's count unless a global count was passed (accumulation / data parallel).
+    """
+
+    loss: torch.Tensor
+    token_losses: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+    num_tokens: float = 0.0
