@@ -6,7 +6,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-ROLLOUT_KINDS = ("student", "trb_blend", "gkd_mixed")
+ROLLOUT_KINDS = ("student", "teacher", "trb_blend", "gkd_mixed")
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class Needs:
         top_k: k for ``teacher_topk`` (0 when not needed).
         guidance: the objective trains on teacher-written prefixes (SPEC §4.2); the rollout adds them.
         rollout: how rollouts are drawn: ``"student"`` (plain on-policy), ``"trb_blend"`` (SPEC §4.3 warm-up
-            blending), ``"gkd_mixed"`` (GKD: a share of sequences written by the teacher).
+            blending), ``"gkd_mixed"`` (GKD: a share of sequences written by the teacher), ``"teacher"`` (the
+            teacher writes whole responses, tagged as teacher positions: supervised KD).
         progress: the objective reads ``TokenInputs.progress`` (training curricula).
     """
 

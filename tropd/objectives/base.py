@@ -1,0 +1,129 @@
+"""The objective base class: one place that turns a scored batch into per-token losses, the step loss, metrics.
+
+An objective is evaluated in two stages:
+
+1. *row terms*: per-position quantities that need the student's full-vocabulary log-softmax (the sampled
+   log-prob ``s_t``, its entropy, top-k forward KL, full-vocabulary divergences). :func:`terms.rowwise` computes
+   them, chunked over positions when ``chunk_size`` is set.
+2. *combine*: cheap ``[B,T]`` arithmetic (rewards, masks, trust region) that yields per-token losses.
+
+The loss is the token mean ``Σ_t ℓ_t / N`` over loss-bearing positions; pass ``num_tokens`` = the global count
+(all micro-batches and processes of one optimiser step) so that accumulation and data parallelism leave the
+gradient unchanged (SPEC §3, §6.5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tropd.objectives import terms
+from tropd.objectives.inputs import ObjectiveOutput, TokenInputs
+from tropd.objectives.registry import Needs
+
+#: Default trust threshold τ = log(λ/(1−λ)) with λ = 0.2 (SPEC §3).
+DEFAULT_TAU = math.log(0.2 / 0.8)
+
+
+class Objective:
+    """Base class. Subclasses set :attr:`needs` in ``__init__`` and implement :meth:`combine`."""
+
+    name: str = ""
+    needs: Needs = Needs()
+    #: row terms besides ``s`` (log-prob of the sampled token) and ``student_entropy`` that combine() reads.
+    row_terms: tuple[str, ...] = ()
+
+    def __init__(self, chunk_size: int | None = None) -> None:
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"{self.name}: chunk_size must be >= 1 or None, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    # -- stage 1 ---------------------------------------------------------------------------------------
+    def row_fn(self, lp: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-position terms from the student log-softmax ``lp`` ``[n,V]``; override to add more."""
+        return {"s": lp.gather(-1, rows["tokens"].unsqueeze(-1)).squeeze(-1), "student_entropy": terms.entropy(lp)}
+
+    def side_inputs(self, x: TokenInputs) -> dict[str, torch.Tensor]:
+        """Per-position tensors ``row_fn`` reads; masked-out positions are sanitised to valid values."""
+        m = x.loss_mask
+        rows = {"tokens": torch.where(m, x.tokens, torch.zeros_like(x.tokens))}
+        if "fkl_topk" in self.row_terms or "jsd_topk" in self.row_terms:
+            x.require(self.name, "teacher_topk_ids", "teacher_topk_logprobs")
+            rows["topk_ids"] = torch.where(m[..., None], x.teacher_topk_ids, torch.zeros_like(x.teacher_topk_ids))
+            rows["topk_logprobs"] = torch.where(
+                m[..., None], x.teacher_topk_logprobs, torch.zeros_like(x.teacher_topk_logprobs)
+            )
+        if self.needs.teacher_logits:
+            x.require(self.name, "teacher_logits")
+            rows["teacher_logits"] = x.teacher_logits
+        return rows
+
+    # -- stage 2 ---------------------------------------------------------------------------------------
+    def combine(self, t: dict[str, torch.Tensor], x: TokenInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-token losses ``[B,T]`` from row terms ``t`` and ``[B,T]`` inputs, plus per-region loss sums.
+
+        Returns ``(token_losses, parts)`` where ``parts`` maps metric names to ``[B,T]`` tensors or scalars:
+        ``region_<name>`` entries are per-token loss contributions (reported as their share of the loss) and
+        ``frac_masked`` the share of student positions whose main term was dropped or replaced.
+        """
+        raise NotImplementedError
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    def __call__(self, x: TokenInputs, num_tokens: float | int | torch.Tensor | None = None) -> ObjectiveOutput:
+        required = ["behavior_logprobs"] if self.needs.teacher_logprobs else []
+        if self.needs.teacher_logprobs:
+            required.append("teacher_logprobs")
+        if self.needs.teacher_entropy:
+            required.append("teacher_entropy")
+        x.require(self.name, *required)
+        t = terms.rowwise(
+            x.student_logits, x.loss_mask, self.side_inputs(x), self.row_fn,
+            ("s", "student_entropy", *self.row_terms), self.chunk_size,
+        )
+        dtype = t["s"].dtype
+        m = x.loss_mask
+        zero = torch.zeros((), dtype=dtype, device=m.device)
+        for key in ("behavior_logprobs", "teacher_logprobs", "teacher_entropy"):
+            value = getattr(x, key)
+            if value is not None:  # sanitise padding so no NaN/Inf can leak through masked arithmetic
+                t[key] = torch.where(m, value.to(dtype).detach(), zero)
+        if "teacher_logprobs" in t and "behavior_logprobs" in t:
+            t["reward"] = t["teacher_logprobs"] - t["behavior_logprobs"]
+        token_losses, parts = self.combine(t, x)
+        token_losses = torch.where(m, token_losses, zero)
+
+        n_local = m.sum()
+        n = n_local if num_tokens is None else torch.as_tensor(num_tokens, device=m.device)
+        denom = n.to(dtype).clamp(min=1.0)
+        loss = token_losses.sum() / denom
+        metrics = self._metrics(t, x, loss, parts, denom)
+        return ObjectiveOutput(loss=loss, token_losses=token_losses, metrics=metrics, num_tokens=float(n))
+
+    def _metrics(self, t, x: TokenInputs, loss, parts, denom) -> dict[str, float]:
+        with torch.no_grad():
+            sm = x.student_mask
+            out = {"loss": float(loss), "num_tokens": float(x.loss_mask.sum()), "student_tokens": float(sm.sum())}
+            out["student_entropy"] = _masked_mean(t["student_entropy"], sm)
+            if "reward" in t:
+                r = t["reward"][sm]
+                out["k1_rkl"] = float(-r.mean()) if r.numel() else 0.0
+                for name, q in (("reward_min", 0.0), ("reward_p01", 0.01), ("reward_p50", 0.5)):
+                    out[name] = float(torch.quantile(r, q)) if r.numel() else 0.0
+            if x.teacher_topk_logprobs is not None:
+                mass = x.teacher_topk_logprobs.detach().to(t["s"].dtype).exp().sum(-1)
+                out["teacher_topk_mass"] = _masked_mean(mass, sm)
+            out["frac_masked"] = 0.0
+            for key, value in parts.items():
+                if key.startswith("region_"):
+                    out["loss_" + key[len("region_"):]] = float(value.sum() / denom)
+                elif isinstance(value, torch.Tensor) and value.shape == sm.shape:
+                    out[key] = _masked_mean(value.to(t["s"].dtype), sm)
+                else:
+                    out[key] = float(value)
+            return out
+
+
+def _masked_mean(value: torch.Tensor, mask: torch.Tensor) -> float:
+    n = mask.sum()
+    return float((value * mask).sum() / n) if n > 0 else 0.0

@@ -1,0 +1,172 @@
+"""Token-level terms (SPEC §2) and the row-wise evaluation of student log-softmax.
+
+Every term is computed in float32 (float64 when the inputs are float64) from log-softmax, never from
+softmax-then-log. Row functions take ``lp = log_softmax(student_logits)`` for ``n`` positions (``[n, V]``) and
+return ``[n]`` tensors; :func:`rowwise` evaluates them either over the whole batch at once (one full-size
+log-softmax) or chunk by chunk over loss-bearing positions with activation checkpointing (peak memory of one
+chunk), with identical values and gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+#: Upper bound on ``sg(s_t) − b_t`` inside the importance ratio, a guard against overflow when the behaviour
+#: policy gave a token far less mass than the current student (never reached on-policy, where it is 0).
+MAX_LOG_RATIO = 20.0
+#: Rows per block when computing entropies without gradient (bounds the temporary ``p = exp(lp)``).
+ENTROPY_BLOCK = 1024
+
+RowFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """``log π(·)`` over the last dimension, in the compute dtype."""
+    return torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
+
+
+def entropy(lp: torch.Tensor) -> torch.Tensor:
+    """``H = −Σ_v π(v) log π(v)`` per row, without gradient, in blocks of rows (no second full-size copy)."""
+    with torch.no_grad():
+        flat = lp.reshape(-1, lp.shape[-1])
+        floor = torch.finfo(lp.dtype).min
+        out = [-(blk.exp() * blk.clamp(min=floor)).sum(-1) for blk in flat.split(ENTROPY_BLOCK)]
+        return torch.cat(out).reshape(lp.shape[:-1]) if out else lp.new_zeros(lp.shape[:-1])
+
+
+def importance_ratio(s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``ρ = exp(s − b)``: value ``exp(sg(s) − b)`` (1 on-policy), gradient ``ρ ∇s``."""
+    log_ratio = (s.detach() - b).clamp(max=MAX_LOG_RATIO)
+    return torch.exp(s - s.detach()) * torch.exp(log_ratio)
+
+
+def pg_k1(reward: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``pg_k1(r) = −sg(r)·ρ``: REINFORCE with reward ``r``; gradient ``−r ρ ∇s`` (``−r ∇s`` on-policy)."""
+    return -reward.detach() * importance_ratio(s, b)
+
+
+def nll(s: torch.Tensor) -> torch.Tensor:
+    """``−s_t``."""
+    return -s
+
+
+def fkl_topk(lp: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """``Σ_{v∈V_t} π_T(v)(log π_T(v) − log π_S(v))`` with unrenormalised teacher top-k probabilities.
+
+    ``lp`` is the full-vocabulary student log-softmax ``[..., V]``. Gradient w.r.t. the student logits is
+    ``m·π_S − π_T·1[V_t]`` (``m`` = teacher top-k mass): every entry lies in [−1, 1]. Zero-probability teacher
+    entries contribute exactly 0.
+    """
+    p_t = topk_logprobs.to(lp.dtype).exp()
+    lq = torch.where(p_t > 0, topk_logprobs.to(lp.dtype), torch.zeros_like(p_t))
+    return (p_t * (lq - lp.gather(-1, topk_ids))).sum(-1)
+
+
+def _kl(lp_p: torch.Tensor, lp_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p‖q) = Σ p (log p − log q)`` from log-probabilities, 0·log 0 = 0."""
+    p = lp_p.exp()
+    return torch.where(p > 0, p * (lp_p - lp_q), torch.zeros_like(p)).sum(-1)
+
+
+def rkl_full(lp_s: torch.Tensor, lp_t: torch.Tensor) -> torch.Tensor:
+    """Exact reverse KL ``Σ_v π_S (log π_S − log π_T)``."""
+    return _kl(lp_s, lp_t)
+
+
+def fkl_full(lp_s: torch.Tensor, lp_t: torch.Tensor) -> torch.Tensor:
+    """Exact forward KL ``Σ_v π_T (log π_T − log π_S)``."""
+    return _kl(lp_t, lp_s)
+
+
+def generalized_jsd(lp_s: torch.Tensor, lp_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """GKD's ``JSD_β(π_T‖π_S) = β KL(π_T‖M) + (1−β) KL(π_S‖M)``, ``M = β π_T + (1−β) π_S``.
+
+    The endpoints are taken as their named limits exactly: β = 0 is forward ``KL(π_T‖π_S)``, β = 1 is reverse
+    ``KL(π_S‖π_T)`` (the formula itself vanishes there; GKD defines the endpoints this way).
+    """
+    if beta == 0.0:
+        return fkl_full(lp_s, lp_t)
+    if beta == 1.0:
+        return rkl_full(lp_s, lp_t)
+    lp_m = torch.logaddexp(lp_t + torch.log(torch.tensor(beta, dtype=lp_s.dtype)),
+                           lp_s + torch.log(torch.tensor(1.0 - beta, dtype=lp_s.dtype)))
+    return beta * _kl(lp_t, lp_m) + (1.0 - beta) * _kl(lp_s, lp_m)
+
+
+def topk_support_rkl(lp_s: torch.Tensor, lp_t: torch.Tensor, support: int) -> torch.Tensor:
+    """Reverse KL on the student's top-``support`` tokens, both distributions renormalised on that support.
+
+    ``KL(π̃_S‖π̃_T)`` with ``π̃(v) = π(v)/Σ_{u∈S_t} π(u)`` for ``v ∈ S_t`` (the support is chosen without gradient).
+    Renormalising both keeps the invariant that student ≡ teacher gives exactly zero loss and gradient.
+    """
+    k = min(support, lp_s.shape[-1])
+    ids = lp_s.detach().topk(k, dim=-1).indices
+    sub_s = lp_s.gather(-1, ids)
+    sub_t = lp_t.to(lp_s.dtype).gather(-1, ids)
+    sub_s = sub_s - sub_s.logsumexp(-1, keepdim=True)
+    sub_t = sub_t - sub_t.logsumexp(-1, keepdim=True)
+    return _kl(sub_s, sub_t)
+
+
+def jsd_topk(lp: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, jsd_beta: float) -> torch.Tensor:
+    """Teacher-side JSD part ``Σ_{v∈V_t} π_T(v) log(π_T(v)/π_M(v))``, ``π_M = β_J π_T + (1−β_J) π_S``."""
+    lq = topk_logprobs.to(lp.dtype)
+    p_t = lq.exp()
+    lp_m = torch.logaddexp(lq + torch.log(torch.tensor(jsd_beta, dtype=lp.dtype)),
+                           lp.gather(-1, topk_ids) + torch.log(torch.tensor(1.0 - jsd_beta, dtype=lp.dtype)))
+    lq = torch.where(p_t > 0, lq, torch.zeros_like(lq))
+    return (p_t * (lq - lp_m)).sum(-1)
+
+
+def rowwise(
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    rows: dict[str, torch.Tensor],
+    fn: RowFn,
+    names: tuple[str, ...],
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Evaluate ``fn(log_softmax(logits_rows), rows_rows)`` and return ``[B,T]`` tensors named ``names``.
+
+    ``rows`` holds per-position side inputs shaped ``[B,T,...]`` (token ids, teacher top-k, teacher logits).
+    With ``chunk_size=None`` the log-softmax is taken once over all ``B·T`` positions (the one full-size copy).
+    Otherwise only loss-bearing positions are visited, ``chunk_size`` at a time, each chunk under activation
+    checkpointing so that only one chunk's log-softmax is alive; positions outside ``mask`` get 0.
+    Both paths give the same values and gradients.
+    """
+    b, t, v = logits.shape
+    flat = logits.reshape(b * t, v)
+    flat_rows = {k: x.reshape(b * t, *x.shape[2:]) for k, x in rows.items()}
+    keys = tuple(flat_rows)
+
+    def run(logit_rows: torch.Tensor, *side: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = fn(log_softmax(logit_rows), dict(zip(keys, side)))
+        return tuple(out[n] for n in names)
+
+    if chunk_size is None:
+        values = run(flat, *flat_rows.values())
+        return {n: x.reshape(b, t) for n, x in zip(names, values)}
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions or None, got {chunk_size}")
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    pieces: list[tuple[torch.Tensor, ...]] = []
+    for idx in index.split(chunk_size):
+        side = [x.index_select(0, idx) for x in flat_rows.values()]
+        pieces.append(checkpoint(lambda f, *s, _i=idx: run(f.index_select(0, _i), *s), flat, *side,
+                                 use_reentrant=False))
+    dtype = compute_dtype(logits)
+    result = {}
+    for j, n in enumerate(names):
+        full = torch.zeros(b * t, dtype=dtype, device=logits.device)
+        if pieces:
+            full = full.index_copy(0, index, torch.cat([p[j] for p in pieces]))
+        result[n] = full.reshape(b, t)
+    return result
