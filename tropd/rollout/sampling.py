@@ -1,0 +1,315 @@
+"""Batched sampling from causal LMs with a KV cache, recording the exact behaviour log-prob of every token.
+
+The decode loop is written here (not ``generate()``) so that the distribution each token is drawn from is known
+exactly and can be changed per step (TRB blends two models, §4.3). One step, for row i with context ``h``:
+
+    logp   = log_softmax(logits(h) / τ)                       (float32; τ = temperature)
+    logp'  = nucleus_p(logp) − logsumexp(nucleus_p(logp))      (top-p: renormalised nucleus)
+    y      ~ Categorical(exp(logp'))                           (torch.multinomial with the caller's generator)
+    b      = logp'[y]                                          (behaviour log-prob, stored per token)
+
+Temperature 0 means greedy decoding: the sampling distribution is the point mass on the argmax, so ``b = 0``.
+Prompts are left-padded; position ids come from the attention mask so every row sees the positions it would have
+unpadded. A row stops at its first EOS (the EOS is part of the response) or at its token budget; decoding stops
+when every row has stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from tropd.rollout.batch import RolloutBatch, RolloutRow, left_pad, position_ids_from_mask
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How responses are sampled.
+
+    Attributes:
+        max_new_tokens: response length budget per rollout (a teacher prefix counts in it).
+        eos_token_ids: token ids that end a response (the EOS token is kept as the last response token).
+        pad_token_id: id written at padding positions (never carries loss).
+        temperature: τ, logits are divided by τ before the softmax; 0 means greedy decoding.
+        top_p: nucleus mass p in (0, 1]: keep the most probable tokens, in order, while the mass before each is
+            < p (so the smallest prefix with mass ≥ p), then renormalise. 1 disables it.
+    """
+
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def temperature_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / τ)`` in float32 over the last dim; τ = 0 (greedy) leaves the logits unscaled."""
+    x = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        x = x / temperature
+    return torch.log_softmax(x, dim=-1)
+
+
+def truncate_logprobs(logp: torch.Tensor, top_p: float = 1.0, greedy: bool = False) -> torch.Tensor:
+    """Restrict normalised log-probs to the sampling support and renormalise (float32).
+
+    ``greedy``: the point mass on the argmax (0 there, −inf elsewhere; first index on ties).
+    ``top_p < 1``: sort by probability (stable, descending), keep token k iff the mass of the tokens before it is
+    < p (the most probable token is always kept), set the rest to −inf, subtract the kept log-sum-exp.
+    """
+    logp = logp.float()
+    if greedy:
+        out = torch.full_like(logp, float("-inf"))
+        return out.scatter(-1, logp.argmax(-1, keepdim=True), 0.0)
+    if top_p >= 1.0:
+        return logp
+    sorted_lp, order = torch.sort(logp, dim=-1, descending=True, stable=True)
+    p = sorted_lp.exp()
+    mass_before = p.cumsum(-1) - p
+    keep_sorted = mass_before < top_p
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    masked = logp.masked_fill(~keep, float("-inf"))
+    return masked - torch.logsumexp(masked, dim=-1, keepdim=True)
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs of the exact sampling distribution: temperature, then top-p (renormalised), float32."""
+    return truncate_logprobs(temperature_logprobs(logits, temperature), top_p, greedy=temperature == 0.0)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless module)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def inference_mode(*models: nn.Module) -> Iterator[None]:
+    """``torch.no_grad`` with every model in eval mode (no dropout while sampling), restoring the modes after."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+class CachedLM:
+    """A causal LM with its own ``DynamicCache``: prefill once, then one token per step.
+
+    Both calls return float32 logits ``[B, V]`` for the next token, on ``out_device``.
+    """
+
+    def __init__(self, model: nn.Module, out_device: torch.device | None = None) -> None:
+        self.model = model
+        self.device = model_device(model)
+        self.out_device = out_device or self.device
+        self.cache = DynamicCache(config=model.config)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(
+            input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float().to(self.out_device)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the left-padded context ``[B, P]``; logits for the first new token."""
+        return self._forward(input_ids, attention_mask, position_ids_from_mask(attention_mask))
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens`` [B] at ``positions`` [B]; ``attention_mask`` covers cache + new token ``[B, L+1]``."""
+        return self._forward(tokens[:, None], attention_mask, positions[:, None])
+
+
+Combine = Callable[[list[torch.Tensor]], tuple[torch.Tensor, "torch.Tensor | None"]]
+"""Per-step hook: float32 next-token logits ``[B, V]`` of each decoded model -> (log-probs ``[B, V]`` of the
+distribution to sample from, optional per-row diagnostic ``[B]`` such as the TRB β*)."""
+
+
+@dataclass
+class DecodeOutput:
+    """What one decode loop produced (T = steps actually run).
+
+    Attributes:
+        tokens: ``[B, T]`` sampled tokens, pad after a row stopped.
+        logprobs: ``[B, T]`` float32 behaviour log-probs of the tokens, 0 after a row stopped.
+        lengths: ``[B]`` int64 tokens each row produced (EOS included).
+        eos: ``[B]`` bool, the row stopped at an EOS token.
+        truncated: ``[B]`` bool, the row used its whole budget without EOS.
+        aux: ``[B, T]`` float32 per-step diagnostic from the combine hook (0 after a row stopped), or None.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    lengths: torch.Tensor
+    eos: torch.Tensor
+    truncated: torch.Tensor
+    aux: torch.Tensor | None = None
+
+
+def draw(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from ``exp(logp)`` with ``torch.multinomial``, on the generator's device."""
+    probs = logp.exp()
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logp.device)
+
+
+def decode(models: Sequence[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           budgets: torch.Tensor | int, cfg: SamplingConfig, combine: Combine,
+           generator: torch.Generator | None = None) -> DecodeOutput:
+    """Sample continuations of left-padded contexts, running every model in ``models`` on the same tokens.
+
+    ``budgets`` gives each row's maximum number of new tokens (a row with budget 0 produces nothing). At each step
+    ``combine`` maps the models' next-token logits to the sampling log-probs; one token per row is drawn from them
+    and fed to every model (each keeps its own KV cache). Rows that have stopped keep receiving the pad token,
+    which is ignored. Randomness: one ``torch.multinomial`` call over all B rows per step.
+    Must run under :func:`inference_mode`.
+    """
+    b = int(input_ids.shape[0])
+    device = model_device(models[0])
+    budgets = torch.as_tensor(budgets, dtype=torch.long, device=device)
+    if budgets.dim() == 0:
+        budgets = budgets.expand(b).clone()
+    if budgets.shape != (b,):
+        raise ValueError(f"decode: budgets must be an int or a [B]={b} tensor, got shape {tuple(budgets.shape)}")
+    t_max = int(budgets.max().item()) if b else 0
+    tokens = torch.full((b, t_max), cfg.pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((b, t_max), dtype=torch.float32, device=device)
+    aux: torch.Tensor | None = None
+    lengths = torch.zeros(b, dtype=torch.long, device=device)
+    eos = torch.zeros(b, dtype=torch.bool, device=device)
+    finished = budgets <= 0
+    steps = 0
+    if t_max > 0:
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        ids = input_ids.to(device)
+        lms = [CachedLM(m, out_device=device) for m in models]
+        logits = [lm.prefill(ids, mask) for lm in lms]
+        next_pos = mask.sum(-1)
+        eos_ids = torch.tensor(cfg.eos_token_ids or (-1,), dtype=torch.long, device=device)
+        pad = torch.full((b,), cfg.pad_token_id, dtype=torch.long, device=device)
+        for t in range(t_max):
+            logp, row_aux = combine(logits)
+            tok = draw(logp, generator)
+            lp = logp.gather(-1, tok[:, None])[:, 0]
+            tok = torch.where(finished, pad, tok)
+            tokens[:, t] = tok
+            logprobs[:, t] = torch.where(finished, torch.zeros_like(lp), lp)
+            if row_aux is not None:
+                if aux is None:
+                    aux = torch.zeros((b, t_max), dtype=torch.float32, device=device)
+                aux[:, t] = torch.where(finished, torch.zeros_like(row_aux), row_aux.float())
+            lengths += (~finished).long()
+            hit = ~finished & torch.isin(tok, eos_ids)
+            eos |= hit
+            finished = finished | hit | (lengths >= budgets)
+            steps = t + 1
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
+            logits = [lm.step(tok, mask, next_pos) for lm in lms]
+            next_pos = next_pos + 1
+    return DecodeOutput(
+        tokens=tokens[:, :steps],
+        logprobs=logprobs[:, :steps],
+        lengths=lengths,
+        eos=eos,
+        truncated=~eos & (lengths >= budgets),
+        aux=None if aux is None else aux[:, :steps],
+    )
+
+
+def plain_combine(cfg: SamplingConfig) -> Combine:
+    """The single-model step distribution: :func:`sampling_logprobs` with the config's temperature and top-p."""
+
+    def combine(logits: list[torch.Tensor]) -> tuple[torch.Tensor, None]:
+        return sampling_logprobs(logits[0], cfg.temperature, cfg.top_p), None
+
+    return combine
+
+
+def sample_rows(model: nn.Module, contexts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                budgets: torch.Tensor | int | None = None, generator: torch.Generator | None = None,
+                ) -> list[RolloutRow]:
+    """Sample one response per context with ``model`` alone; one :class:`RolloutRow` per context, in order.
+
+    ``budgets`` (default ``cfg.max_new_tokens``) may differ per row. Rows are untagged (student source).
+    """
+    ids, mask = left_pad(contexts, cfg.pad_token_id)
+    budgets = cfg.max_new_tokens if budgets is None else budgets
+    with inference_mode(model):
+        out = decode([model], ids, mask, budgets, cfg, plain_combine(cfg), generator)
+    return rows_from_decode(out)
+
+
+def rows_from_decode(out: DecodeOutput) -> list[RolloutRow]:
+    """Split a :class:`DecodeOutput` into per-row records (CPU tensors)."""
+    tokens, logp = out.tokens.cpu(), out.logprobs.cpu()
+    aux = None if out.aux is None else out.aux.cpu()
+    rows = []
+    for i, n in enumerate(out.lengths.tolist()):
+        rows.append(RolloutRow(
+            tokens=tokens[i, :n].clone(),
+            behavior_logprobs=logp[i, :n].clone(),
+            eos=bool(out.eos[i]),
+            truncated=bool(out.truncated[i]),
+            blend_beta=None if aux is None else aux[i, :n].clone(),
+        ))
+    return rows
+
+
+def sample(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
+           generator: torch.Generator | None = None) -> RolloutBatch:
+    """Plain on-policy rollouts: ``model`` samples one response per prompt (SPEC §1, source ``student``)."""
+    rows = sample_rows(model, prompts, cfg, generator=generator)
+    return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, device=model_device(model))
+
+
+def sample_teacher(teacher: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
+                   generator: torch.Generator | None = None) -> RolloutBatch:
+    """Teacher-written rollouts for supervised KD (``Needs.rollout == "teacher"``).
+
+    The teacher samples every response; all response positions are tagged as teacher positions
+    (``teacher_token_mask``) and ``behavior_logprobs`` are the teacher's sampling log-probs.
+    """
+    rows = sample_rows(teacher, prompts, cfg, generator=generator)
+    for r in rows:
+        r.guidance_length = int(r.tokens.numel())
+        r.teacher_row = True
+    return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, device=model_device(teacher))
+
+
+def uniform(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` draws of U ~ Uniform[0, 1) from ``generator`` (on its device), returned as float64 on CPU."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(n, generator=generator, device=device, dtype=torch.float64).cpu()
