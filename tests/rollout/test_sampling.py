@@ -219,3 +219,20 @@ def test_sliding_window_models_match_fresh_forward(arch):
         resp = row_response(b, i)
         expected = torch.log_softmax(fresh_logits(model, prompt, resp), -1).gather(-1, torch.tensor(resp)[:, None])
         torch.testing.assert_close(b.behavior_logprobs[i, :len(resp)], expected[:, 0], atol=1e-5, rtol=0)
+
+
+def test_stats_aggregate_micro_batches():
+    from tropd.rollout import RolloutRow, rollout_stats
+
+    def one(n_tok, eos, guided, teacher_gen):
+        row = RolloutRow(torch.arange(4, 4 + n_tok), torch.zeros(n_tok), guidance_length=guided, eos=eos,
+                         truncated=not eos)
+        return RolloutBatch.from_rows([[3]], [row], PAD, info={"teacher_generated_tokens": teacher_gen,
+                                                               "guidance_cap": 6})
+
+    a, b = one(2, True, 1, 5), one(6, False, 0, 2)
+    s = rollout_stats([a, b])
+    assert s["response_len_mean"] == 4.0 and s["eos_rate"] == 0.5 and s["truncation_rate"] == 0.5
+    assert s["guided_share"] == 0.5 and s["guidance_len_mean"] == 1.0 and s["generated_tokens"] == 8
+    assert s["teacher_generated_tokens"] == 7 and s["guidance_cap"] == 6
+    assert rollout_stats(a)["generated_tokens"] == 2

@@ -189,37 +189,49 @@ class RolloutBatch:
         return batch if device is None else batch.to(device)
 
 
-def rollout_stats(batch: RolloutBatch) -> dict[str, float]:
-    """Scalar rollout statistics for logging (SPEC §7).
+SUMMED_INFO = frozenset({"teacher_generated_tokens"})
+"""``info`` keys that are counts (summed over micro-batches); every other key is averaged."""
 
-    Keys:
+
+def rollout_stats(batches: RolloutBatch | Sequence[RolloutBatch]) -> dict[str, float]:
+    """Scalar rollout statistics for logging (SPEC §7), over one batch or all micro-batches of a step.
+
+    Keys (rates and means over all rows / tokens of all the batches):
         ``response_len_mean``: mean response length in tokens (teacher prefix included);
         ``eos_rate`` / ``truncation_rate``: share of rows that ended with EOS / hit the length budget;
         ``guided_share``: share of rows with a teacher prefix (``guidance_lengths > 0``);
         ``guidance_len_mean``: mean prefix length over the guided rows (0 when none);
-        ``generated_tokens``: loss-bearing response tokens in the batch;
+        ``generated_tokens``: loss-bearing response tokens;
         ``teacher_tokens``: of those, how many the teacher sampled (prefixes and teacher rows);
         ``teacher_row_share``: share of rows written wholly by the teacher;
-        ``blend_beta_mean``: mean TRB β* over sampled positions (only for blended rollouts);
-        plus every entry of ``batch.info``.
+        ``blend_beta_mean``: mean TRB β* over sampled positions (only when some batch was blended);
+        plus the ``info`` entries: summed for counts (:data:`SUMMED_INFO`), averaged over batches otherwise.
     """
-    b = max(batch.batch_size, 1)
-    lengths = batch.response_lengths.float()
-    guided = batch.guidance_lengths > 0
-    teacher_tokens = batch.guidance_lengths.sum() + (batch.response_lengths - batch.guidance_lengths)[
-        batch.teacher_rows].sum()
+    group = [batches] if isinstance(batches, RolloutBatch) else list(batches)
+    rows = sum(b.batch_size for b in group)
+    denom = max(rows, 1)
+    lengths = sum(float(b.response_lengths.sum().item()) for b in group)
+    guided_rows = sum(int((b.guidance_lengths > 0).sum().item()) for b in group)
+    guided_len = sum(float(b.guidance_lengths.sum().item()) for b in group)
+    teacher_tokens = sum(float((b.guidance_lengths.sum() + (b.response_lengths - b.guidance_lengths)[
+        b.teacher_rows].sum()).item()) for b in group)
     out: dict[str, float] = {
-        "response_len_mean": float(lengths.mean().item()) if batch.batch_size else 0.0,
-        "eos_rate": float(batch.eos.float().sum().item()) / b,
-        "truncation_rate": float(batch.truncated.float().sum().item()) / b,
-        "guided_share": float(guided.float().sum().item()) / b,
-        "guidance_len_mean": float(batch.guidance_lengths[guided].float().mean().item()) if guided.any() else 0.0,
-        "generated_tokens": float(batch.response_lengths.sum().item()),
-        "teacher_tokens": float(teacher_tokens.item()),
-        "teacher_row_share": float(batch.teacher_rows.float().sum().item()) / b,
+        "response_len_mean": lengths / denom,
+        "eos_rate": sum(float(b.eos.sum().item()) for b in group) / denom,
+        "truncation_rate": sum(float(b.truncated.sum().item()) for b in group) / denom,
+        "guided_share": guided_rows / denom,
+        "guidance_len_mean": guided_len / guided_rows if guided_rows else 0.0,
+        "generated_tokens": lengths,
+        "teacher_tokens": teacher_tokens,
+        "teacher_row_share": sum(float(b.teacher_rows.sum().item()) for b in group) / denom,
     }
-    if batch.blend_beta is not None:
-        n = batch.loss_mask.sum().clamp(min=1)
-        out["blend_beta_mean"] = float(((batch.blend_beta * batch.loss_mask).sum() / n).item())
-    out.update({k: float(v) for k, v in batch.info.items()})
+    blended = [b for b in group if b.blend_beta is not None]
+    if blended:
+        beta_sum = sum(float((b.blend_beta * b.loss_mask).sum().item()) for b in blended)
+        beta_n = sum(float(b.loss_mask.sum().item()) for b in blended)
+        out["blend_beta_mean"] = beta_sum / max(beta_n, 1.0)
+    keys = sorted({k for b in group for k in b.info})
+    for k in keys:
+        values = [float(b.info[k]) for b in group if k in b.info]
+        out[k] = sum(values) if k in SUMMED_INFO else sum(values) / len(values)
     return out
