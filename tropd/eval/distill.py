@@ -1,0 +1,106 @@
+"""How close a student is to its teacher, measured on held-out prompts (the trainer's evaluation hook).
+
+- ``teacher_text_nll`` / ``teacher_text_ppl``: the student's mean per-token NLL (and perplexity) of the
+  teacher's own greedy responses to held-out prompts. Lower = closer to the teacher. It does NOT detect
+  collapse on its own (see ``distinct_ratio``).
+- ``distinct_ratio``: distinct tokens / tokens of the student's greedy responses, averaged over prompts;
+  a collapsed student repeating one token scores near 0 (the teacher's own value is reported alongside).
+- ``task_score``: mean grade of the student's greedy responses on prompts that carry a grading reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tropd.forward import response_logits
+
+
+def distinct_ratio(ids: list[int]) -> float:
+    return len(set(ids)) / len(ids) if ids else 0.0
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_responses(model, prompt_ids: list[list[int]], tokenizer, max_new_tokens: int,
+                     batch_size: int = 8) -> list[list[int]]:
+    """Greedy responses (token ids, up to and including EOS) with transformers' ``generate``."""
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    eos = tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[i:i + batch_size]
+        ids, mask = _left_pad(chunk, tokenizer.pad_token_id, device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None,
+                             temperature=None)
+        for row in gen[:, ids.shape[1]:].tolist():
+            if eos in row:
+                row = row[: row.index(eos) + 1]
+            out.append([t for t in row if t != tokenizer.pad_token_id or t == eos])
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def sequence_nll(model, prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int,
+                 batch_size: int = 8) -> float:
+    """Mean per-token NLL of ``responses`` given ``prompt_ids`` under ``model``."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(prompt_ids), batch_size):
+        prompts, resps = prompt_ids[i:i + batch_size], responses[i:i + batch_size]
+        ids_p, mask_p = _left_pad(prompts, pad_id, device)
+        width = max(1, max(len(r) for r in resps))
+        ids_r = torch.full((len(resps), width), pad_id, dtype=torch.long, device=device)
+        mask_r = torch.zeros_like(ids_r)
+        for j, r in enumerate(resps):
+            ids_r[j, : len(r)] = torch.tensor(r, dtype=torch.long, device=device)
+            mask_r[j, : len(r)] = 1
+        logits = response_logits(model, torch.cat([ids_p, ids_r], 1), torch.cat([mask_p, mask_r], 1), ids_p.shape[1])
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, ids_r.unsqueeze(-1)).squeeze(-1)
+        total += float(-(lp * mask_r).sum())
+        count += int(mask_r.sum())
+    return total / max(count, 1)
+
+
+class DistillEval:
+    """Evaluation hook: teacher-text perplexity, greedy-sample diversity, task score, and one sample text."""
+
+    def __init__(self, teacher, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                 references: list[tuple[str | None, dict]] | None = None) -> None:
+        self.tokenizer, self.prompt_ids, self.max_new_tokens = tokenizer, prompt_ids, max_new_tokens
+        self.references = references or [(None, {})] * len(prompt_ids)
+        self.teacher_responses = greedy_responses(teacher, prompt_ids, tokenizer, max_new_tokens)
+        self.teacher_distinct = sum(map(distinct_ratio, self.teacher_responses)) / max(len(prompt_ids), 1)
+        self.teacher_text = tokenizer.decode(self.teacher_responses[0], skip_special_tokens=True) if prompt_ids else ""
+
+    def __call__(self, student) -> dict:
+        nll = sequence_nll(student, self.prompt_ids, self.teacher_responses, self.tokenizer.pad_token_id)
+        responses = greedy_responses(student, self.prompt_ids, self.tokenizer, self.max_new_tokens)
+        result = {
+            "teacher_text_nll": nll,
+            "teacher_text_ppl": math.exp(min(nll, 50.0)),
+            "distinct_ratio": sum(map(distinct_ratio, responses)) / max(len(responses), 1),
+            "teacher_distinct_ratio": self.teacher_distinct,
+            "sample": self.tokenizer.decode(responses[0], skip_special_tokens=True) if responses else "",
+        }
+        graded = [(r, d, ref) for r, (d, ref) in zip(responses, self.references) if d]
+        if graded:
+            from tropd.tasks import grade
+
+            scores = [grade(d, self.tokenizer.decode(r, skip_special_tokens=True), ref) for r, d, ref in graded]
+            result["task_score"] = sum(scores) / len(scores)
+        return result

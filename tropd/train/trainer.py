@@ -1,0 +1,210 @@
+"""The training loop: prompts → rollouts → teacher scores → objective → AdamW step → metrics / checkpoint.
+
+The trainer orchestrates only: sampling lives in ``tropd.rollout``, teacher scoring in ``tropd.teacher``,
+all loss math in ``tropd.objectives``. Every random stream of step ``k`` comes from a generator seeded with
+``(seed, k)``, so a run stopped after step ``k`` and resumed from its checkpoint replays exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+import yaml
+
+from tropd.forward import response_logits
+from tropd.objectives import TokenInputs, count_loss_tokens, data_parallel_scale, get_objective
+from tropd.rollout import GuidanceConfig, SamplingConfig, TRBConfig, collect_rollouts, rollout_stats
+from tropd.teacher.scoring import score_with_teacher
+from tropd.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from tropd.train.config import RunConfig
+from tropd.train.tracking import MetricsLog
+
+EvalFn = Callable[[torch.nn.Module], dict]
+_SUMMED = ("loss", "num_tokens", "student_tokens")
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random stream of one step (data order, sampling, trust masks)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def merge_metrics(parts: list[dict]) -> dict:
+    """Combine micro-batch metrics into step metrics: losses and counts add up (each micro-batch loss is
+    already divided by the step's global token count), ``reward_min`` is the minimum, everything else is a
+    mean weighted by each micro-batch's student tokens (reward quantiles thus approximate the step's)."""
+    out: dict[str, float] = {}
+    weights = [max(p.get("student_tokens", 0.0), 0.0) for p in parts]
+    for key in {k for p in parts for k in p}:
+        vals = [(p[key], w) for p, w in zip(parts, weights) if key in p]
+        if key.startswith(_SUMMED):
+            out[key] = sum(v for v, _ in vals)
+        elif key == "reward_min":
+            out[key] = min(v for v, w in vals if w > 0) if any(w > 0 for _, w in vals) else 0.0
+        else:
+            wsum = sum(w for _, w in vals)
+            out[key] = sum(v * w for v, w in vals) / wsum if wsum > 0 else (sum(v for v, _ in vals) / len(vals))
+    return out
+
+
+class Trainer:
+    """Runs ``cfg.train.steps`` optimiser steps of on-policy distillation of ``student`` towards ``teacher``."""
+
+    def __init__(self, cfg: RunConfig, student, teacher, tokenizer, prompt_ids: list[list[int]],
+                 run_dir: Path, eval_fn: EvalFn | None = None, resume: bool = False) -> None:
+        if not prompt_ids:
+            raise ValueError("no training prompts: check data.prompts")
+        self.cfg, self.student, self.teacher, self.tokenizer = cfg, student, teacher, tokenizer
+        self.prompt_ids, self.run_dir, self.eval_fn = prompt_ids, Path(run_dir), eval_fn
+        self.device = next(student.parameters()).device
+        self.objective = cfg.build_objective()
+        self.sft = get_objective("sft", chunk_size=cfg.objective.chunk_size)
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=t.lr,
+                                           betas=tuple(t.betas), weight_decay=t.weight_decay)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                       max_new_tokens=cfg.rollout.max_new_tokens, eos_token_ids=tuple(eos),
+                                       pad_token_id=tokenizer.pad_token_id)
+        self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        self.start_step = 0
+        if resume:
+            found = latest_checkpoint(self.run_dir)
+            if found is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
+            self.start_step = load_trainer_state(found.path, self.optimizer)
+        self._stop_requested = False
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def _phase(self, step: int):
+        """(objective, step within its phase, steps in the phase) — sft warm-up first, then the objective."""
+        warm = self.cfg.train.sft_warmup_steps
+        if step < warm:
+            return self.sft, step, warm
+        return self.objective, step - warm, self.cfg.train.steps - warm
+
+    def _prompts_for_step(self, gen: torch.Generator) -> list[list[int]]:
+        t, r = self.cfg.train, self.cfg.rollout
+        idx = torch.randint(len(self.prompt_ids), (t.prompts_per_step,), generator=gen).tolist()
+        return [self.prompt_ids[i] for i in idx for _ in range(r.rollouts_per_prompt)]
+
+    def run_step(self, step: int) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        objective, phase_step, phase_steps = self._phase(step)
+        gen = step_generator(cfg.train.seed, step)
+        sample_gen = step_generator(cfg.train.seed, step, self.device)
+        prompts = self._prompts_for_step(gen)
+        guidance = GuidanceConfig(enabled=objective is self.objective and cfg.guidance_enabled(),
+                                  guided_fraction=cfg.guidance.guided_fraction,
+                                  anneal_steps=cfg.guidance.anneal_steps)
+        trb = TRBConfig(eps0=cfg.trb.eps0, warmup_steps=cfg.trb.warmup_steps)
+        mb = cfg.train.micro_batch_size
+
+        self.student.eval()  # no dropout: behaviour log-probs and the loss forward see the same network
+        batches = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), mb):
+                batch = collect_rollouts(self.student, self.teacher, prompts[i:i + mb], self.sampling,
+                                         objective.needs, step=phase_step, total_steps=phase_steps,
+                                         generator=sample_gen, guidance_settings=guidance, trb_settings=trb,
+                                         gkd_lambda=getattr(objective, "lmbda", 1.0))
+                scores = score_with_teacher(self.teacher, batch.input_ids, batch.attention_mask,
+                                            batch.response_start, batch.tokens, objective.needs,
+                                            chunk_size=cfg.objective.chunk_size or 512)
+                batches.append((batch, scores))
+        t_rollout = time.perf_counter() - t0
+
+        n_tokens = count_loss_tokens(b.loss_mask for b, _ in batches)
+        scale = data_parallel_scale()
+        parts = []
+        progress = phase_step / max(phase_steps, 1)
+        for batch, scores in batches:
+            logits = response_logits(self.student, batch.input_ids, batch.attention_mask, batch.response_start)
+            inputs = TokenInputs(student_logits=logits, tokens=batch.tokens,
+                                 behavior_logprobs=batch.behavior_logprobs, loss_mask=batch.loss_mask,
+                                 teacher_token_mask=batch.teacher_token_mask, generator=sample_gen,
+                                 progress=progress, **{f.name: getattr(scores, f.name) for f in fields(scores)})
+            out = objective(inputs, num_tokens=n_tokens)
+            (out.loss * scale).backward()
+            parts.append(out.metrics)
+            del logits, inputs, out
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.perf_counter() - t0
+        record = {"step": step + 1, "phase": objective.name, **merge_metrics(parts)}
+        stats = rollout_stats([b for b, _ in batches])
+        record.update({f"rollout/{k}": v for k, v in stats.items()})
+        record.update({"grad_norm": float(grad_norm), "lr": cfg.train.lr, "step_time": elapsed,
+                       "rollout_time": t_rollout,
+                       "tokens_per_second": stats.get("generated_tokens", 0.0) / max(elapsed, 1e-9)})
+        return record
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def _request_stop(self, signum, frame) -> None:  # first Ctrl-C: finish the step, save, exit
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(self.run_dir, step, self.student, self.tokenizer, self.optimizer, self.config_yaml,
+                               keep=self.cfg.train.keep_checkpoints)
+
+    def evaluate(self, step: int, log: MetricsLog) -> dict:
+        if self.eval_fn is None:
+            return {}
+        result = self.eval_fn(self.student)
+        log.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+        return result
+
+    def train(self) -> dict:
+        """Run (or resume) training; returns {'steps_done', 'interrupted', 'checkpoint', 'eval_before', 'eval_after'}."""
+        t = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        log = MetricsLog(self.run_dir, t.report_to, self.cfg.to_dict(), resume_step=self.start_step)
+        previous = signal.signal(signal.SIGINT, self._request_stop)
+        bar = None
+        if t.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.start_step, desc="tropd", unit="step", dynamic_ncols=True)
+        result = {"steps_done": self.start_step, "interrupted": False, "checkpoint": None}
+        try:
+            result["eval_before"] = self.evaluate(self.start_step, log) if self.start_step == 0 else {}
+            step = self.start_step
+            while step < t.steps and not self._stop_requested:
+                record = self.run_step(step)
+                step += 1
+                log.log(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "k1_rkl", "trust_frac", "student_entropy",
+                                                                       "grad_norm") if k in record})
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    self.evaluate(step, log)
+                if t.save_every and step % t.save_every == 0 and step < t.steps:
+                    result["checkpoint"] = self.save(step)
+            result["steps_done"] = step
+            result["interrupted"] = step < t.steps
+            result["checkpoint"] = self.save(step)
+            if not result["interrupted"]:
+                result["eval_after"] = self.evaluate(step, log)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if bar is not None:
+                bar.close()
+            log.close()
+        return result
+
+
+def with_overrides(cfg: RunConfig, **sections) -> RunConfig:
+    """A copy of ``cfg`` with some fields of some sections replaced, e.g. ``train={'steps': 2}``."""
+    return replace(cfg, **{name: replace(getattr(cfg, name), **values) for name, values in sections.items()})
