@@ -1,0 +1,95 @@
+"""One forward pass over ``prompt ++ response``, aligned to response positions.
+
+Layout: ``input_ids`` is ``[B, L]`` with prompts **left**-padded to a common length ``P = response_start`` and
+responses **right**-padded, so ``T = L - P`` response positions. Padding is marked by ``attention_mask == 0``.
+
+Positions: a token's position id is the number of real tokens before it,
+``position_ids = cumsum(attention_mask) - 1`` (clamped at 0 on left padding), so a left-padded row gets the same
+rotary positions as the unpadded sequence.
+
+Alignment: a causal LM's output at index ``i`` is the distribution of token ``i + 1``. Response position ``t``
+(token ``input_ids[:, P + t]``) is therefore scored by the output at index ``P + t - 1``: the outputs at indices
+``P - 1 … P + T - 2`` (the last index ``L - 1`` predicts a token beyond the rollout and is dropped).
+
+:func:`response_hidden` returns the final hidden states at those indices and :func:`lm_head_logits` maps a chunk
+of them to logits, so callers can take ``log_softmax`` chunk by chunk and never hold ``[B, T, V]`` at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` position ids ``cumsum(mask) - 1`` (0 on left padding): positions count real tokens only."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _check_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int) -> None:
+    if input_ids.dim() != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"input_ids and attention_mask must both be [B, L], got {tuple(input_ids.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
+    if not 1 <= response_start < input_ids.shape[1]:
+        raise ValueError(
+            f"response_start={response_start} must be in [1, L-1] with L={input_ids.shape[1]}: "
+            "at least one prompt token and one response position"
+        )
+
+
+def response_hidden(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+) -> torch.Tensor:
+    """``[B, T, H]`` final (post-norm) hidden states at indices ``P - 1 … L - 2``: row ``t`` scores ``input_ids[:, P + t]``."""
+    _check_layout(input_ids, attention_mask, response_start)
+    base = getattr(model, model.base_model_prefix, model)
+    out = base(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, response_start - 1 : -1]
+
+
+def lm_head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits ``[..., V]`` for final hidden states ``[..., H]``: the model's LM head and its logit post-processing.
+
+    Post-processing reproduced (as in the models' own ``forward``): Gemma-style soft-capping
+    ``c · tanh(z / c)`` (``config.final_logit_softcapping``), Granite's ``z / logits_scaling`` and Cohere's
+    ``z · logit_scale``.
+    """
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config.get_text_config()
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        logits = logits / scaling
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    return logits
+
+
+def response_logits(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: int,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``[B, T, V]`` logits where ``[:, t]`` is the model's distribution for response token ``input_ids[:, P + t]``.
+
+    Gradients flow when called with grad enabled. ``chunk_size`` applies the LM head to that many response
+    positions at a time (bounds the head's temporaries, e.g. soft-capping); the result is the same.
+    """
+    hidden = response_hidden(model, input_ids, attention_mask, response_start)
+    if chunk_size is None or chunk_size >= hidden.shape[1]:
+        return lm_head_logits(model, hidden)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    return torch.cat([lm_head_logits(model, h) for h in hidden.split(chunk_size, dim=1)], dim=1)
