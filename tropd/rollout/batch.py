@@ -127,6 +127,12 @@ class RolloutBatch:
         """``[B, P+T]`` position ids consistent with the left padding (for scoring ``input_ids`` in one pass)."""
         return position_ids_from_mask(self.attention_mask)
 
+    def rows(self, start: int, stop: int) -> "RolloutBatch":
+        """Rows ``start:stop`` as a batch of their own (views, same padding layout); ``info`` is shared."""
+        per_row = {f.name: getattr(self, f.name)[start:stop] for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor) and f.name != "blend_beta_per_step"}
+        return replace(self, **per_row)
+
     def to(self, device: torch.device | str) -> "RolloutBatch":
         """A copy with every tensor moved to ``device``."""
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)

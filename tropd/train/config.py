@@ -56,6 +56,8 @@ class RolloutConfig:
     temperature: float = _f(1.0, "Sampling temperature (SPEC default 1.0; behaviour log-probs follow it).")
     top_p: float = _f(1.0, "Nucleus sampling mass in (0, 1].")
     rollouts_per_prompt: int = _f(4, "Responses sampled per prompt.")
+    batch_size: int = _f(64, "Sequences generated together (KV-cached decoding); independent of the "
+                             "loss micro-batch, so changing micro_batch_size never changes the samples.")
 
 
 @dataclass
@@ -134,6 +136,7 @@ class RunConfig:
         _check(r.temperature > 0, "rollout.temperature", "must be > 0 (use a small value for near-greedy)")
         _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(r.rollouts_per_prompt >= 1, "rollout.rollouts_per_prompt", "must be >= 1")
+        _check(r.batch_size >= 1, "rollout.batch_size", "must be >= 1")
         _check(0 <= g.guided_fraction <= 1, "guidance.guided_fraction", "must be in [0, 1]")
         _check(g.anneal_steps is None or g.anneal_steps >= 1, "guidance.anneal_steps", "must be >= 1 or null")
         if g.enabled and not obj.needs.guidance:

@@ -11,7 +11,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -93,8 +93,10 @@ class Trainer:
         idx = torch.randint(len(self.prompt_ids), (t.prompts_per_step,), generator=gen).tolist()
         return [self.prompt_ids[i] for i in idx for _ in range(r.rollouts_per_prompt)]
 
-    def run_step(self, step: int) -> dict:
-        cfg, t0 = self.cfg, time.perf_counter()
+    def collect(self, step: int):
+        """Rollouts of step ``step`` (generated ``rollout.batch_size`` sequences at a time) and their teacher
+        scores, split into micro-batches. Returns ``(objective, [(batch, scores)], progress, generator)``."""
+        cfg = self.cfg
         objective, phase_step, phase_steps = self._phase(step)
         gen = step_generator(cfg.train.seed, step)
         sample_gen = step_generator(cfg.train.seed, step, self.device)
@@ -103,49 +105,55 @@ class Trainer:
                                   guided_fraction=cfg.guidance.guided_fraction,
                                   anneal_steps=cfg.guidance.anneal_steps)
         trb = TRBConfig(eps0=cfg.trb.eps0, warmup_steps=cfg.trb.warmup_steps)
-        mb = cfg.train.micro_batch_size
-
         self.student.eval()  # no dropout: behaviour log-probs and the loss forward see the same network
-        batches = []
+        micro = []
         with torch.no_grad():
-            for i in range(0, len(prompts), mb):
-                batch = collect_rollouts(self.student, self.teacher, prompts[i:i + mb], self.sampling,
-                                         objective.needs, step=phase_step, total_steps=phase_steps,
+            for i in range(0, len(prompts), cfg.rollout.batch_size):
+                batch = collect_rollouts(self.student, self.teacher, prompts[i:i + cfg.rollout.batch_size],
+                                         self.sampling, objective.needs, step=phase_step, total_steps=phase_steps,
                                          generator=sample_gen, guidance_settings=guidance, trb_settings=trb,
                                          gkd_lambda=getattr(objective, "lmbda", 1.0))
-                scores = score_with_teacher(self.teacher, batch.input_ids, batch.attention_mask,
-                                            batch.response_start, batch.tokens, objective.needs,
-                                            chunk_size=cfg.objective.chunk_size or 512)
-                batches.append((batch, scores))
-        t_rollout = time.perf_counter() - t0
+                for j in range(0, batch.batch_size, cfg.train.micro_batch_size):
+                    part = batch.rows(j, j + cfg.train.micro_batch_size)
+                    scores = score_with_teacher(self.teacher, part.input_ids, part.attention_mask,
+                                                part.response_start, part.tokens, objective.needs,
+                                                chunk_size=cfg.objective.chunk_size or 512)
+                    micro.append((part, scores))
+        return objective, micro, phase_step / max(phase_steps, 1), sample_gen
 
-        n_tokens = count_loss_tokens(b.loss_mask for b, _ in batches)
+    def accumulate(self, objective, micro, progress: float, generator: torch.Generator) -> list[dict]:
+        """Backward every micro-batch with the step's global token count; returns their metrics."""
+        n_tokens = count_loss_tokens(b.loss_mask for b, _ in micro)
         scale = data_parallel_scale()
         parts = []
-        progress = phase_step / max(phase_steps, 1)
-        for batch, scores in batches:
+        for batch, scores in micro:
             logits = response_logits(self.student, batch.input_ids, batch.attention_mask, batch.response_start)
             inputs = TokenInputs(student_logits=logits, tokens=batch.tokens,
                                  behavior_logprobs=batch.behavior_logprobs, loss_mask=batch.loss_mask,
-                                 teacher_token_mask=batch.teacher_token_mask, generator=sample_gen,
-                                 progress=progress, **{f.name: getattr(scores, f.name) for f in fields(scores)})
+                                 teacher_token_mask=batch.teacher_token_mask, generator=generator,
+                                 progress=progress, **scores.as_kwargs())
             out = objective(inputs, num_tokens=n_tokens)
             (out.loss * scale).backward()
             parts.append(out.metrics)
-            del logits, inputs, out
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        return parts
+
+    def run_step(self, step: int) -> dict:
+        """One optimiser step; returns its log record."""
+        t0 = time.perf_counter()
+        objective, micro, progress, generator = self.collect(step)
+        t_rollout = time.perf_counter() - t0
+        parts = self.accumulate(objective, micro, progress, generator)
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
         elapsed = time.perf_counter() - t0
-        record = {"step": step + 1, "phase": objective.name, **merge_metrics(parts)}
-        stats = rollout_stats([b for b, _ in batches])
-        record.update({f"rollout/{k}": v for k, v in stats.items()})
-        record.update({"grad_norm": float(grad_norm), "lr": cfg.train.lr, "step_time": elapsed,
-                       "rollout_time": t_rollout,
-                       "tokens_per_second": stats.get("generated_tokens", 0.0) / max(elapsed, 1e-9)})
-        return record
+        stats = rollout_stats([b for b, _ in micro])
+        return {"step": step + 1, "phase": objective.name, **merge_metrics(parts),
+                **{f"rollout/{k}": v for k, v in stats.items()},
+                "grad_norm": float(grad_norm), "lr": self.cfg.train.lr, "step_time": elapsed,
+                "rollout_time": t_rollout, "tokens_per_second": stats["generated_tokens"] / max(elapsed, 1e-9)}
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _request_stop(self, signum, frame) -> None:  # first Ctrl-C: finish the step, save, exit

@@ -1,0 +1,175 @@
+"""Trainer, checkpoints, config and CLI on tiny random models (teacher 4 layers, student = 2 of them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.helpers import tiny_llama, tiny_tokenizer
+from tropd.cli import main
+from tropd.train.config import ConfigError, load_config
+from tropd.train.run import train_from_config
+from tropd.train.trainer import Trainer
+
+V = 64
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("teacher")
+    tiny_llama(vocab_size=V, hidden=32, layers=4, seed=1).save_pretrained(path)
+    tiny_tokenizer(V).save_pretrained(path)
+    return path
+
+
+def write_config(tmp_path: Path, teacher_dir: Path, **sections) -> Path:
+    cfg = {
+        "model": {"teacher": str(teacher_dir), "student_layers": 2, "device": "cpu"},
+        "objective": {"name": "tropd", "kwargs": {"top_k": 8}},
+        "rollout": {"max_new_tokens": 6, "rollouts_per_prompt": 2},
+        "data": {"prompts": "builtin", "eval_prompts": 2},
+        "train": {"steps": 4, "prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-3, "save_every": 2,
+                  "output_dir": str(tmp_path / "run"), "progress": False},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(ckpt / "model.safetensors")
+
+
+def test_run_writes_metrics_checkpoint_and_report(tmp_path, teacher_dir):
+    cfg = load_config(write_config(tmp_path, teacher_dir, train={"sft_warmup_steps": 1}))
+    summary = train_from_config(cfg, console=lambda *_: None)
+    run = Path(summary["run_dir"])
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["phase"] for r in steps] == ["sft", "tropd", "tropd", "tropd"]
+    for key in ("k1_rkl", "trust_frac", "p_trust", "reward_p01", "reward_min", "student_entropy", "grad_norm",
+                "loss_trust", "loss_outlier", "loss_guidance", "teacher_topk_mass", "rollout/guidance_cap",
+                "rollout/eos_rate", "rollout/truncation_rate", "rollout/response_len_mean", "tokens_per_second"):
+        assert key in steps[-1], key
+    # the region losses add up to the loss
+    last = steps[-1]
+    assert last["loss"] == pytest.approx(last["loss_trust"] + last["loss_outlier"] + last["loss_guidance"], abs=1e-5)
+    assert any("eval/teacher_text_nll" in r for r in records)
+    assert (run / "report" / "summary.md").is_file() and (run / "report" / "loss.png").is_file()
+    ckpt = Path(summary["checkpoint"])
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert reloaded.config.num_hidden_layers == 2
+
+
+def test_ctrl_c_then_resume_matches_uninterrupted_run(tmp_path, teacher_dir, monkeypatch):
+    """A run interrupted by SIGINT during step 2 saves after that step; --resume ends with identical weights."""
+    (tmp_path / "a").mkdir()
+    train_from_config(load_config(write_config(tmp_path / "a", teacher_dir), ["data.eval_prompts=0"]),
+                      console=lambda *_: None)
+
+    (tmp_path / "b").mkdir()
+    path_b = write_config(tmp_path / "b", teacher_dir, train={"save_every": 0})
+    original = Trainer.run_step
+
+    def interrupted(self, step):
+        record = original(self, step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+        return record
+
+    monkeypatch.setattr(Trainer, "run_step", interrupted)
+    first = train_from_config(load_config(path_b, ["data.eval_prompts=0"]), console=lambda *_: None)
+    assert first["interrupted"] and first["steps_done"] == 2
+    monkeypatch.setattr(Trainer, "run_step", original)
+    summary = train_from_config(load_config(path_b, ["data.eval_prompts=0"]), resume=True, console=lambda *_: None)
+    assert summary["steps_done"] == 4 and not summary["interrupted"]
+
+    wa, wb = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=k)
+    lines = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_accumulation_matches_one_batch(tmp_path, teacher_dir):
+    """The same step's rollouts as 1 micro-batch of 4 or 4 micro-batches of 1 give the same gradient; and
+    micro_batch_size does not change the samples."""
+    from tropd.train.run import build_models
+    from tropd.train.prompts import builtin_prompts, render
+
+    cfg = load_config(write_config(tmp_path, teacher_dir), ["objective.kwargs.trust_mode=expected"])
+    student, teacher, tok = build_models(cfg)
+    prompts = [render(p, tok, True) for p in builtin_prompts("train")]
+    grads, samples = [], []
+    for mb in (4, 1):
+        cfg.train.micro_batch_size = mb
+        trainer = Trainer(cfg, student, teacher, tok, prompts, tmp_path / "run")
+        objective, micro, progress, gen = trainer.collect(step=1)
+        assert len(micro) == 4 // mb
+        samples.append(torch.cat([b.tokens for b, _ in micro]))
+        student.zero_grad(set_to_none=True)
+        trainer.accumulate(objective, micro, progress, gen)
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
+    assert torch.equal(samples[0], samples[1])
+    assert any(g.abs().max() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.name=nope", "objective.name='nope' is not registered"),
+    ("objective.kwargs.top_kk=3", "objective.kwargs.top_kk is not a setting of 'tropd'"),
+    ("objective.kwargs.trust_mode=maybe", "trust_mode must be one of"),
+    ("train.lr=-1", "train.lr must be a positive number"),
+    ("train.stepz=3", "unknown config key train.stepz"),
+    ("rollout.top_p=0", "rollout.top_p must be in (0, 1]"),
+    ("train.steps=abc", "train.steps='abc' has the wrong type"),
+    ("train.sft_warmup_steps=9", "train.sft_warmup_steps must be in [0, train.steps=4)"),
+])
+def test_bad_config_fails_before_models_load(tmp_path, teacher_dir, override, message, capsys):
+    path = write_config(tmp_path, teacher_dir, model={"teacher": str(tmp_path / "does-not-exist")})
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(path, [override])
+    assert message in str(err.value)
+    assert main(["train", "--config", str(path), override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_guidance_with_opd_is_rejected(tmp_path, teacher_dir):
+    with pytest.raises(ConfigError, match="puts no loss on teacher-prefix positions"):
+        load_config(write_config(tmp_path, teacher_dir), ["objective.name=opd", "objective.kwargs={}",
+                                                          "guidance.enabled=true"])
+
+
+def test_top_k_larger_than_vocab_is_refused(tmp_path, teacher_dir, capsys):
+    path = write_config(tmp_path, teacher_dir)
+    assert main(["train", "--config", str(path), "objective.kwargs.top_k=100"]) == 2
+    assert "top_k" in capsys.readouterr().err
+
+
+def test_cli_two_step_smoke_run(tmp_path, teacher_dir, capsys):
+    path = write_config(tmp_path, teacher_dir)
+    rc = main(["train", "--config", str(path), "train.steps=2", "objective.name=opd", "objective.kwargs={}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "run directory:" in out and "teacher_text_nll" in out
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert main(["objectives"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("tropd", "opd", "gkd", "trb", "sft"):
+        assert name in listed
