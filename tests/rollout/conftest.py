@@ -31,6 +31,15 @@ def tiny_llama(seed: int) -> nn.Module:
     return LlamaForCausalLM(cfg).float().eval()
 
 
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add overhead (about 10x slower on a loaded 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def student() -> nn.Module:
     return tiny_llama(seed=0)

@@ -1,0 +1,179 @@
+"""TRB behaviour blending (SPEC §4.3): warm-up rollouts drawn from a KL-trust-region blend of student and teacher.
+
+Geometric blend, for log-probs ``s = log π_S`` and ``t = log π_T`` over one vocabulary::
+
+    log μ_β = (1−β)·s + β·t − log Z(β),      log Z(β) = logsumexp((1−β)·s + β·t)
+
+With ``f(β) = log Z(β)`` (a convex cumulant function, ``f(0) = 0``)::
+
+    KL(μ_β ‖ π_S) = β·E_μβ[t − s] − f(β) = β f'(β) − f(β),     d/dβ KL = β·Var_μβ[t − s] ≥ 0,
+
+so the KL is non-decreasing in β, ``KL(μ_0‖π_S) = 0`` and ``KL(μ_1‖π_S) = KL(π_T‖π_S)``. The step's mixing weight
+is ``β* = max{β ∈ [0,1] : KL(μ_β‖π_S) ≤ ε}``, found per row by bisection in float64.
+
+Budget schedule: ``ε_k = ε_0 (1 − k/K)`` for ``k ≤ K``, then 0 (pure student rollouts; the teacher is not run).
+
+Decoding decision (temperature / top-p): temperature is applied to both models' logits first, the β* search and
+the blend use those tempered distributions, and top-p (or greedy at temperature 0) is applied to the blend last;
+the behaviour log-prob of a token is its log-prob under that final distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from tropd.rollout.batch import RolloutBatch, left_pad
+from tropd.rollout.sampling import (
+    Combine,
+    SamplingConfig,
+    decode,
+    inference_mode,
+    model_device,
+    rows_from_decode,
+    sample,
+    temperature_logprobs,
+    truncate_logprobs,
+)
+
+
+@dataclass(frozen=True)
+class TRBConfig:
+    """TRB warm-up blending settings (SPEC §4.3).
+
+    Attributes:
+        eps0: ε_0, the KL budget ``KL(μ_β‖π_S)`` per decoding step at training step 0.
+        warmup_steps: K, training steps over which the budget decays linearly to 0 (then pure student rollouts).
+        iters: bisection halvings for β* (float64; 60 gives an interval of 2^-60).
+    """
+
+    eps0: float = 0.02
+    warmup_steps: int = 50
+    iters: int = 60
+
+    def __post_init__(self) -> None:
+        if self.eps0 < 0:
+            raise ValueError(f"TRBConfig.eps0 must be >= 0, got {self.eps0}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TRBConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.iters < 1:
+            raise ValueError(f"TRBConfig.iters must be >= 1, got {self.iters}")
+
+
+def trb_budget(step: int, eps0: float = 0.02, warmup_steps: int = 50) -> float:
+    """``ε_k = ε_0 (1 − k/K)`` for ``k ≤ K``, else 0 (``K = warmup_steps``; K = 0 gives 0 at every step)."""
+    if step < 0:
+        raise ValueError(f"trb_budget: step must be >= 0, got {step}")
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return 0.0
+    return float(eps0) * (1.0 - step / warmup_steps)
+
+
+def _scaled(weight: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``weight · logp`` with ``0 · (−inf) = 0`` (a zero weight removes the factor, as in p^0 = 1)."""
+    return torch.where(weight == 0, torch.zeros_like(logp), weight * logp)
+
+
+def _beta_column(beta: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    b = torch.as_tensor(beta, dtype=like.dtype, device=like.device)
+    return b.unsqueeze(-1) if b.dim() > 0 else b
+
+
+def blend_logprobs(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                   beta: torch.Tensor | float) -> torch.Tensor:
+    """``log μ_β``, ``μ_β ∝ π_S^{1−β} π_T^{β}`` over the last dim, normalised in log space.
+
+    ``beta`` is a scalar or one value per row (shape = the inputs' leading dims). Computed in the inputs' dtype.
+    """
+    s, t = torch.broadcast_tensors(student_logp, teacher_logp)
+    b = _beta_column(beta, s)
+    z = _scaled(1.0 - b, s) + _scaled(b, t)
+    return z - torch.logsumexp(z, dim=-1, keepdim=True)
+
+
+def kl_blend_student(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                     beta: torch.Tensor | float) -> torch.Tensor:
+    """``KL(μ_β ‖ π_S) = Σ_v μ_β(v) (log μ_β(v) − log π_S(v))`` per row (terms with μ_β(v) = 0 count 0).
+
+    ``student_logp`` is renormalised (log-softmax) first, so unnormalised logits are accepted too.
+    """
+    s = torch.log_softmax(student_logp, dim=-1)
+    return _kl_blend(s, torch.log_softmax(teacher_logp, dim=-1), beta)
+
+
+def _kl_blend(s: torch.Tensor, t: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
+    """:func:`kl_blend_student` for already-normalised log-probs."""
+    log_mu = blend_logprobs(s, t, beta)
+    mu = log_mu.exp()
+    terms = torch.where(mu > 0, mu * (log_mu - s), torch.zeros_like(mu))
+    return terms.sum(-1)
+
+
+FULL_BLEND_SLACK = 1e-12
+"""Absolute tolerance (nats) on the ``KL(π_T‖π_S) ≤ ε`` test for β* = 1: float64 rounding of the two KL sums."""
+
+
+def solve_beta(student_logp: torch.Tensor, teacher_logp: torch.Tensor, eps: torch.Tensor | float,
+               iters: int = 60) -> torch.Tensor:
+    """``β* = max{β ∈ [0,1] : KL(μ_β‖π_S) ≤ ε}`` per row, float64.
+
+    Returns 1 where ``KL(π_T‖π_S) ≤ ε`` (``μ_1 = π_T``; compared with a float64 rounding slack of
+    :data:`FULL_BLEND_SLACK`, so a budget set to exactly that KL gives β* = 1). Otherwise bisects ``[lo, hi] = [0, 1]`` ``iters`` times,
+    keeping ``KL(μ_lo) ≤ ε < KL(μ_hi)``, and returns ``lo`` (always feasible: ``KL(μ_0) = 0 ≤ ε``). Since the KL
+    is continuous and non-decreasing on [0, 1), after ≥ 50 halvings ``KL(μ_β*)`` is within float64 noise of ε.
+    ``eps`` is a scalar or one budget per row (must be ≥ 0); ``ε = 0`` gives exactly 0 unless ``π_T = π_S``.
+    """
+    s = torch.log_softmax(student_logp.double(), dim=-1)
+    t = torch.log_softmax(teacher_logp.double(), dim=-1)
+    s, t = torch.broadcast_tensors(s, t)
+    eps_t = torch.as_tensor(eps, dtype=torch.float64, device=s.device).expand(s.shape[:-1])
+    if bool((eps_t < 0).any()):
+        raise ValueError("solve_beta: the KL budget eps must be >= 0")
+    full = _kl_blend(s, t, 1.0) <= eps_t + FULL_BLEND_SLACK
+    lo = torch.zeros(s.shape[:-1], dtype=torch.float64, device=s.device)
+    hi = torch.ones_like(lo)
+    for _ in range(int(iters)):
+        mid = 0.5 * (lo + hi)
+        ok = _kl_blend(s, t, mid) <= eps_t
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid)
+    lo = torch.where(eps_t > 0, lo, torch.zeros_like(lo))  # ε = 0: only β = 0 (float noise aside) is feasible
+    return torch.where(full, torch.ones_like(lo), lo)
+
+
+def trb_combine(cfg: SamplingConfig, eps: float, iters: int = 60) -> Combine:
+    """Step hook for blended decoding: (student, teacher) logits -> (log μ_β* after top-p, β* per row)."""
+
+    def combine(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ls, lt = logits
+        if ls.shape[-1] != lt.shape[-1]:
+            raise ValueError(f"TRB blending needs one vocabulary: student has {ls.shape[-1]} logits, "
+                             f"teacher {lt.shape[-1]}")
+        s = temperature_logprobs(ls, cfg.temperature).double()
+        t = temperature_logprobs(lt, cfg.temperature).double()
+        beta = solve_beta(s, t, eps, iters)
+        mu = torch.log_softmax(blend_logprobs(s, t, beta).float(), dim=-1)
+        return truncate_logprobs(mu, cfg.top_p, greedy=cfg.greedy), beta.float()
+
+    return combine
+
+
+def sample_trb(student: nn.Module, teacher: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
+               eps: float, iters: int = 60, generator: torch.Generator | None = None) -> RolloutBatch:
+    """Rollouts drawn token by token from ``μ_β*`` (student and teacher run on the same tokens, each with its
+    own KV cache). ``behavior_logprobs`` are log-probs under the blend; ``blend_beta`` holds β* per token and
+    ``blend_beta_per_step`` its mean per step. ``eps ≤ 0`` is plain student sampling (the teacher is not run).
+    """
+    device = model_device(student)
+    if eps <= 0:
+        batch = sample(student, prompts, cfg, generator=generator)
+        batch.info["trb_eps"] = 0.0
+        return batch
+    ids, mask = left_pad(prompts, cfg.pad_token_id)
+    with inference_mode(student, teacher):
+        out = decode([student, teacher], ids, mask, cfg.max_new_tokens, cfg, trb_combine(cfg, eps, iters), generator)
+    rows = rows_from_decode(out)
+    return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, info={"trb_eps": float(eps)}, device=device)
