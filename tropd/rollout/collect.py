@@ -1,0 +1,70 @@
+"""One entry point that draws a step's rollouts the way the objective declares (``Needs.rollout``/``guidance``).
+
+| ``needs.rollout`` | ``needs.guidance`` | sampler |
+|---|---|---|
+| ``"student"`` | False, or guidance disabled | :func:`~tropd.rollout.sampling.sample` (plain on-policy) |
+| ``"student"`` | True and enabled | :func:`~tropd.rollout.guidance.sample_with_guidance` (SPEC §4.2) |
+| ``"trb_blend"`` | False | :func:`~tropd.rollout.trb.sample_trb` with ``ε = trb_budget(step)`` (SPEC §4.3) |
+| ``"gkd_mixed"`` | False | :func:`~tropd.rollout.gkd.sample_gkd_mixed` with λ = ``gkd_lambda`` |
+| ``"teacher"`` | False | :func:`~tropd.rollout.sampling.sample_teacher` (supervised KD on teacher text) |
+
+The batch always lives on the student's device.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from tropd.objectives.registry import Needs
+from tropd.rollout.batch import RolloutBatch
+from tropd.rollout.gkd import sample_gkd_mixed
+from tropd.rollout.guidance import GuidanceConfig, sample_with_guidance
+from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_teacher
+from tropd.rollout.trb import TRBConfig, sample_trb, trb_budget
+
+
+def collect_rollouts(student: nn.Module, teacher: nn.Module | None, prompts: Sequence[Sequence[int]],
+                     cfg: SamplingConfig, needs: Needs, *, step: int, total_steps: int,
+                     generator: torch.Generator | None = None, guidance_settings: GuidanceConfig | None = None,
+                     trb_settings: TRBConfig | None = None, gkd_lambda: float | None = None) -> RolloutBatch:
+    """Draw one batch of rollouts (one per prompt) for training step ``step`` of ``total_steps``.
+
+    ``guidance_settings`` defaults to ``GuidanceConfig()`` and ``trb_settings`` to ``TRBConfig()``; ``gkd_lambda``
+    (the on-policy fraction λ) is required for ``"gkd_mixed"``. ``teacher`` may be None only when the chosen
+    path never needs it (plain student rollouts).
+    """
+    kind = needs.rollout
+    if needs.guidance and kind != "student":
+        raise ValueError(f"teacher-prefix guidance combines only with student rollouts, not {kind!r}")
+    guidance = guidance_settings or GuidanceConfig()
+    trb = trb_settings or TRBConfig()
+
+    def need_teacher() -> nn.Module:
+        if teacher is None:
+            raise ValueError(f"rollout kind {kind!r} (guidance={needs.guidance}) needs a teacher model")
+        return teacher
+
+    if kind == "student":
+        if needs.guidance and guidance.enabled:
+            batch = sample_with_guidance(student, need_teacher(), prompts, cfg, step=step, total_steps=total_steps,
+                                         guided_fraction=guidance.guided_fraction,
+                                         anneal_steps=guidance.anneal_steps, generator=generator)
+        else:
+            batch = sample(student, prompts, cfg, generator=generator)
+    elif kind == "trb_blend":
+        eps = trb_budget(step, trb.eps0, trb.warmup_steps)
+        batch = sample_trb(student, need_teacher() if eps > 0 else student, prompts, cfg, eps=eps,
+                           iters=trb.iters, generator=generator)
+    elif kind == "gkd_mixed":
+        if gkd_lambda is None:
+            raise ValueError("gkd_mixed rollouts need gkd_lambda (the on-policy fraction λ)")
+        batch = sample_gkd_mixed(student, need_teacher() if gkd_lambda < 1.0 else student, prompts, cfg,
+                                 lmbda=gkd_lambda, generator=generator)
+    elif kind == "teacher":
+        batch = sample_teacher(need_teacher(), prompts, cfg, generator=generator)
+    else:
+        raise ValueError(f"unknown rollout kind {kind!r}")
+    return batch.to(model_device(student))
