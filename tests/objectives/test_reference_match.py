@@ -1,0 +1,140 @@
+"""Every objective's loss, per-token losses and logit gradient match the independent float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from .helpers import CONFIGS, CORE_CONFIGS, assert_close, config_id, fresh, make_inputs, run_impl, run_ref
+from .reference import reference_metrics
+
+
+def _check(cfg, x, num_tokens=None):
+    name, kw, _ = cfg
+    out, grad = run_impl(name, kw, x, num_tokens=num_tokens)
+    ref_loss, ref_tl, ref_grad = run_ref(name, kw, x, num_tokens=num_tokens)
+    tag = f"{config_id(cfg)}"
+    assert out.token_losses.shape == x.tokens.shape, tag
+    assert_close(out.token_losses.detach(), ref_tl, msg=f"{tag}: token_losses")
+    assert_close(out.loss.detach(), ref_loss, msg=f"{tag}: loss")
+    assert_close(grad, ref_grad, msg=f"{tag}: grad wrt student_logits")
+    return out
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("on_policy", [True, False], ids=["b=sg(s)", "b!=s,global_N"])
+def test_matches_reference(cfg, on_policy):
+    """Loss, token losses and gradient; the off-policy case also passes a global num_tokens."""
+    x = make_inputs(1 if on_policy else 0, B=3, T=6, V=11, K=4, on_policy=on_policy)
+    for k, v in cfg[2].items():
+        setattr(x, k, v)
+    _check(cfg, x, num_tokens=None if on_policy else int(x.loss_mask.sum()) + 7)
+
+
+@pytest.mark.parametrize("cfg", CORE_CONFIGS + [("trb", {"trb_support": 3}, {})], ids=config_id)
+def test_matches_reference_large_vocab_k_equals_v(cfg):
+    """V > 16 exercises trb's top-16 truncation; K = V exercises full-vocabulary top-k."""
+    x = make_inputs(3, B=2, T=3, V=24, K=24)
+    for k, v in cfg[2].items():
+        setattr(x, k, v)
+    _check(cfg, x)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cfg=st.sampled_from(CONFIGS),
+    B=st.integers(1, 4),
+    T=st.integers(1, 6),
+    V=st.integers(2, 20),
+    kfrac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+    on_policy=st.booleans(),
+)
+def test_matches_reference_random_shapes(cfg, B, T, V, kfrac, seed, on_policy):
+    K = max(1, min(V, round(kfrac * V)))
+    x = make_inputs(seed, B=B, T=T, V=V, K=K, on_policy=on_policy)
+    for k, v in cfg[2].items():
+        setattr(x, k, v)
+    _check(cfg, x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------
+
+REWARD_OBJECTIVES = ["opd", "clip_outlier", "mask_outlier", "entropy_opd", "eopd", "reopold", "fkl_outlier", "tropd"]
+
+
+@pytest.mark.parametrize("name", REWARD_OBJECTIVES)
+def test_reward_metrics(name):
+    x = make_inputs(11, B=4, T=6, V=10, K=4)
+    out, _ = run_impl(name, {}, x)
+    ref = reference_metrics(x)
+    m = out.metrics
+    for key in ("loss", "k1_rkl", "frac_masked", "reward_min", "reward_p01"):
+        assert key in m, f"{name}: metric {key!r} missing; got {sorted(m)}"
+        assert isinstance(m[key], float), f"{name}: metric {key!r} is {type(m[key])}, not float"
+    assert m["loss"] == pytest.approx(float(out.loss.detach()), rel=1e-9, abs=1e-12)
+    for key in ("k1_rkl", "reward_min", "reward_p01"):
+        assert m[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), f"{name}: {key}"
+
+
+def _frac_masked_expected(name, x):
+    sm = x.loss_mask & ~x.teacher_token_mask
+    r = (x.teacher_logprobs - x.behavior_logprobs)[sm]
+    tau = torch.log(torch.tensor(0.25, dtype=torch.float64))
+    if name == "opd":
+        return 0.0
+    if name == "mask_outlier":
+        return float((r <= tau).double().mean())
+    if name in ("clip_outlier", "reopold"):
+        return float((r < tau).double().mean())
+    if name == "tropd":
+        return float((~x.trust_mask[sm]).double().mean())
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["opd", "mask_outlier", "clip_outlier", "reopold", "tropd"])
+def test_frac_masked(name):
+    x = make_inputs(12, B=4, T=8, V=10, K=4)
+    # make a good share of rewards fall below τ
+    x.teacher_logprobs = x.teacher_logprobs - 1.0
+    out, _ = run_impl(name, {}, x)
+    assert out.metrics["frac_masked"] == pytest.approx(_frac_masked_expected(name, x), abs=1e-9)
+
+
+def test_tropd_trust_metrics():
+    x = make_inputs(13, B=4, T=8, V=10, K=4)
+    out, _ = run_impl("tropd", {}, x)
+    sm = x.loss_mask & ~x.teacher_token_mask
+    m = out.metrics
+    assert m["trust_frac"] == pytest.approx(float(x.trust_mask[sm].double().mean()), abs=1e-9)
+    keys = [k for k in m if "p_trust" in k]
+    assert keys, f"tropd reports no mean P_trust metric; got {sorted(m)}"
+    ref = reference_metrics(x)["mean_p_trust"]
+    assert any(m[k] == pytest.approx(ref, rel=1e-6) for k in keys), f"{ {k: m[k] for k in keys} } vs {ref}"
+
+
+@pytest.mark.parametrize("cfg", CORE_CONFIGS, ids=config_id)
+def test_float32_close_to_float64_reference(cfg):
+    """In float32 the objectives stay within float32 accuracy of the float64 reference."""
+    name, kw, extra = cfg
+    x = make_inputs(5, B=3, T=6, V=11, K=4)
+    for k, v in extra.items():
+        setattr(x, k, v)
+    ref_loss, ref_tl, ref_grad = run_ref(name, kw, x)
+    x32 = fresh(
+        x,
+        student_logits=x.student_logits.detach().float(),
+        behavior_logprobs=x.behavior_logprobs.float(),
+        teacher_logprobs=x.teacher_logprobs.float(),
+        teacher_topk_logprobs=x.teacher_topk_logprobs.float(),
+        teacher_entropy=x.teacher_entropy.float(),
+        teacher_logits=x.teacher_logits.float(),
+    )
+    out, grad = run_impl(name, kw, x32)
+    assert out.loss.dtype == torch.float32 and out.token_losses.dtype == torch.float32
+    assert_close(out.token_losses.detach(), ref_tl, rtol=1e-4, atol=1e-5, msg=config_id(cfg))
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6, msg=config_id(cfg))
