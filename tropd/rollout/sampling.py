@@ -212,6 +212,9 @@ def decode(models: Sequence[nn.Module], input_ids: torch.Tensor, attention_mask:
     steps = 0
     if t_max > 0:
         mask = attention_mask.to(device=device, dtype=torch.long)
+        context = int(mask.shape[1])
+        # the whole mask, preallocated: the cache plus the new token are always a prefix of it
+        full_mask = torch.cat([mask, torch.ones((b, t_max), dtype=torch.long, device=device)], dim=1)
         ids = input_ids.to(device)
         lms = [CachedLM(m, out_device=device) for m in models]
         logits = [lm.prefill(ids, mask) for lm in lms]
@@ -236,8 +239,8 @@ def decode(models: Sequence[nn.Module], input_ids: torch.Tensor, attention_mask:
             steps = t + 1
             if bool(finished.all()):
                 break
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
-            logits = [lm.step(tok, mask, next_pos) for lm in lms]
+            step_mask = full_mask[:, :context + t + 1]
+            logits = [lm.step(tok, step_mask, next_pos) for lm in lms]
             next_pos = next_pos + 1
     return DecodeOutput(
         tokens=tokens[:, :steps],
@@ -276,13 +279,14 @@ def rows_from_decode(out: DecodeOutput) -> list[RolloutRow]:
     """Split a :class:`DecodeOutput` into per-row records (CPU tensors)."""
     tokens, logp = out.tokens.cpu(), out.logprobs.cpu()
     aux = None if out.aux is None else out.aux.cpu()
+    eos, truncated = out.eos.tolist(), out.truncated.tolist()
     rows = []
     for i, n in enumerate(out.lengths.tolist()):
         rows.append(RolloutRow(
             tokens=tokens[i, :n].clone(),
             behavior_logprobs=logp[i, :n].clone(),
-            eos=bool(out.eos[i]),
-            truncated=bool(out.truncated[i]),
+            eos=bool(eos[i]),
+            truncated=bool(truncated[i]),
             blend_beta=None if aux is None else aux[i, :n].clone(),
         ))
     return rows
