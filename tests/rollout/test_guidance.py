@@ -78,8 +78,8 @@ def test_guidance_tagging_and_sources(student, teacher, prompts, eos):
 def test_prefix_with_eos_completes_the_response(student, teacher, prompts):
     cfg = make_cfg(max_new_tokens=12, eos=tuple(range(1, 16)))
     b = sample_with_guidance(student, teacher, prompts * 4, cfg, step=0, total_steps=4, generator=gen(8))
-    complete = [i for i in range(b.batch_size)
-                if 0 < int(b.guidance_lengths[i]) and int(b.tokens[i, int(b.guidance_lengths[i]) - 1]) in cfg.eos_token_ids]
+    lengths = b.guidance_lengths.tolist()
+    complete = [i for i, n in enumerate(lengths) if n > 0 and int(b.tokens[i, n - 1]) in cfg.eos_token_ids]
     assert complete, "premise: some teacher prefix ends with EOS"
     for i in complete:
         assert int(b.response_lengths[i]) == int(b.guidance_lengths[i])

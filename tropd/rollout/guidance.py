@@ -11,8 +11,9 @@ length budget ``L_gen − l_i``. Prefix tokens are teacher positions (``teacher_
 the teacher's sampling log-prob); the continuation is student-sampled.
 
 Decisions (documented here, pinned by tests):
-- Which rollouts are guided: an exact count with stochastic rounding, ``n = ⌊f·B⌋ + Bernoulli(f·B − ⌊f·B⌋)``
-  rows chosen by a random permutation, so the share is f in expectation and within 1/B of it in every batch.
+- Which rollouts are guided: an exact count with stochastic rounding,
+  ``n = ⌊f·B⌋ + Bernoulli(f·B − ⌊f·B⌋)`` rows chosen by a random permutation, so the share is f in
+  expectation and within 1/B of it in every batch.
 - The teacher samples each guided row only up to its own ``cap_i`` (per-row budget), so ``l_i`` is simply the
   length of what it wrote. If that prefix ends with EOS, the response is complete: it is kept whole (EOS included,
   it carries loss as a teacher position) and the student writes nothing for that row.

@@ -1,4 +1,4 @@
-"""TRB behaviour blending (SPEC §4.3): warm-up rollouts drawn from a KL-trust-region blend of student and teacher.
+"""TRB behaviour blending (SPEC §4.3): warm-up rollouts from a KL-trust-region blend of student and teacher.
 
 Geometric blend, for log-probs ``s = log π_S`` and ``t = log π_T`` over one vocabulary::
 
@@ -6,10 +6,10 @@ Geometric blend, for log-probs ``s = log π_S`` and ``t = log π_T`` over one vo
 
 With ``f(β) = log Z(β)`` (a convex cumulant function, ``f(0) = 0``)::
 
-    KL(μ_β ‖ π_S) = β·E_μβ[t − s] − f(β) = β f'(β) − f(β),     d/dβ KL = β·Var_μβ[t − s] ≥ 0,
+    KL(μ_β ‖ π_S) = β·E_μβ[t − s] − f(β) = β f'(β) − f(β),   d/dβ KL = β·Var_μβ[t − s] ≥ 0,
 
-so the KL is non-decreasing in β, ``KL(μ_0‖π_S) = 0`` and ``KL(μ_1‖π_S) = KL(π_T‖π_S)``. The step's mixing weight
-is ``β* = max{β ∈ [0,1] : KL(μ_β‖π_S) ≤ ε}``, found per row by bisection in float64.
+so the KL is non-decreasing in β, ``KL(μ_0‖π_S) = 0`` and ``KL(μ_1‖π_S) = KL(π_T‖π_S)``. The step's mixing
+weight is ``β* = max{β ∈ [0,1] : KL(μ_β‖π_S) ≤ ε}``, found per row by bisection in float64.
 
 Budget schedule: ``ε_k = ε_0 (1 − k/K)`` for ``k ≤ K``, then 0 (pure student rollouts; the teacher is not run).
 
@@ -121,9 +121,10 @@ def solve_beta(student_logp: torch.Tensor, teacher_logp: torch.Tensor, eps: torc
     """``β* = max{β ∈ [0,1] : KL(μ_β‖π_S) ≤ ε}`` per row, float64.
 
     Returns 1 where ``KL(π_T‖π_S) ≤ ε`` (``μ_1 = π_T``; compared with a float64 rounding slack of
-    :data:`FULL_BLEND_SLACK`, so a budget set to exactly that KL gives β* = 1). Otherwise bisects ``[lo, hi] = [0, 1]`` ``iters`` times,
-    keeping ``KL(μ_lo) ≤ ε < KL(μ_hi)``, and returns ``lo`` (always feasible: ``KL(μ_0) = 0 ≤ ε``). Since the KL
-    is continuous and non-decreasing on [0, 1), after ≥ 50 halvings ``KL(μ_β*)`` is within float64 noise of ε.
+    :data:`FULL_BLEND_SLACK`, so a budget set to exactly that KL gives β* = 1). Otherwise bisects
+    ``[lo, hi] = [0, 1]`` ``iters`` times keeping ``KL(μ_lo) ≤ ε < KL(μ_hi)``, and returns ``lo`` (always
+    feasible: ``KL(μ_0) = 0 ≤ ε``). The KL is continuous and non-decreasing on [0, 1), so
+    ``ε − 2^-iters · max dKL/dβ ≤ KL(μ_β*) ≤ ε``: with ≥ 50 halvings the budget is met to float64 noise.
     ``eps`` is a scalar or one budget per row (must be ≥ 0); ``ε = 0`` gives exactly 0 unless ``π_T = π_S``.
     """
     s = torch.log_softmax(student_logp.double(), dim=-1)
