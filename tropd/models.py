@@ -89,6 +89,7 @@ def _cached_folder(gguf: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _SOURCE_MARKER).write_text(json.dumps(stamp))
+        tmp.chmod(0o755)  # mkdtemp creates 0700; the cache is an ordinary readable folder
         if target.exists():  # stale conversion of an older file with the same name
             stale = Path(tempfile.mkdtemp(prefix=f".stale-{gguf.stem}-", dir=root))
             os.replace(target, stale / "old")
