@@ -33,6 +33,9 @@ class Objective:
     needs: Needs = Needs()
     #: row terms besides ``s`` (log-prob of the sampled token) and ``student_entropy`` that combine() reads.
     row_terms: tuple[str, ...] = ()
+    #: ``[B,T]`` inputs the loss reads (a missing one is an error naming it); the K1 diagnostics are reported
+    #: whenever ``behavior_logprobs`` and ``teacher_logprobs`` are both given.
+    requires: tuple[str, ...] = ("behavior_logprobs", "teacher_logprobs")
 
     def __init__(self, chunk_size: int | None = None) -> None:
         if chunk_size is not None and chunk_size < 1:
@@ -56,7 +59,7 @@ class Objective:
             )
         if self.needs.teacher_logits:
             x.require(self.name, "teacher_logits")
-            rows["teacher_logits"] = x.teacher_logits
+            rows["teacher_logits"] = torch.where(m[..., None], x.teacher_logits, torch.zeros_like(x.teacher_logits))
         return rows
 
     # -- stage 2 ---------------------------------------------------------------------------------------
@@ -71,12 +74,7 @@ class Objective:
 
     # -- evaluation --------------------------------------------------------------------------------------
     def __call__(self, x: TokenInputs, num_tokens: float | int | torch.Tensor | None = None) -> ObjectiveOutput:
-        required = ["behavior_logprobs"] if self.needs.teacher_logprobs else []
-        if self.needs.teacher_logprobs:
-            required.append("teacher_logprobs")
-        if self.needs.teacher_entropy:
-            required.append("teacher_entropy")
-        x.require(self.name, *required)
+        x.require(self.name, *self.requires)
         t = terms.rowwise(
             x.student_logits, x.loss_mask, self.side_inputs(x), self.row_fn,
             ("s", "student_entropy", *self.row_terms), self.chunk_size,

@@ -16,6 +16,7 @@ from tropd.objectives.registry import Needs, register
 
 class _FullVocab(Objective):
     row_terms = ("divergence",)
+    requires = ()
 
     def divergence(self, lp_s: torch.Tensor, lp_t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

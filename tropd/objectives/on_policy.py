@@ -113,6 +113,8 @@ class REOPOLD2Stage(_K1Objective):
         super().__init__(chunk_size)
         if stage not in (None, 1, 2):
             raise ValueError(f"reopold_2stage: stage must be None (from TokenInputs.progress), 1 or 2, got {stage!r}")
+        if not 0.0 < entropy_top_frac <= 1.0:
+            raise ValueError(f"reopold_2stage: entropy_top_frac must be in (0, 1], got {entropy_top_frac}")
         self.tau, self.stage, self.entropy_top_frac = float(tau), stage, float(entropy_top_frac)
         self.needs = Needs(progress=stage is None)
 
@@ -147,6 +149,8 @@ class _TopKObjective(_K1Objective):
 class FKL(_TopKObjective):
     """Top-k forward KL on every student token (the paper reports that it collapses)."""
 
+    requires = ()
+
     def __init__(self, top_k: int = 64, chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
         self.needs = Needs(teacher_topk=True, top_k=_validate_top_k("fkl", top_k))
@@ -158,6 +162,8 @@ class FKL(_TopKObjective):
 @register("eopd")
 class EOPD(_TopKObjective):
     """EOPD: pg_k1(r) plus top-k forward KL where the teacher entropy exceeds τ_H = 0.8 nats."""
+
+    requires = ("behavior_logprobs", "teacher_logprobs", "teacher_entropy")
 
     def __init__(self, top_k: int = 64, entropy_threshold: float = 0.8, chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
@@ -203,6 +209,8 @@ class JSD(_K1Objective):
 @register("sft")
 class SFT(Objective):
     """Supervised KD on teacher-written text: NLL −log π_S(y_t) on teacher positions, nothing on student ones."""
+
+    requires = ()
 
     def __init__(self, chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)

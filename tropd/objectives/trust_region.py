@@ -67,7 +67,7 @@ class TrOPD(Objective):
         sm, tm = x.student_mask, x.teacher_token_mask
         s, b, r = t["s"], t["behavior_logprobs"], t["reward"]
         zero = torch.zeros_like(s)
-        p_trust = torch.exp(r.clamp(max=0.0))
+        p_trust = torch.where(sm, torch.exp(r.clamp(max=0.0)), zero)
         w = torch.where(sm, self.trust_weight(p_trust, x), zero)
         if self.outlier == "fkl":
             outlier = t["fkl_topk"]
@@ -78,14 +78,14 @@ class TrOPD(Objective):
         trust = torch.where(sm, w * terms.pg_k1(r, s, b), zero)
         out_part = torch.where(sm, (1.0 - w) * outlier, zero)
         parts = {"region_trust": trust, "region_outlier": out_part, "trust_frac": w,
-                 "p_trust": torch.where(sm, p_trust, zero), "frac_masked": torch.where(sm, 1.0 - w, zero)}
+                 "p_trust": p_trust, "frac_masked": torch.where(sm, 1.0 - w, zero)}
         loss = trust + out_part
         if self.guidance:
             guide = torch.where(tm, self.beta * (t["teacher_logprobs"] - s), zero)
             parts["region_guidance"] = guide
             loss = loss + guide
         if self.outlier == "fkl":
-            weight = (1.0 - w).detach()
+            weight = torch.where(sm, 1.0 - w, zero).detach()
             denom = weight.sum()
             parts["fkl_outlier"] = (weight * t["fkl_topk"]).sum() / denom if denom > 0 else zero.sum()
         return loss, parts
