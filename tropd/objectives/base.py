@@ -48,18 +48,18 @@ class Objective:
         return {"s": lp.gather(-1, rows["tokens"].unsqueeze(-1)).squeeze(-1), "student_entropy": terms.entropy(lp)}
 
     def side_inputs(self, x: TokenInputs) -> dict[str, torch.Tensor]:
-        """Per-position tensors ``row_fn`` reads; masked-out positions are sanitised to valid values."""
+        """Per-position tensors ``row_fn`` reads: teacher quantities detached, masked-out positions sanitised."""
         m = x.loss_mask
         rows = {"tokens": torch.where(m, x.tokens, torch.zeros_like(x.tokens))}
         if "fkl_topk" in self.row_terms or "jsd_topk" in self.row_terms:
             x.require(self.name, "teacher_topk_ids", "teacher_topk_logprobs")
             rows["topk_ids"] = torch.where(m[..., None], x.teacher_topk_ids, torch.zeros_like(x.teacher_topk_ids))
-            rows["topk_logprobs"] = torch.where(
-                m[..., None], x.teacher_topk_logprobs, torch.zeros_like(x.teacher_topk_logprobs)
-            )
+            topk_lp = x.teacher_topk_logprobs.detach()
+            rows["topk_logprobs"] = torch.where(m[..., None], topk_lp, torch.zeros_like(topk_lp))
         if self.needs.teacher_logits:
             x.require(self.name, "teacher_logits")
-            rows["teacher_logits"] = torch.where(m[..., None], x.teacher_logits, torch.zeros_like(x.teacher_logits))
+            logits = x.teacher_logits.detach()
+            rows["teacher_logits"] = torch.where(m[..., None], logits, torch.zeros_like(logits))
         return rows
 
     # -- stage 2 ---------------------------------------------------------------------------------------
