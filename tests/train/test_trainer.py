@@ -109,11 +109,12 @@ def test_accumulation_matches_one_batch(tmp_path, teacher_dir):
     """The same step's rollouts as 1 micro-batch of 4 or 4 micro-batches of 1 give the same gradient; and
     micro_batch_size does not change the samples."""
     from tropd.train.run import build_models
-    from tropd.train.prompts import builtin_prompts, render
+    from tropd.tasks.builtin import builtin_prompts
+    from tropd.tasks.encoding import encode_prompt
 
     cfg = load_config(write_config(tmp_path, teacher_dir), ["objective.kwargs.trust_mode=expected"])
     student, teacher, tok = build_models(cfg)
-    prompts = [render(p, tok, True) for p in builtin_prompts("train")]
+    prompts = [encode_prompt(p, tok) for p in builtin_prompts("train")]
     grads, samples = [], []
     for mb in (4, 1):
         cfg.train.micro_batch_size = mb

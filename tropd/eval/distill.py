@@ -5,7 +5,8 @@
   collapse on its own (see ``distinct_ratio``).
 - ``distinct_ratio``: distinct tokens / tokens of the student's greedy responses, averaged over prompts;
   a collapsed student repeating one token scores near 0 (the teacher's own value is reported alongside).
-- ``task_score``: mean grade of the student's greedy responses on prompts that carry a grading reference.
+- ``task_score``: mean grade of the student's greedy responses on prompts that carry a grading reference
+  (the same code as ``tropd eval``).
 """
 
 from __future__ import annotations
@@ -80,9 +81,9 @@ class DistillEval:
     """Evaluation hook: teacher-text perplexity, greedy-sample diversity, task score, and one sample text."""
 
     def __init__(self, teacher, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                 references: list[tuple[str | None, dict]] | None = None) -> None:
+                 prompts: list | None = None) -> None:
         self.tokenizer, self.prompt_ids, self.max_new_tokens = tokenizer, prompt_ids, max_new_tokens
-        self.references = references or [(None, {})] * len(prompt_ids)
+        self.graded = [p for p in (prompts or []) if getattr(p, "domain", None) and getattr(p, "reference", None)]
         self.teacher_responses = greedy_responses(teacher, prompt_ids, tokenizer, max_new_tokens)
         self.teacher_distinct = sum(map(distinct_ratio, self.teacher_responses)) / max(len(prompt_ids), 1)
         self.teacher_text = tokenizer.decode(self.teacher_responses[0], skip_special_tokens=True) if prompt_ids else ""
@@ -97,10 +98,10 @@ class DistillEval:
             "teacher_distinct_ratio": self.teacher_distinct,
             "sample": self.tokenizer.decode(responses[0], skip_special_tokens=True) if responses else "",
         }
-        graded = [(r, d, ref) for r, (d, ref) in zip(responses, self.references) if d]
-        if graded:
-            from tropd.tasks import grade
+        if self.graded:  # the same computation as `tropd eval`, greedy, one sample per prompt
+            from tropd.eval.tasks_eval import evaluate_examples
 
-            scores = [grade(d, self.tokenizer.decode(r, skip_special_tokens=True), ref) for r, d, ref in graded]
-            result["task_score"] = sum(scores) / len(scores)
+            examples = [p if hasattr(p, "prompt") else p.to_example() for p in self.graded]
+            result["task_score"] = evaluate_examples(student, self.tokenizer, examples, n=1, temperature=0.0,
+                                                     max_new_tokens=self.max_new_tokens, progress=False)["avg@n"]
         return result

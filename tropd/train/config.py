@@ -80,6 +80,7 @@ class DataConfig:
                                  "(math, code, if, mcq), or a jsonl/json/parquet file or datasets folder.")
     eval_prompts: int = _f(8, "Held-out prompts for the before/after evaluation (0 = none).")
     chat_template: bool = _f(True, "Render prompts with the tokenizer's chat template.")
+    skip_bad_rows: bool = _f(False, "Skip (and count) malformed rows of a data file instead of failing.")
 
 
 @dataclass

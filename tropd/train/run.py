@@ -12,7 +12,8 @@ from tropd.eval.distill import DistillEval
 from tropd.models import check_models_compatible, load_causal_lm, prepare_tokenizer, prune_layers, smollm2_gguf_path
 from tropd.train.checkpoint import latest_checkpoint
 from tropd.train.config import RunConfig
-from tropd.train.prompts import load_prompts, render
+from tropd.tasks.encoding import encode_prompt
+from tropd.train.prompts import prompts_for
 from tropd.train.trainer import Trainer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,13 +71,14 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print) -> di
             f"params; student: {student.config.num_hidden_layers} layers, "
             f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params (loaded in {time.perf_counter() - t0:.0f}s)")
 
-    train_prompts = load_prompts(cfg.data.prompts, "train", cfg.train.seed)
-    prompt_ids = [render(p, tok, cfg.data.chat_template) for p in train_prompts]
+    data = cfg.data
+    train_prompts = prompts_for(data.prompts, "train", cfg.train.seed, data.skip_bad_rows)
+    prompt_ids = [encode_prompt(p, tok, data.chat_template) for p in train_prompts]
     eval_fn = None
-    if cfg.data.eval_prompts:
-        held_out = load_prompts(cfg.data.prompts, "test", cfg.train.seed)[: cfg.data.eval_prompts]
-        eval_fn = DistillEval(teacher, tok, [render(p, tok, cfg.data.chat_template) for p in held_out],
-                              cfg.rollout.max_new_tokens, [(p.domain, p.reference) for p in held_out])
+    if data.eval_prompts:
+        held_out = prompts_for(data.prompts, "test", cfg.train.seed, data.skip_bad_rows)[: data.eval_prompts]
+        eval_fn = DistillEval(teacher, tok, [encode_prompt(p, tok, data.chat_template) for p in held_out],
+                              cfg.rollout.max_new_tokens, held_out)
     trainer = Trainer(cfg, student, teacher, tok, prompt_ids, run_dir, eval_fn=eval_fn, resume=resume)
     result = trainer.train()
 

@@ -1,0 +1,98 @@
+"""Evaluate a model on the verifiable task suites: avg@n, unbiased pass@k, response length, truncation.
+
+``tropd eval`` calls :func:`run_eval`; the trainer's evaluation hook calls :func:`evaluate_examples` on held-out
+prompts that carry a grading reference, so training-time and standalone scores are the same computation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tropd.eval.metrics import summarize
+from tropd.rollout import SamplingConfig, sample
+from tropd.tasks import Example, get_suite, grade_batch, list_suites
+from tropd.tasks.encoding import encode_prompt
+
+
+def evaluate_examples(model, tokenizer, examples: list[Example], *, n: int, max_new_tokens: int,
+                      temperature: float, seed: int = 0, batch_size: int = 16,
+                      progress: bool = True, task: str = "task") -> dict:
+    """Sample ``n`` responses per example, grade them, and summarise.
+
+    Returns ``{"avg@n", "pass@1", "pass@n", "problems", "samples", "mean_response_tokens", "truncation_rate"}``.
+    ``temperature=0`` means greedy (then every sample is the same, and ``n`` should be 1).
+    """
+    eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
+                         temperature=temperature)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    prompt_ids = [encode_prompt(ex, tokenizer, chat_template=bool(getattr(tokenizer, "chat_template", None)))
+                  for ex in examples]
+    jobs = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(n)]
+    texts, owners, lengths, truncated = [], [], [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=f"eval {task}", unit="sample", leave=False)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        batch = sample(model, [ids for _, ids in chunk], cfg, generator=gen)
+        for row, (owner, _) in enumerate(chunk):
+            length = int(batch.response_lengths[row])
+            texts.append(tokenizer.decode(batch.tokens[row, :length].tolist(), skip_special_tokens=True))
+            owners.append(owner)
+            lengths.append(length)
+            truncated.append(bool(batch.truncated[row]))
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    scores = grade_batch([examples[o].domain for o in owners], texts, [examples[o].reference for o in owners])
+    per_problem: dict[str, list[float]] = {}
+    for o, s in zip(owners, scores):
+        per_problem.setdefault(examples[o].id, []).append(float(s))
+    ks = sorted({1, n})
+    row = summarize({task: per_problem}, ks=ks)[task]
+    row["mean_response_tokens"] = sum(lengths) / max(len(lengths), 1)
+    row["truncation_rate"] = sum(truncated) / max(len(truncated), 1)
+    return row
+
+
+def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_new_tokens: int = 256,
+             temperature: float = 0.7, seed: int = 0, json_path: str | None = None, console=print) -> dict:
+    """``tropd eval``: load ``model``, score it on each suite's test split, print a table, optionally write JSON."""
+    unknown = [t for t in tasks if t not in list_suites()]
+    if unknown:
+        raise ValueError(f"--tasks: unknown suite(s) {', '.join(unknown)}; available: {', '.join(list_suites())}")
+    if n < 1 or limit < 1:
+        raise ValueError("--n and --limit must be >= 1")
+    from tropd.models import load_causal_lm, prepare_tokenizer, smollm2_gguf_path
+
+    path = str(smollm2_gguf_path()) if model == "smollm2" else model
+    lm, tok = load_causal_lm(path)
+    prepare_tokenizer(tok)
+    results = {}
+    for task in tasks:
+        examples = get_suite(task).examples("test", limit, seed)
+        results[task] = evaluate_examples(lm, tok, examples, n=n, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, seed=seed, task=task)
+    ks = sorted({1, n})
+    header = ["task", "avg@n", *[f"pass@{k}" for k in ks], "problems", "mean tokens", "truncated"]
+    console(f"\nmodel: {model}  (n={n}, temperature={temperature}, max_new_tokens={max_new_tokens})")
+    console("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for task, r in results.items():
+        cells = [task, f"{r['avg@n']:.3f}", *[f"{r[f'pass@{k}']:.3f}" for k in ks], f"{int(r['problems'])}",
+                 f"{r['mean_response_tokens']:.1f}", f"{r['truncation_rate']:.2f}"]
+        console("| " + " | ".join(cells) + " |")
+    payload = {"model": model, "n": n, "limit": limit, "temperature": temperature,
+               "max_new_tokens": max_new_tokens, "seed": seed, "tasks": results}
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(payload, indent=2))
+        console(f"wrote {json_path}")
+    return payload
