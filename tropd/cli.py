@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 
 
@@ -59,16 +59,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        from tropd.eval.tasks_eval import run_eval
-    except ImportError as err:
-        print(f"tropd eval is not available in this build: {err}", file=sys.stderr)
-        return 2
-    result = run_eval(model=args.model, tasks=args.tasks.split(","), n=args.n, limit=args.limit,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                      json_path=args.json)
-    if args.json is None:
-        print(json.dumps(result, indent=2))
+    from tropd.eval.tasks_eval import run_eval
+
+    run_eval(model=args.model, tasks=args.tasks.split(","), n=args.n, limit=args.limit,
+             max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed, json_path=args.json)
     return 0
 
 
@@ -112,15 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         args.run_dir = None
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        from tropd.models import ModelCompatibilityError
-        from tropd.train.config import ConfigError
-
-        if isinstance(err, (ConfigError, ModelCompatibilityError, FileNotFoundError)):
-            print(f"tropd {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        raise
-
+    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+        if os.environ.get("TROPD_DEBUG"):
+            raise
+        print(f"tropd {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())
