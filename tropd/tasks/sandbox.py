@@ -27,6 +27,7 @@ Runs are independent and thread-safe: :func:`run_many` runs several at once with
 
 from __future__ import annotations
 
+import logging
 import marshal
 import os
 import secrets
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 Status = Literal["passed", "failed", "timeout", "early_exit", "error"]
+logger = logging.getLogger(__name__)
 
 NOBODY_UID = 65534
 NOBODY_GID = 65534
@@ -287,6 +289,7 @@ def _run(program: str, tests: str, entry_point: str | None, call_check: bool, li
     except OSError as exc:
         if proc is not None and proc.returncode is None:
             _kill_group(proc)
+        logger.warning("tropd sandbox could not run a program (scored as a failure): %s", exc)
         return SandboxResult(False, "error", None, "", f"could not start the sandbox: {exc}",
                              time.monotonic() - start)
     finally:
