@@ -19,7 +19,8 @@ ADD_REF = {"tests": ADD_TESTS, "entry_point": "add"}
     ("```python\ndef add(a, b):\n    return a + b\n", 1.0),  # unterminated fence (truncated generation)
     # the last block that defines the entry point wins over a later usage example
     ("```python\ndef add(a, b):\n    return a + b\n```\nUsage:\n```python\nprint(add(1, 2))\n```", 1.0),
-    ("```python\ndef add(a, b):\n    return a - b\n```\nOops, fixed:\n```python\ndef add(a, b):\n    return a + b\n```", 1.0),
+    ("```python\ndef add(a, b):\n    return a - b\n```\nOops, fixed:\n"
+     "```python\ndef add(a, b):\n    return a + b\n```", 1.0),
     ("```python\ndef add(a, b):\n    return a + b\n```\nOops:\n```python\ndef add(a, b):\n    return a - b\n```", 0.0),
     ("```python\ndef add(a, b):\n    return a - b\n```", 0.0),
     ("```python\ndef plus(a, b):\n    return a + b\n```", 0.0),  # wrong name

@@ -161,7 +161,8 @@ class TemplateTokenizer:
 
     def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):
         self.calls.append((messages, tokenize, add_generation_prompt))
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
 
 
 class PlainTokenizer:

@@ -28,8 +28,10 @@ CASES = [
     ("The hives hum.", {"type": "include_keywords", "keywords": ["hive"]}, False),  # whole words only
     ("This is fine.", {"type": "forbidden_words", "keywords": ["really", "very"]}, True),
     ("This is Really fine.", {"type": "forbidden_words", "keywords": ["really"]}, False),
-    ("tea, tea and more Tea", {"type": "keyword_frequency", "keyword": "tea", "relation": "at_least", "value": 3}, True),
-    ("tea, tea and more Tea", {"type": "keyword_frequency", "keyword": "tea", "relation": "at_most", "value": 2}, False),
+    ("tea, tea and more Tea", {"type": "keyword_frequency", "keyword": "tea", "relation": "at_least", "value": 3},
+     True),
+    ("tea, tea and more Tea", {"type": "keyword_frequency", "keyword": "tea", "relation": "at_most", "value": 2},
+     False),
     ('{"a": 1, "b": [2, 3]}', {"type": "json_format"}, True),
     ('```json\n{"a": 1}\n```', {"type": "json_format"}, True),
     ("{'a': 1}", {"type": "json_format"}, False),

@@ -202,7 +202,8 @@ def _accepted(server: socket.socket) -> bool:
 
 def test_network_connect_fails(listener: socket.socket) -> None:
     port = listener.getsockname()[1]
-    result = run(f"import socket\ndef f():\n    socket.create_connection(('127.0.0.1', {port}), timeout=1).send(b'x')\n")
+    program = f"import socket\ndef f():\n    socket.create_connection(('127.0.0.1', {port}), timeout=1).send(b'x')\n"
+    result = run(program)
     assert not result.passed
     assert not _accepted(listener)
 

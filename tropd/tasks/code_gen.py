@@ -63,7 +63,8 @@ def _sum_divisible(params: tuple):
     if negate:
         return (f"returns the sum of the elements of `nums` that are NOT divisible by {k}",
                 lambda nums: sum(x for x in nums if x % k != 0))
-    return f"returns the sum of the elements of `nums` that are divisible by {k}", lambda nums: sum(x for x in nums if x % k == 0)
+    return (f"returns the sum of the elements of `nums` that are divisible by {k}",
+            lambda nums: sum(x for x in nums if x % k == 0))
 
 
 def _count_chars(params: tuple):
@@ -80,8 +81,9 @@ def _caesar(params: tuple):
     def ref(s: str) -> str:
         return "".join(chr((ord(c) - 97 + step) % 26 + 97) if "a" <= c <= "z" else c for c in s)
 
+    wrap = "z is followed by a" if direction == "forward" else "a is preceded by z"
     return (f"shifts every lowercase letter a-z of `s` {shift} places {direction} in the alphabet, wrapping around "
-            f"(z follows a{'' if direction == 'forward' else ' backwards'}), and leaves all other characters unchanged", ref)
+            f"({wrap}), and leaves all other characters unchanged", ref)
 
 
 def _rotate(params: tuple):
@@ -93,7 +95,8 @@ def _rotate(params: tuple):
         r = k % len(xs)
         return xs[-r:] + xs[:-r] if side == "right" else xs[r:] + xs[:r]
 
-    return f"returns a new list with the elements of `xs` rotated {k} positions to the {side} (an empty list stays empty)", ref
+    return (f"returns a new list with the elements of `xs` rotated {k} positions to the {side} "
+            "(an empty list stays empty)", ref)
 
 
 def _recurrence(params: tuple):
@@ -172,7 +175,7 @@ def _rle(params: tuple):
 
     example = "a3b1" if style == "char-count" else "3a1b"
     return (f"returns the run-length encoding of `s`: each run of equal characters becomes "
-            f"{'the character followed by the run length' if style == 'char-count' else 'the run length followed by the character'} "
+            f"{'the character then the run length' if style == 'char-count' else 'the run length then the character'} "
             f"(e.g. \"aaab\" -> \"{example}\")", ref)
 
 
@@ -191,7 +194,8 @@ def _clamp_sum(params: tuple):
 def _pair_count(params: tuple):
     (target,) = params
     return (f"returns the number of index pairs (i, j) with i < j such that nums[i] + nums[j] == {target}",
-            lambda nums: sum(1 for i in range(len(nums)) for j in range(i + 1, len(nums)) if nums[i] + nums[j] == target))
+            lambda nums: sum(1 for i in range(len(nums)) for j in range(i + 1, len(nums))
+                             if nums[i] + nums[j] == target))
 
 
 def _pair_cases(rng: random.Random, params: tuple) -> list[tuple]:
@@ -206,7 +210,8 @@ def _window_max(params: tuple):
             return 0
         return max(sum(nums[i:i + k]) for i in range(len(nums) - k + 1))
 
-    return (f"returns the largest sum of {k} consecutive elements of `nums`, or 0 if `nums` has fewer than {k} elements", ref)
+    return (f"returns the largest sum of {k} consecutive elements of `nums`, or 0 if `nums` has fewer than {k} "
+            "elements", ref)
 
 
 def _dedupe_mod(params: tuple):
@@ -220,7 +225,8 @@ def _dedupe_mod(params: tuple):
                 out.append(x)
         return out
 
-    return (f"returns the elements of `nums` in order, keeping only the first element of each remainder class modulo {m} "
+    return (f"returns the elements of `nums` in order, keeping only the first element of each remainder class "
+            f"modulo {m} "
             f"(Python's % operator)", ref)
 
 
@@ -260,9 +266,12 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
     Template("rle", "rle(s: str) -> str", lambda r: (r.choice(("char-count", "count-char")),), _rle, _rle_cases),
     Template("clamp_sum", "clamp_sum(nums: list[int]) -> int",
              lambda r: (r.randint(-10, 0), r.randint(1, 15)), _clamp_sum, _list_cases),
-    Template("pair_count", "pair_count(nums: list[int]) -> int", lambda r: (r.randint(-5, 20),), _pair_count, _pair_cases),
-    Template("window_max", "window_max(nums: list[int]) -> int", lambda r: (r.randint(1, 6),), _window_max, _list_cases),
-    Template("dedupe_mod", "dedupe_mod(nums: list[int]) -> list[int]", lambda r: (r.randint(2, 10),), _dedupe_mod, _list_cases),
+    Template("pair_count", "pair_count(nums: list[int]) -> int", lambda r: (r.randint(-5, 20),),
+             _pair_count, _pair_cases),
+    Template("window_max", "window_max(nums: list[int]) -> int", lambda r: (r.randint(1, 6),),
+             _window_max, _list_cases),
+    Template("dedupe_mod", "dedupe_mod(nums: list[int]) -> list[int]", lambda r: (r.randint(2, 10),),
+             _dedupe_mod, _list_cases),
 ]}
 
 

@@ -164,7 +164,8 @@ def _mcq_letter(answer: Any, choices: Sequence[str]) -> str:
             return text.upper()
         if text in choices:
             return letters[list(choices).index(text)]
-    raise _RowError("answer", f"expected one of the letters {letters!r}, a 0-based index or a choice's text, got {answer!r}")
+    raise _RowError("answer",
+                    f"expected one of the letters {letters!r}, a 0-based index or a choice's text, got {answer!r}")
 
 
 def _grader_fields(row: Mapping[str, Any]) -> tuple[str | None, dict[str, Any] | None]:

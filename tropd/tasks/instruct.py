@@ -105,7 +105,8 @@ CONSTRAINT_TYPES: dict[str, ConstraintType] = {c.name: c for c in [
     ConstraintType("paragraphs", {"value": "int"}, lambda t, s: len(paragraphs(t)) == s["value"],
                    lambda s: f"Write exactly {s['value']} paragraphs, separated by blank lines."),
     ConstraintType("bullet_points", {"value": "int"}, lambda t, s: count_bullets(t) == s["value"],
-                   lambda s: f"Include exactly {_plural(s['value'], 'markdown bullet point')} (lines starting with \"* \")."),
+                   lambda s: f"Include exactly {_plural(s['value'], 'markdown bullet point')} "
+                             "(lines starting with \"* \")."),
     ConstraintType("include_keywords", {"keywords": "words"},
                    lambda t, s: all(_has_word(t, w) for w in s["keywords"]),
                    lambda s: f"Include the keywords {_words_list(s)}."),
@@ -114,7 +115,8 @@ CONSTRAINT_TYPES: dict[str, ConstraintType] = {c.name: c for c in [
                    lambda s: f"Do not use the words {_words_list(s)}."),
     ConstraintType("keyword_frequency", {"keyword": "str", "relation": "relation", "value": "int"},
                    lambda t, s: _check_relation(_count_word(t, s["keyword"]), s),
-                   lambda s: f"Use the word \"{s['keyword']}\" {s.get('relation', 'at_least').replace('_', ' ')} {s['value']} "
+                   lambda s: f"Use the word \"{s['keyword']}\" "
+                             f"{s.get('relation', 'at_least').replace('_', ' ')} {s['value']} "
                              f"time{'s' if s['value'] != 1 else ''}."),
     ConstraintType("json_format", {}, lambda t, s: _is_json(t),
                    lambda s: "Format the whole output as valid JSON (you may wrap it in a ```json block)."),
@@ -137,7 +139,8 @@ CONSTRAINT_TYPES: dict[str, ConstraintType] = {c.name: c for c in [
                    lambda s: f"Include at least {_plural(s['value'], 'placeholder')} in square brackets, like [name]."),
     ConstraintType("highlights", {"value": "int"},
                    lambda t, s: len([h for h in re.findall(r"\*([^\n*]+)\*", t) if h.strip()]) >= s["value"],
-                   lambda s: f"Highlight at least {_plural(s['value'], 'section')} with markdown, like *highlighted section*."),
+                   lambda s: f"Highlight at least {_plural(s['value'], 'section')} with markdown, "
+                             "like *highlighted section*."),
     ConstraintType("quotation", {},
                    lambda t, s: len(t.strip()) > 1 and t.strip()[0] == '"' and t.strip()[-1] == '"',
                    lambda s: "Wrap your entire response in double quotation marks."),

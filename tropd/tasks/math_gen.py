@@ -138,7 +138,9 @@ def _garden(rng: random.Random, level: int):
     text = f"{name}'s rectangular garden is {length} m long and {width} m wide."
     fencing = Fraction(2 * (length + width) * fence)
     if level == 1:
-        return (length, width, fence), text + f" Fencing costs {_money(fence)} per metre. How many dollars does it cost to fence the whole garden?", fencing
+        question = (f" Fencing costs {_money(fence)} per metre. How many dollars does it cost to fence the whole "
+                    "garden?")
+        return (length, width, fence), text + question, fencing
     side = rng.randint(1, min(length, width) - 1)
     seed = rng.randint(1, 6)
     sowing = Fraction((length * width - side * side) * seed)
@@ -147,7 +149,8 @@ def _garden(rng: random.Random, level: int):
     if level == 2:
         return (length, width, side, seed), text + " How many dollars does the grass seed cost?", sowing
     return ((length, width, side, seed, fence),
-            text + f" The garden is also fenced all around at {_money(fence)} per metre. What is the total cost in dollars of the seed and the fence?",
+            text + f" The garden is also fenced all around at {_money(fence)} per metre. What is the total cost in "
+                   "dollars of the seed and the fence?",
             sowing + fencing)
 
 
@@ -190,7 +193,8 @@ def _classroom(rng: random.Random, level: int):
     balls, price = rng.randint(0, 3), rng.randint(5, 25)
     has = "no balls" if balls == 0 else _count(balls, "ball")
     return ((total, pct, k, balls, price),
-            text + f" Every soccer player needs a ball; the school already has {has} and a new one costs {_money(price)}. How many dollars must the school spend?",
+            text + f" Every soccer player needs a ball; the school already has {has} and a new one costs "
+                   f"{_money(price)}. How many dollars must the school spend?",
             (players - balls) * price)
 
 
@@ -199,7 +203,8 @@ def _savings(rng: random.Random, level: int):
     name = rng.choice(NAMES)
     text = f"{name} has {_money(have)} saved and saves {_money(weekly)} every week. A bike costs {_money(price)}."
     if level == 1:
-        return (have, weekly, price), text + f" How many weeks must {name} save to afford the bike?", Fraction(math.ceil((price - have) / weekly))
+        weeks = Fraction(math.ceil((price - have) / weekly))
+        return (have, weekly, price), text + f" How many weeks must {name} save to afford the bike?", weeks
     gift = rng.randint(10, 50)
     text += f" For a birthday, {name} also gets {_money(gift)} today."
     if level == 2:
@@ -208,7 +213,8 @@ def _savings(rng: random.Random, level: int):
     rise = rng.choice((10, 20, 25, 50))
     new_price = Fraction(price * (100 + rise), 100)
     return ((have, weekly, price, gift, rise),
-            text + f" Before {name} buys it, the price of the bike goes up by {rise}%. How many weeks of saving does {name} need to afford it?",
+            text + f" Before {name} buys it, the price of the bike goes up by {rise}%. How many weeks of saving "
+                   f"does {name} need to afford it?",
             Fraction(math.ceil((new_price - have - gift) / weekly)))
 
 
@@ -217,16 +223,20 @@ def _tank(rng: random.Random, level: int):
     net = fill - leak
     minutes = rng.randint(4, 30)
     volume = net * minutes
-    text = f"A tank holds {volume} litres. A pipe fills it at {fill} litres per minute, but a leak drains {leak} litres per minute."
+    text = (f"A tank holds {volume} litres. A pipe fills it at {fill} litres per minute, but a leak drains {leak} "
+            "litres per minute.")
     if level == 1:
-        return (volume, fill, leak), text + " Starting empty, how many minutes does it take to fill the tank?", Fraction(minutes)
+        question = " Starting empty, how many minutes does it take to fill the tank?"
+        return (volume, fill, leak), text + question, Fraction(minutes)
     pct = rng.choice((10, 20, 25, 40, 50, 60, 75))
     text += f" The tank is already {pct}% full."
     if level == 2:
-        return (volume, fill, leak, pct), text + " How many minutes until it is full?", Fraction(volume * (100 - pct), 100 * net)
+        remaining = Fraction(volume * (100 - pct), 100 * net)
+        return (volume, fill, leak, pct), text + " How many minutes until it is full?", remaining
     extra = rng.randint(2, 20)
     return ((volume, fill, leak, pct, extra),
-            text + f" A second pipe that adds {extra} litres per minute is opened too. How many minutes until the tank is full?",
+            text + f" A second pipe that adds {extra} litres per minute is opened too. How many minutes until the "
+                   "tank is full?",
             Fraction(volume * (100 - pct), 100 * (net + extra)))
 
 
@@ -235,9 +245,11 @@ def _packing(rng: random.Random, level: int):
     box_price = rng.randint(5, 40)
     thing, name = rng.choice(PACKED), rng.choice(NAMES)
     boxes, loose = divmod(items, size)
-    text = f"{name} packs {items} {thing} into boxes of {size}, filling as many boxes as possible. Each full box sells for {_money(box_price)}."
+    text = (f"{name} packs {items} {thing} into boxes of {size}, filling as many boxes as possible. Each full box "
+            f"sells for {_money(box_price)}.")
     if level == 1:
-        return (items, size, box_price), text + " How many dollars does selling all the full boxes bring in?", Fraction(boxes * box_price)
+        question = " How many dollars does selling all the full boxes bring in?"
+        return (items, size, box_price), text + question, Fraction(boxes * box_price)
     each = rng.randint(1, 4)
     text += f" The {thing} that do not fill a box are sold for {_money(each)} each."
     total = Fraction(boxes * box_price + loose * each)
@@ -245,7 +257,8 @@ def _packing(rng: random.Random, level: int):
         return (items, size, box_price, each), text + " How many dollars does everything bring in?", total
     cost = rng.randint(1, 3)
     return ((items, size, box_price, each, cost),
-            text + f" Each empty box costs {_money(cost)}. How many dollars of profit are left after paying for the boxes used?",
+            text + f" Each empty box costs {_money(cost)}. How many dollars of profit are left after paying for the "
+                   "boxes used?",
             total - boxes * cost)
 
 

@@ -69,82 +69,97 @@ def _conversion(rng: random.Random) -> Draw:
 def _speed_units(rng: random.Random) -> Draw:
     kmh = 18 * rng.randint(1, 10)
     answer = Fraction(kmh * 1000, 3600)
-    return (kmh,), f"A car moves at {kmh} km/h. What is its speed in m/s?", answer, [Fraction(kmh * 3600, 1000), Fraction(kmh, 60), answer * 10], "m/s"
+    question = f"A car moves at {kmh} km/h. What is its speed in m/s?"
+    return (kmh,), question, answer, [Fraction(kmh * 3600, 1000), Fraction(kmh, 60), answer * 10], "m/s"
 
 
 def _temperature(rng: random.Random) -> Draw:
     celsius = 5 * rng.randint(-8, 24)
     if rng.random() < 0.5:
         f = Fraction(celsius * 9, 5) + 32
-        return (celsius, "F"), f"What is {celsius} °C in degrees Fahrenheit?", f, [Fraction(celsius * 5, 9) + 32, Fraction(celsius * 9, 5), f + 32], "°F"
+        question = f"What is {celsius} °C in degrees Fahrenheit?"
+        return (celsius, "F"), question, f, [Fraction(celsius * 5, 9) + 32, Fraction(celsius * 9, 5), f + 32], "°F"
     k = celsius + Fraction(27315, 100)
-    return (celsius, "K"), f"What is {celsius} °C in kelvin?", k, [celsius - Fraction(27315, 100), k + 100, Fraction(celsius + 273)], "K"
+    question = f"What is {celsius} °C in kelvin?"
+    return (celsius, "K"), question, k, [celsius - Fraction(27315, 100), k + 100, Fraction(celsius + 273)], "K"
 
 
 def _two(rng: random.Random, lo: int = 2, hi: int = 20) -> tuple[Fraction, Fraction]:
     return Fraction(rng.randint(lo, hi)), Fraction(rng.randint(lo, hi))
 
 
-def _force(rng):
+def _force(rng: random.Random) -> Draw:
     m, a = _two(rng)
-    return (m, a), f"A {fmt(m)} kg object accelerates at {fmt(a)} m/s². What is the net force on it?", m * a, [m / a, m + a, m * a * 10], "N"
+    question = f"A {fmt(m)} kg object accelerates at {fmt(a)} m/s². What is the net force on it?"
+    return (m, a), question, m * a, [m / a, m + a, m * a * 10], "N"
 
 
-def _kinetic(rng):
+def _kinetic(rng: random.Random) -> Draw:
     m, v = _two(rng)
-    return (m, v), f"What is the kinetic energy of a {fmt(m)} kg ball moving at {fmt(v)} m/s?", m * v * v / 2, [m * v * v, m * v / 2, m * v], "J"
+    question = f"What is the kinetic energy of a {fmt(m)} kg ball moving at {fmt(v)} m/s?"
+    return (m, v), question, m * v * v / 2, [m * v * v, m * v / 2, m * v], "J"
 
 
-def _avg_speed(rng):
+def _avg_speed(rng: random.Random) -> Draw:
     t = Fraction(rng.randint(2, 20))
     v = Fraction(rng.randint(2, 15))
     d = v * t
-    return (d, t), f"A runner covers {fmt(d)} m in {fmt(t)} s. What is the average speed?", v, [d * t, t / d, v * 10], "m/s"
+    question = f"A runner covers {fmt(d)} m in {fmt(t)} s. What is the average speed?"
+    return (d, t), question, v, [d * t, t / d, v * 10], "m/s"
 
 
-def _ohm(rng):
+def _ohm(rng: random.Random) -> Draw:
     i, r = _two(rng, 1, 12)
-    return (i, r), f"A current of {fmt(i)} A flows through a {fmt(r)} Ω resistor. What is the voltage across it?", i * r, [i / r, r / i, i + r], "V"
+    question = f"A current of {fmt(i)} A flows through a {fmt(r)} Ω resistor. What is the voltage across it?"
+    return (i, r), question, i * r, [i / r, r / i, i + r], "V"
 
 
-def _power(rng):
+def _power(rng: random.Random) -> Draw:
     v, i = Fraction(rng.choice((5, 6, 9, 12, 24, 110, 230))), Fraction(rng.randint(1, 10))
-    return (v, i), f"A device draws {fmt(i)} A at {fmt(v)} V. What power does it use?", v * i, [v / i, v + i, v * i * 10], "W"
+    question = f"A device draws {fmt(i)} A at {fmt(v)} V. What power does it use?"
+    return (v, i), question, v * i, [v / i, v + i, v * i * 10], "W"
 
 
-def _density(rng):
+def _density(rng: random.Random) -> Draw:
     rho, vol = _two(rng, 1, 12)
     mass = rho * vol
-    return (mass, vol), f"A block has a mass of {fmt(mass)} g and a volume of {fmt(vol)} cm³. What is its density?", rho, [mass * vol, vol / mass, rho * 10], "g/cm³"
+    question = f"A block has a mass of {fmt(mass)} g and a volume of {fmt(vol)} cm³. What is its density?"
+    return (mass, vol), question, rho, [mass * vol, vol / mass, rho * 10], "g/cm³"
 
 
-def _work(rng):
+def _work(rng: random.Random) -> Draw:
     f, d = _two(rng)
-    return (f, d), f"A constant force of {fmt(f)} N pushes a box {fmt(d)} m along the force. How much work is done?", f * d, [f / d, f + d, f * d / 2], "J"
+    question = f"A constant force of {fmt(f)} N pushes a box {fmt(d)} m along the force. How much work is done?"
+    return (f, d), question, f * d, [f / d, f + d, f * d / 2], "J"
 
 
-def _pressure(rng):
+def _pressure(rng: random.Random) -> Draw:
     p, area = Fraction(rng.randint(2, 50)), Fraction(rng.choice((2, 4, 5, 10)))
     force = p * area
-    return (force, area), f"A force of {fmt(force)} N acts evenly on an area of {fmt(area)} m². What is the pressure?", p, [force * area, area / force, p * 10], "Pa"
+    question = f"A force of {fmt(force)} N acts evenly on an area of {fmt(area)} m². What is the pressure?"
+    return (force, area), question, p, [force * area, area / force, p * 10], "Pa"
 
 
-def _potential(rng):
+def _potential(rng: random.Random) -> Draw:
     m, h = _two(rng, 1, 10)
     g = Fraction(98, 10)
-    return (m, h), f"Taking g = 9.8 m/s², what is the gravitational potential energy of a {fmt(m)} kg mass raised {fmt(h)} m?", m * g * h, [m * h, m * g * h * 10, m * g / h], "J"
+    question = (f"Taking g = 9.8 m/s², what is the gravitational potential energy of a {fmt(m)} kg mass raised "
+                f"{fmt(h)} m?")
+    return (m, h), question, m * g * h, [m * h, m * g * h * 10, m * g / h], "J"
 
 
-def _momentum(rng):
+def _momentum(rng: random.Random) -> Draw:
     m, v = _two(rng)
-    return (m, v), f"What is the momentum of a {fmt(m)} kg cart moving at {fmt(v)} m/s?", m * v, [m * v * v / 2, m / v, m + v], "kg·m/s"
+    question = f"What is the momentum of a {fmt(m)} kg cart moving at {fmt(v)} m/s?"
+    return (m, v), question, m * v, [m * v * v / 2, m / v, m + v], "kg·m/s"
 
 
 MOLAR = {"water (H2O)": 18, "carbon dioxide (CO2)": 44, "methane (CH4)": 16, "oxygen gas (O2)": 32,
-         "ammonia (NH3)": 17, "glucose (C6H12O6)": 180, "calcium carbonate (CaCO3)": 100, "sodium chloride (NaCl)": Fraction(117, 2)}
+         "ammonia (NH3)": 17, "glucose (C6H12O6)": 180, "calcium carbonate (CaCO3)": 100,
+         "sodium chloride (NaCl)": Fraction(117, 2)}
 
 
-def _moles(rng):
+def _moles(rng: random.Random) -> Draw:
     name = rng.choice(sorted(MOLAR))
     molar = Fraction(MOLAR[name])
     n = Fraction(rng.choice((1, 2, 3, 4, 5, 6, 8, 10)), rng.choice((1, 2, 4)))
@@ -156,36 +171,41 @@ def _moles(rng):
             mass, [n / molar, molar / n, mass * 10], "g")
 
 
-def _molarity(rng):
+def _molarity(rng: random.Random) -> Draw:
     n = Fraction(rng.choice((1, 2, 3, 4, 5)), rng.choice((1, 2, 4, 10)))
     ml = rng.choice((100, 200, 250, 400, 500, 1000, 2000))
     conc = n / Fraction(ml, 1000)
-    return (n, ml), f"{fmt(n)} mol of salt is dissolved to make {ml} mL of solution. What is the concentration?", conc, [n / ml, n * ml / 1000, conc * 10], "mol/L"
+    question = f"{fmt(n)} mol of salt is dissolved to make {ml} mL of solution. What is the concentration?"
+    return (n, ml), question, conc, [n / ml, n * ml / 1000, conc * 10], "mol/L"
 
 
-def _percent(rng):
+def _percent(rng: random.Random) -> Draw:
     p, base = rng.choice((5, 10, 12, 15, 20, 25, 30, 40, 60, 75, 120)), rng.randint(2, 60) * 10
     answer = Fraction(p * base, 100)
     return (p, base), f"What is {p}% of {base}?", answer, [answer * 10, Fraction(base * 100, p), base - answer], ""
 
 
-def _gcd_lcm(rng):
+def _gcd_lcm(rng: random.Random) -> Draw:
     a, b = rng.randint(4, 60), rng.randint(4, 60)
     if rng.random() < 0.5:
         g = math.gcd(a, b)
-        return (a, b, "gcd"), f"What is the greatest common divisor of {a} and {b}?", Fraction(g), [a * b // g, g * 2, abs(a - b) or a + b], ""
+        question = f"What is the greatest common divisor of {a} and {b}?"
+        return (a, b, "gcd"), question, Fraction(g), [a * b // g, g * 2, abs(a - b) or a + b], ""
     lcm = a * b // math.gcd(a, b)
-    return (a, b, "lcm"), f"What is the least common multiple of {a} and {b}?", Fraction(lcm), [math.gcd(a, b), a * b * 2, a + b], ""
+    question = f"What is the least common multiple of {a} and {b}?"
+    return (a, b, "lcm"), question, Fraction(lcm), [math.gcd(a, b), a * b * 2, a + b], ""
 
 
-def _power_of(rng):
+def _power_of(rng: random.Random) -> Draw:
     base, exp = rng.randint(2, 9), rng.randint(2, 6)
-    return (base, exp), f"What is {base}^{exp}?", Fraction(base**exp), [base * exp, base ** (exp - 1), base ** (exp + 1)], ""
+    question = f"What is {base}^{exp}?"
+    return (base, exp), question, Fraction(base**exp), [base * exp, base ** (exp - 1), base ** (exp + 1)], ""
 
 
-def _circle(rng):
+def _circle(rng: random.Random) -> Draw:
     r = rng.randint(2, 15)
-    return ((r,), f"What is the area of a circle of radius {r} cm?", f"{r * r}π", [f"{2 * r}π", f"{r}π", f"{2 * r * r}π"], "cm²")
+    question = f"What is the area of a circle of radius {r} cm?"
+    return ((r,), question, f"{r * r}π", [f"{2 * r}π", f"{r}π", f"{2 * r * r}π"], "cm²")
 
 
 FAMILIES: dict[str, Callable[[random.Random], Draw]] = {

@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 NOBODY_UID = 65534
 NOBODY_GID = 65534
-_HARNESS_EXIT_CODES = {1: "a test failed", 2: "the program failed to load", 3: "entry point missing", 4: "harness error"}
+_HARNESS_EXIT_CODES = {1: "a test failed", 2: "the program failed to load", 3: "entry point missing",
+                       4: "harness error"}
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import marshal
 import os
 import sys
 
-# The harness imports as little as it can (marshal, posix and io are built in, _socket is a small extension): every module it
-# loads is start-up time paid by every graded sample.
+# The harness imports as little as it can (marshal, posix and io are built in, _socket is a small extension):
+# every module it loads is start-up time paid by every graded sample.
 
 # Modules the untrusted code may not import: process creation, raw memory/ffi, terminal control.
 BLOCKED_MODULES = (
