@@ -27,6 +27,8 @@ class Example:
         reference: the grader's reference (see ``docs/tasks.md`` for each domain's keys).
         id: stable identifier, ``"<suite>/<hash of the canonical problem>"``; equal ids mean the same problem.
         meta: free-form descriptive fields (template, difficulty level, ...); graders never read it.
+
+    Examples compare by value; they are not hashable (``reference`` is a dict): key sets and dicts by ``id``.
     """
 
     prompt: str
