@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="distil a student from a teacher (no arguments: the embedded offline default)")
     t.add_argument("--config", default=None, help="YAML config (default: the embedded default)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of train.output_dir")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run directory (--run-dir)")
     t.add_argument("--run-dir", default=None, help="shorthand for train.output_dir=...")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.name=opd train.lr=1e-4")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run_dir = None
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: one clear line, no traceback
         if os.environ.get("TROPD_DEBUG"):
             raise
         print(f"tropd {args.command}: error: {err}", file=sys.stderr)

@@ -169,6 +169,9 @@ def test_cli_two_step_smoke_run(tmp_path, teacher_dir, capsys):
     assert rc == 0
     assert "run directory:" in out and "teacher_text_nll" in out
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    # the same run directory again, without --resume: refused, nothing overwritten
+    assert main(["train", "--config", str(path), "train.steps=2"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "run")]) == 0
     assert main(["objectives"]) == 0
     listed = capsys.readouterr().out

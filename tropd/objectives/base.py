@@ -102,7 +102,8 @@ class Objective:
         with torch.no_grad():
             sm = x.student_mask
             out = {"loss": float(loss), "num_tokens": float(x.loss_mask.sum()), "student_tokens": float(sm.sum())}
-            out["student_entropy"] = _masked_mean(t["student_entropy"], sm)
+            if sm.any():
+                out["student_entropy"] = _masked_mean(t["student_entropy"], sm)
             if "reward" in t:
                 r = t["reward"][sm]
                 out["k1_rkl"] = float(-r.mean()) if r.numel() else 0.0

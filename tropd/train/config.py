@@ -95,7 +95,8 @@ class TrainConfig:
     sft_warmup_steps: int = _f(0, "First steps trained with 'sft' on teacher-written responses to heal a "
                                   "student far from the teacher before on-policy training.")
     seed: int = _f(0, "Seed of every random stream (sampling, trust masks, data order).")
-    output_dir: str = _f("runs/default", "Run directory: metrics.jsonl, checkpoints, report.")
+    output_dir: str | None = _f(None, "Run directory (metrics.jsonl, checkpoints, report); null = "
+                                      "runs/<objective>-<date-time>. --resume needs it named.")
     save_every: int = _f(50, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "How many step checkpoints to keep.")
     eval_every: int = _f(0, "Run the evaluation hook every N steps (0 = only before and after).")
@@ -161,6 +162,14 @@ class RunConfig:
         for name in t.report_to:
             _check(name in ("tensorboard", "wandb"), "train.report_to", f"has {name!r}; allowed: tensorboard, wandb")
         return self
+
+    def run_dir(self) -> Path:
+        """``train.output_dir``, or a fresh ``runs/<objective>-<date-time>`` (fixed once asked for)."""
+        if self.train.output_dir is None:
+            import time
+
+            self.train.output_dir = f"runs/{self.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return Path(self.train.output_dir)
 
     def build_objective(self):
         return get_objective(self.objective.name, chunk_size=self.objective.chunk_size, **self.objective.kwargs)

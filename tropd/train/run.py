@@ -59,10 +59,13 @@ def build_models(cfg: RunConfig, resume_from: Path | None = None):
 
 def train_from_config(cfg: RunConfig, resume: bool = False, console=print) -> dict:
     """Train, write the run directory (metrics, checkpoints, report), and return a summary."""
-    run_dir = Path(cfg.train.output_dir)
-    found = latest_checkpoint(run_dir) if resume else None
+    run_dir = cfg.run_dir()
+    found = latest_checkpoint(run_dir)
     if resume and found is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; run without --resume")
+    if not resume and found is not None:
+        raise FileExistsError(f"{run_dir} already holds a run (checkpoint {found.path.name}); continue it with "
+                              "--resume, or choose another train.output_dir (--run-dir)")
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
     student, teacher, tok = build_models(cfg, found.path if found else None)

@@ -10,9 +10,10 @@ from pathlib import Path
 class MetricsLog:
     """Appends one JSON object per step to ``<run>/metrics.jsonl`` and forwards scalars to optional trackers."""
 
-    def __init__(self, run_dir: Path, report_to: list[str], config: dict, resume_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, report_to: list[str], config: dict, keep_until: int | None = None) -> None:
+        """``keep_until``: on resume, the checkpoint's step (later lines are dropped); None starts a fresh log."""
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._truncate_after(resume_step)
+        self._truncate_after(keep_until)
         self._fh = open(self.path, "a", encoding="utf-8")
         self._tb = self._wandb = None
         if "tensorboard" in report_to:
@@ -28,13 +29,21 @@ class MetricsLog:
                 raise RuntimeError("train.report_to has wandb but it is not installed: pip install wandb") from err
             self._wandb = wandb.init(project="tropd", dir=str(run_dir), config=config, resume="allow")
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (they will be produced again)."""
+    def _truncate_after(self, step: int | None) -> None:
+        """Drop lines logged after ``step`` (they will be produced again), or all of them when ``step`` is None."""
         if not self.path.exists():
             return
-        kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        kept = [] if step is None else [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
+                                         if ln.strip() and json.loads(ln).get("step", 0) <= step]
         self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+    def eval_at(self, step: int) -> dict:
+        """The evaluation logged at ``step`` (keys without the ``eval/`` prefix), or {}."""
+        out = {}
+        for rec in read_metrics(self.path):
+            if rec.get("step") == step:
+                out.update({k[5:]: v for k, v in rec.items() if k.startswith("eval/")})
+        return out
 
     def log(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

@@ -177,7 +177,8 @@ class Trainer:
         t = self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(self.config_yaml)
-        log = MetricsLog(self.run_dir, t.report_to, self.cfg.to_dict(), resume_step=self.start_step)
+        resumed = self.start_step > 0
+        log = MetricsLog(self.run_dir, t.report_to, self.cfg.to_dict(), keep_until=self.start_step if resumed else None)
         previous = signal.signal(signal.SIGINT, self._request_stop)
         bar = None
         if t.progress:
@@ -186,7 +187,7 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.start_step, desc="tropd", unit="step", dynamic_ncols=True)
         result = {"steps_done": self.start_step, "interrupted": False, "checkpoint": None}
         try:
-            result["eval_before"] = self.evaluate(self.start_step, log) if self.start_step == 0 else {}
+            result["eval_before"] = log.eval_at(0) if resumed else self.evaluate(0, log)
             step = self.start_step
             while step < t.steps and not self._stop_requested:
                 record = self.run_step(step)
