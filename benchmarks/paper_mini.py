@@ -1,0 +1,305 @@
+"""The TrOPD paper in miniature: TrOPD vs OPD, EOPD, REOPOLD and the ablations, with seeds and 95% CIs.
+
+    python benchmarks/paper_mini.py             # full: SmolLM2-135M teacher, 2 mismatch settings, 3 seeds
+    python benchmarks/paper_mini.py --quick     # minutes: tiny random models, checks the pipeline end to end
+
+Protocol (identical for every method): for each mismatch setting, one fixed starting student is built once
+(the teacher with ``student_layers`` of its layers kept, then healed by ``heal_steps`` of supervised KD on
+teacher answers); every method then trains from that same checkpoint for the same number of steps, prompts,
+rollouts, tokens and learning rate, for each seed, on the train split of the task suite, and is evaluated on
+its held-out split. No method gets method-specific tuning: all use the objectives' SPEC defaults.
+
+Writes ``<out>/paper_mini.json`` (``runs`` and ``summary``), ``<out>/paper_mini.md`` (the table) and
+``<out>/paper_mini_<setting>.png`` (curves over steps per method).
+
+Collapse criterion (stated in the outputs too): a run is *collapsed* when the distinct-token ratio of its
+greedy held-out answers falls below half the teacher's, or its final sampling entropy is below 0.1 nats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+COLLAPSE_RULE = ("collapsed = greedy held-out distinct-token ratio < 0.5 x the teacher's, "
+                 "or final student sampling entropy < 0.1 nats")
+
+#: (label, objective, objective kwargs, extra overrides). Defaults of every objective are SPEC §5's.
+METHODS = (
+    ("opd", "opd", {}, []),
+    ("eopd", "eopd", {}, []),
+    ("reopold", "reopold", {}, []),
+    ("clip_outlier", "clip_outlier", {}, []),
+    ("mask_outlier", "mask_outlier", {}, []),
+    ("fkl", "fkl", {}, []),
+    ("fkl_outlier", "fkl_outlier", {}, []),
+    ("tropd", "tropd", {}, []),
+    ("tropd_mask", "tropd", {"outlier": "mask"}, []),
+    ("tropd_clip", "tropd", {"outlier": "clip"}, []),
+    ("tropd_noguide", "tropd", {}, ["guidance.enabled=false"]),
+)
+
+#: t_{0.975, n-1} for 95% confidence intervals of a mean over n seeds.
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+@dataclass
+class Setting:
+    name: str
+    student_layers: int
+    heal_steps: int
+
+
+@dataclass
+class Plan:
+    teacher: str
+    settings: list[Setting]
+    seeds: list[int]
+    steps: int
+    eval_every: int
+    base: dict = field(default_factory=dict)
+    methods: tuple = METHODS
+
+
+def full_plan(seeds: int, steps: int) -> Plan:
+    base = {
+        "objective": {"kwargs": {}},
+        "rollout": {"max_new_tokens": 32, "rollouts_per_prompt": 2},
+        "data": {"prompts": "mcq", "eval_prompts": 16},
+        "train": {"prompts_per_step": 4, "micro_batch_size": 8, "lr": 5e-5, "save_every": 0, "progress": False},
+    }
+    return Plan("smollm2", [Setting("mild", 24, 10), Setting("strong", 18, 10)], list(range(seeds)), steps,
+                max(1, steps // 4), base)
+
+
+def quick_plan(workdir: Path) -> Plan:
+    """Tiny random teacher (6 layers) and students of 4 / 2 of its layers: the whole pipeline in minutes."""
+    from tests.helpers import tiny_llama, tiny_tokenizer
+
+    teacher_dir = workdir / "tiny-teacher"
+    tiny_llama(vocab_size=96, hidden=48, layers=6, seed=7).save_pretrained(teacher_dir)
+    tiny_tokenizer(96).save_pretrained(teacher_dir)
+    base = {
+        "model": {"device": "cpu"},
+        "objective": {"kwargs": {"top_k": 16}},
+        "rollout": {"max_new_tokens": 8, "rollouts_per_prompt": 2},
+        "data": {"prompts": "mcq", "eval_prompts": 4},
+        "train": {"prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-3, "save_every": 0, "progress": False},
+    }
+    return Plan(str(teacher_dir), [Setting("mild", 4, 2), Setting("strong", 2, 2)], [0, 1], 4, 2, base)
+
+
+def _config(plan: Plan, out_dir: Path, overrides: list[str], **sections):
+    from tropd.train.config import load_config
+
+    data = yaml.safe_load(yaml.safe_dump(plan.base))
+    data.setdefault("model", {})["teacher"] = plan.teacher
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    data["train"]["output_dir"] = str(out_dir)
+    path = out_dir.parent / f"{out_dir.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path, overrides)
+
+
+def heal(plan: Plan, setting: Setting, work: Path) -> str:
+    """The fixed starting student of a setting: pruned teacher + supervised KD; returns its checkpoint path."""
+    from tropd.train.run import train_from_config
+
+    run = work / f"start-{setting.name}"
+    cfg = _config(plan, run, ["guidance.enabled=false", "data.eval_prompts=0"],
+                  model={"student_layers": setting.student_layers}, objective={"name": "sft", "kwargs": {}},
+                  train={"steps": setting.heal_steps, "seed": 1234})
+    summary = train_from_config(cfg, console=lambda *_: None)
+    return summary["checkpoint"]
+
+
+def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: str, kwargs: dict,
+               extra: list[str], seed: int, work: Path) -> dict:
+    from tropd.train.run import train_from_config
+    from tropd.train.tracking import read_metrics
+
+    run = work / setting.name / f"{label}-seed{seed}"
+    from tropd.objectives import objective_keywords
+
+    shared = {k: v for k, v in plan.base.get("objective", {}).get("kwargs", {}).items()
+              if k in objective_keywords(objective)}  # e.g. top_k only for objectives that read the top-k
+    objective_kwargs = {**shared, **kwargs}
+    cfg = _config(plan, run, extra, model={"student": start},
+                  objective={"name": objective, "kwargs": objective_kwargs},
+                  train={"steps": plan.steps, "seed": seed, "eval_every": plan.eval_every})
+    t0 = time.perf_counter()
+    summary = train_from_config(cfg, console=lambda *_: None)
+    records = read_metrics(run)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/teacher_text_nll" in r]
+    after = summary["eval_after"]
+    grad_norms = sorted(r["grad_norm"] for r in steps)
+    p99 = grad_norms[min(len(grad_norms) - 1, math.ceil(0.99 * len(grad_norms)) - 1)]
+    tail = steps[-3:]
+    entropy = sum(r.get("student_entropy", 0.0) for r in tail) / len(tail)
+    collapsed = (after["distinct_ratio"] < 0.5 * after["teacher_distinct_ratio"]) or entropy < 0.1
+    return {
+        "objective": objective, "method": label, "seed": seed, "setting": setting.name,
+        "student_layers": setting.student_layers,
+        "task_score": after.get("task_score"), "teacher_text_nll": after["teacher_text_nll"],
+        "distinct_ratio": after["distinct_ratio"], "teacher_distinct_ratio": after["teacher_distinct_ratio"],
+        "k1_rkl": sum(r.get("k1_rkl", 0.0) for r in tail) / len(tail), "grad_norm_p99": p99,
+        "entropy": entropy, "collapsed": bool(collapsed), "wall_time_s": round(time.perf_counter() - t0, 1),
+        "curves": {
+            "step": [r["step"] for r in steps],
+            "grad_norm": [r["grad_norm"] for r in steps],
+            "entropy": [r.get("student_entropy") for r in steps],
+            "trust_frac": [r.get("trust_frac") for r in steps],
+            "eval_step": [r["step"] for r in evals],
+            "teacher_text_nll": [r["eval/teacher_text_nll"] for r in evals],
+            "task_score": [r.get("eval/task_score") for r in evals],
+        },
+    }
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of its 95% t-interval (0 for a single value)."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, T975.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    out = []
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["setting"], r["method"]), []).append(r)
+    for (setting, method), rs in groups.items():
+        row = {"setting": setting, "method": method, "objective": rs[0]["objective"], "seeds": len(rs)}
+        for key, name in (("task_score", "score"), ("teacher_text_nll", "teacher_text_nll"), ("k1_rkl", "k1_rkl"),
+                          ("grad_norm_p99", "grad_norm_p99"), ("entropy", "entropy"),
+                          ("distinct_ratio", "distinct_ratio")):
+            vals = [r[key] for r in rs if r[key] is not None]
+            if vals:
+                row[f"{name}_mean"], row[f"{name}_ci95"] = mean_ci(vals)
+        row["collapsed"] = sum(r["collapsed"] for r in rs)
+        out.append(row)
+    return out
+
+
+def write_table(summary: list[dict], meta: dict, path: Path) -> None:
+    lines = [f"# Paper in miniature ({meta['mode']})", "",
+             f"Teacher `{meta['teacher']}`; {meta['steps']} steps per run; seeds {meta['seeds']}; "
+             f"measured wall time {meta['wall_time_s']:.0f} s on {meta['machine']}.", "",
+             f"Score = held-out task score ({meta['suite']}, greedy). Lower teacher-text NLL = closer to the teacher. "
+             f"Mean ± 95% CI over seeds. {COLLAPSE_RULE}.", ""]
+    for setting in dict.fromkeys(r["setting"] for r in summary):
+        rows = [r for r in summary if r["setting"] == setting]
+        lines += [f"## Setting `{setting}` (student layers: {meta['layers'][setting]})", "",
+                  "| method | score | teacher-text NLL | K1 rKL | grad-norm p99 | entropy | distinct | collapsed |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: r.get("teacher_text_nll_mean", 0.0)):
+            cell = lambda k: (f"{r[k + '_mean']:.3f} ± {r[k + '_ci95']:.3f}" if k + "_mean" in r else "n/a")  # noqa: E731
+            lines.append(f"| {r['method']} | {cell('score')} | {cell('teacher_text_nll')} | {cell('k1_rkl')} | "
+                         f"{cell('grad_norm_p99')} | {cell('entropy')} | {cell('distinct_ratio')} | "
+                         f"{r['collapsed']}/{r['seeds']} |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def plot(runs: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for setting in dict.fromkeys(r["setting"] for r in runs):
+        fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+        for method in dict.fromkeys(r["method"] for r in runs):
+            rs = [r for r in runs if r["setting"] == setting and r["method"] == method]
+            for ax, (xkey, ykey) in zip(axes, (("eval_step", "teacher_text_nll"), ("step", "grad_norm"),
+                                               ("step", "entropy"), ("step", "trust_frac"))):
+                series = [r["curves"][ykey] for r in rs]
+                if not series or any(v is None for s in series for v in s):
+                    continue
+                mean = [statistics.fmean(v) for v in zip(*series)]
+                ax.plot(rs[0]["curves"][xkey], mean, label=method)
+        for ax, title in zip(axes, ("held-out teacher-text NLL", "grad norm", "student entropy", "trust fraction")):
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=6)
+        fig.suptitle(f"setting {setting} (mean over seeds)")
+        fig.tight_layout()
+        name = f"paper_mini_{setting}.png"
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny random models, 2 seeds, a few steps (CI)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--methods", default=None, help="comma-separated subset of the method labels")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--workdir", default=None, help="where runs go (default: a temporary folder)")
+    args = p.parse_args(argv)
+
+    import platform
+
+    import torch
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="paper_mini_"))
+    plan = quick_plan(work) if args.quick else full_plan(args.seeds, args.steps)
+    if args.methods:
+        wanted = args.methods.split(",")
+        unknown = sorted(set(wanted) - {m[0] for m in METHODS})
+        if unknown:
+            p.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(m[0] for m in METHODS)}")
+        plan.methods = tuple(m for m in METHODS if m[0] in wanted)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    runs = []
+    for setting in plan.settings:
+        start = heal(plan, setting, work)
+        for label, objective, kwargs, extra in plan.methods:
+            for seed in plan.seeds:
+                r = run_method(plan, setting, start, label, objective, kwargs, extra, seed, work)
+                runs.append(r)
+                print(f"[{time.perf_counter() - t0:7.0f}s] {setting.name:6s} {label:14s} seed {seed}: "
+                      f"score={r['task_score']} nll={r['teacher_text_nll']:.3f} k1={r['k1_rkl']:.3f} "
+                      f"entropy={r['entropy']:.2f} collapsed={r['collapsed']}", flush=True)
+    summary = summarise(runs)
+    meta = {"mode": "quick" if args.quick else "full", "teacher": plan.teacher if not args.quick else "tiny random",
+            "steps": plan.steps, "seeds": plan.seeds, "suite": plan.base["data"]["prompts"],
+            "layers": {s.name: s.student_layers for s in plan.settings},
+            "heal_steps": {s.name: s.heal_steps for s in plan.settings},
+            "wall_time_s": time.perf_counter() - t0,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "collapse_criterion": COLLAPSE_RULE, "command": " ".join(["python benchmarks/paper_mini.py", *sys.argv[1:]])}
+    stem = "paper_mini_quick" if args.quick else "paper_mini"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=2))
+    write_table(summary, meta, out / f"{stem}.md")
+    if not args.quick:
+        meta["plots"] = plot(runs, out)
+    print((out / f"{stem}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
