@@ -127,8 +127,23 @@ def heal(plan: Plan, setting: Setting, work: Path) -> str:
     return summary["checkpoint"]
 
 
+def shared_eval(plan: Plan, work: Path):
+    """One held-out evaluation for every run: the teacher's reference answers are computed once."""
+    from tropd.eval.distill import DistillEval
+    from tropd.models import prepare_tokenizer
+    from tropd.tasks.encoding import encode_prompt
+    from tropd.train.prompts import prompts_for
+    from tropd.train.run import load_named_model
+
+    cfg = _config(plan, work / "eval-config", [])
+    teacher, tok = load_named_model(plan.teacher, device="cpu")
+    prepare_tokenizer(tok)
+    held_out = prompts_for(cfg.data.prompts, "test", 0)[: cfg.data.eval_prompts]
+    return DistillEval(teacher, tok, [encode_prompt(p, tok) for p in held_out], cfg.rollout.max_new_tokens, held_out)
+
+
 def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: str, kwargs: dict,
-               extra: list[str], seed: int, work: Path) -> dict:
+               extra: list[str], seed: int, work: Path, eval_fn) -> dict:
     from tropd.train.run import train_from_config
     from tropd.train.tracking import read_metrics
 
@@ -142,7 +157,7 @@ def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: 
                   objective={"name": objective, "kwargs": objective_kwargs},
                   train={"steps": plan.steps, "seed": seed, "eval_every": plan.eval_every})
     t0 = time.perf_counter()
-    summary = train_from_config(cfg, console=lambda *_: None)
+    summary = train_from_config(cfg, console=lambda *_: None, eval_fn=eval_fn)
     records = read_metrics(run)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval/teacher_text_nll" in r]
@@ -275,11 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     runs = []
+    evaluate = shared_eval(plan, work)
     for setting in plan.settings:
         start = heal(plan, setting, work)
         for label, objective, kwargs, extra in plan.methods:
             for seed in plan.seeds:
-                r = run_method(plan, setting, start, label, objective, kwargs, extra, seed, work)
+                r = run_method(plan, setting, start, label, objective, kwargs, extra, seed, work, evaluate)
                 runs.append(r)
                 print(f"[{time.perf_counter() - t0:7.0f}s] {setting.name:6s} {label:14s} seed {seed}: "
                       f"score={r['task_score']} nll={r['teacher_text_nll']:.3f} k1={r['k1_rkl']:.3f} "

@@ -177,3 +177,22 @@ def test_cli_two_step_smoke_run(tmp_path, teacher_dir, capsys):
     listed = capsys.readouterr().out
     for name in ("tropd", "opd", "gkd", "trb", "sft"):
         assert name in listed
+
+
+def test_train_on_user_file_with_graded_eval(tmp_path, teacher_dir):
+    """A user jsonl (plain, conversational and messages rows, with answers) trains and is graded at eval."""
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(12)]
+    rows += [{"prompt": [{"role": "user", "content": "Say 7."}], "answer": "7"},
+             {"messages": [{"role": "user", "content": "Say 8."}, {"role": "assistant", "content": "8"}],
+              "answer": "8"}]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = load_config(write_config(tmp_path, teacher_dir), [f"data.prompts={data}", "train.steps=1"])
+    summary = train_from_config(cfg, console=lambda *_: None)
+    assert 0.0 <= summary["eval_after"]["task_score"] <= 1.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "no prompt field"}) + "\n")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match="bad.jsonl.*2"):
+        train_from_config(load_config(write_config(tmp_path / "b", teacher_dir), [f"data.prompts={bad}"]),
+                          console=lambda *_: None)

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from tropd.eval.tasks_eval import generate, score_responses
 from tropd.forward import response_logits
 
 
@@ -30,29 +31,6 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
         ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
         mask[i, width - len(s):] = 1
     return ids, mask
-
-
-@torch.no_grad()
-def greedy_responses(model, prompt_ids: list[list[int]], tokenizer, max_new_tokens: int,
-                     batch_size: int = 8) -> list[list[int]]:
-    """Greedy responses (token ids, up to and including EOS) with transformers' ``generate``."""
-    device = next(model.parameters()).device
-    out: list[list[int]] = []
-    eos = tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[i:i + batch_size]
-        ids, mask = _left_pad(chunk, tokenizer.pad_token_id, device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None,
-                             temperature=None)
-        for row in gen[:, ids.shape[1]:].tolist():
-            if eos in row:
-                row = row[: row.index(eos) + 1]
-            out.append([t for t in row if t != tokenizer.pad_token_id or t == eos])
-    model.train(was_training)
-    return out
 
 
 @torch.no_grad()
@@ -83,14 +61,19 @@ class DistillEval:
     def __init__(self, teacher, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
                  prompts: list | None = None) -> None:
         self.tokenizer, self.prompt_ids, self.max_new_tokens = tokenizer, prompt_ids, max_new_tokens
-        self.graded = [p for p in (prompts or []) if getattr(p, "domain", None) and getattr(p, "reference", None)]
-        self.teacher_responses = greedy_responses(teacher, prompt_ids, tokenizer, max_new_tokens)
+        prompts = prompts or []
+        self.graded = [i for i, p in enumerate(prompts) if getattr(p, "domain", None) and getattr(p, "reference", None)]
+        self.examples = [prompts[i] if hasattr(prompts[i], "prompt") else prompts[i].to_example() for i in self.graded]
+        self.teacher_responses = self._greedy(teacher)
         self.teacher_distinct = sum(map(distinct_ratio, self.teacher_responses)) / max(len(prompt_ids), 1)
-        self.teacher_text = tokenizer.decode(self.teacher_responses[0], skip_special_tokens=True) if prompt_ids else ""
+
+    def _greedy(self, model) -> list[list[int]]:
+        return generate(model, self.tokenizer, self.prompt_ids, max_new_tokens=self.max_new_tokens,
+                        temperature=0.0)[0]
 
     def __call__(self, student) -> dict:
         nll = sequence_nll(student, self.prompt_ids, self.teacher_responses, self.tokenizer.pad_token_id)
-        responses = greedy_responses(student, self.prompt_ids, self.tokenizer, self.max_new_tokens)
+        responses = self._greedy(student)
         result = {
             "teacher_text_nll": nll,
             "teacher_text_ppl": math.exp(min(nll, 50.0)),
@@ -98,10 +81,8 @@ class DistillEval:
             "teacher_distinct_ratio": self.teacher_distinct,
             "sample": self.tokenizer.decode(responses[0], skip_special_tokens=True) if responses else "",
         }
-        if self.graded:  # the same computation as `tropd eval`, greedy, one sample per prompt
-            from tropd.eval.tasks_eval import evaluate_examples
-
-            examples = [p if hasattr(p, "prompt") else p.to_example() for p in self.graded]
-            result["task_score"] = evaluate_examples(student, self.tokenizer, examples, n=1, temperature=0.0,
-                                                     max_new_tokens=self.max_new_tokens, progress=False)["avg@n"]
+        if self.graded:  # graded like `tropd eval` (greedy, one sample per prompt)
+            texts = [self.tokenizer.decode(responses[i], skip_special_tokens=True) for i in self.graded]
+            owners = list(range(len(self.graded)))
+            result["task_score"] = score_responses(self.examples, owners, texts, n=1)["avg@n"]
         return result

@@ -17,48 +17,56 @@ from tropd.tasks import Example, get_suite, grade_batch, list_suites
 from tropd.tasks.encoding import encode_prompt
 
 
-def evaluate_examples(model, tokenizer, examples: list[Example], *, n: int, max_new_tokens: int,
-                      temperature: float, seed: int = 0, batch_size: int = 16,
-                      progress: bool = True, task: str = "task") -> dict:
-    """Sample ``n`` responses per example, grade them, and summarise.
-
-    Returns ``{"avg@n", "pass@1", "pass@n", "problems", "samples", "mean_response_tokens", "truncation_rate"}``.
-    ``temperature=0`` means greedy (then every sample is the same, and ``n`` should be 1).
-    """
+def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
+             seed: int = 0, batch_size: int = 16, desc: str | None = None) -> tuple[list[list[int]], list[bool]]:
+    """One response per prompt with the rollout sampler (``temperature=0``: greedy): token ids up to and
+    including EOS, and whether each hit ``max_new_tokens``."""
     eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
                          temperature=temperature)
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    prompt_ids = [encode_prompt(ex, tokenizer, chat_template=bool(getattr(tokenizer, "chat_template", None)))
-                  for ex in examples]
-    jobs = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(n)]
-    texts, owners, lengths, truncated = [], [], [], []
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    tokens, truncated = [], []
     bar = None
-    if progress:
+    if desc:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(jobs), desc=f"eval {task}", unit="sample", leave=False)
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        batch = sample(model, [ids for _, ids in chunk], cfg, generator=gen)
-        for row, (owner, _) in enumerate(chunk):
-            length = int(batch.response_lengths[row])
-            texts.append(tokenizer.decode(batch.tokens[row, :length].tolist(), skip_special_tokens=True))
-            owners.append(owner)
-            lengths.append(length)
+        bar = tqdm(total=len(prompt_ids), desc=desc, unit="sample", leave=False)
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = sample(model, prompt_ids[start:start + batch_size], cfg, generator=gen)
+        for row in range(batch.batch_size):
+            tokens.append(batch.tokens[row, : int(batch.response_lengths[row])].tolist())
             truncated.append(bool(batch.truncated[row]))
         if bar is not None:
-            bar.update(len(chunk))
+            bar.update(batch.batch_size)
     if bar is not None:
         bar.close()
+    return tokens, truncated
+
+
+def score_responses(examples: list[Example], owners: list[int], texts: list[str], n: int,
+                    task: str = "task") -> dict:
+    """Grade ``texts[i]`` (a response to ``examples[owners[i]]``) and summarise: avg@n, pass@1, pass@n."""
     scores = grade_batch([examples[o].domain for o in owners], texts, [examples[o].reference for o in owners])
     per_problem: dict[str, list[float]] = {}
     for o, s in zip(owners, scores):
         per_problem.setdefault(examples[o].id, []).append(float(s))
-    ks = sorted({1, n})
-    row = summarize({task: per_problem}, ks=ks)[task]
-    row["mean_response_tokens"] = sum(lengths) / max(len(lengths), 1)
+    return summarize({task: per_problem}, ks=sorted({1, n}))[task]
+
+
+def evaluate_examples(model, tokenizer, examples: list[Example], *, n: int, max_new_tokens: int,
+                      temperature: float, seed: int = 0, progress: bool = True, task: str = "task") -> dict:
+    """Sample ``n`` responses per example, grade them, and summarise.
+
+    Returns ``{"avg@n", "pass@1", "pass@n", "problems", "samples", "mean_response_tokens", "truncation_rate"}``.
+    """
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    owners = [i for i in range(len(examples)) for _ in range(n)]
+    prompt_ids = [encode_prompt(examples[o], tokenizer, chat_template=chat) for o in owners]
+    tokens, truncated = generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, seed=seed, desc=f"eval {task}" if progress else None)
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    row = score_responses(examples, owners, texts, n, task)
+    row["mean_response_tokens"] = sum(map(len, tokens)) / max(len(tokens), 1)
     row["truncation_rate"] = sum(truncated) / max(len(truncated), 1)
     return row
 

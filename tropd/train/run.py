@@ -25,7 +25,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load(path: str, dtype, device):
+def load_named_model(path: str, dtype=torch.float32, device="cpu"):
+    """``(model, tokenizer)`` from an HF folder, a .gguf file, or 'smollm2' (the embedded teacher)."""
     if path == "smollm2":
         path = str(smollm2_gguf_path())
     return load_causal_lm(path, dtype=dtype, device=device)
@@ -34,12 +35,12 @@ def _load(path: str, dtype, device):
 def build_models(cfg: RunConfig, resume_from: Path | None = None):
     """``(student, teacher, tokenizer)``: teacher frozen; the student loaded, derived by pruning, or resumed."""
     dtype, device = _DTYPES[cfg.model.dtype], resolve_device(cfg.model.device)
-    teacher, tok = _load(cfg.model.teacher, dtype, device)
+    teacher, tok = load_named_model(cfg.model.teacher, dtype, device)
     teacher.requires_grad_(False).eval()
     if resume_from is not None:
         student, student_tok = load_causal_lm(resume_from, dtype=dtype, device=device)
     elif cfg.model.student is not None:
-        student, student_tok = _load(cfg.model.student, dtype, device)
+        student, student_tok = load_named_model(cfg.model.student, dtype, device)
     else:
         student, student_tok = teacher, tok
         if cfg.model.student_layers is not None:
@@ -57,8 +58,11 @@ def build_models(cfg: RunConfig, resume_from: Path | None = None):
     return student, teacher, tok
 
 
-def train_from_config(cfg: RunConfig, resume: bool = False, console=print) -> dict:
-    """Train, write the run directory (metrics, checkpoints, report), and return a summary."""
+def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_fn=None) -> dict:
+    """Train, write the run directory (metrics, checkpoints, report), and return a summary.
+
+    ``eval_fn(student) -> dict`` replaces the default held-out evaluation (:class:`DistillEval`), e.g. to share
+    one precomputed evaluation between many runs."""
     run_dir = cfg.run_dir()
     found = latest_checkpoint(run_dir)
     if resume and found is None:
@@ -66,6 +70,9 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print) -> di
     if not resume and found is not None:
         raise FileExistsError(f"{run_dir} already holds a run (checkpoint {found.path.name}); continue it with "
                               "--resume, or choose another train.output_dir (--run-dir)")
+    data = cfg.data  # read the prompts first: a bad data file fails before any model loads
+    train_prompts = prompts_for(data.prompts, "train", cfg.train.seed, data.skip_bad_rows)
+    held_out = prompts_for(data.prompts, "test", cfg.train.seed, data.skip_bad_rows)[: data.eval_prompts]
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
     student, teacher, tok = build_models(cfg, found.path if found else None)
@@ -74,12 +81,8 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print) -> di
             f"params; student: {student.config.num_hidden_layers} layers, "
             f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params (loaded in {time.perf_counter() - t0:.0f}s)")
 
-    data = cfg.data
-    train_prompts = prompts_for(data.prompts, "train", cfg.train.seed, data.skip_bad_rows)
     prompt_ids = [encode_prompt(p, tok, data.chat_template) for p in train_prompts]
-    eval_fn = None
-    if data.eval_prompts:
-        held_out = prompts_for(data.prompts, "test", cfg.train.seed, data.skip_bad_rows)[: data.eval_prompts]
+    if eval_fn is None and held_out:
         eval_fn = DistillEval(teacher, tok, [encode_prompt(p, tok, data.chat_template) for p in held_out],
                               cfg.rollout.max_new_tokens, held_out)
     trainer = Trainer(cfg, student, teacher, tok, prompt_ids, run_dir, eval_fn=eval_fn, resume=resume)

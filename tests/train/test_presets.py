@@ -1,0 +1,19 @@
+"""Every preset shipped under tropd/configs loads and passes the cross-field checks."""
+
+from pathlib import Path
+
+import pytest
+
+from tropd.train.config import default_config_path, load_config
+
+PRESETS = sorted(default_config_path().parent.glob("*.yaml"))
+
+
+def test_presets_exist():
+    assert default_config_path() in PRESETS and len(PRESETS) >= 3
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: Path(p).stem)
+def test_preset_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.build_objective().name == cfg.objective.name
