@@ -17,20 +17,11 @@ import torch
 
 from tropd.eval.tasks_eval import generate, score_responses
 from tropd.forward import response_logits
+from tropd.rollout import left_pad
 
 
 def distinct_ratio(ids: list[int]) -> float:
     return len(set(ids)) / len(ids) if ids else 0.0
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long, device=device)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -41,7 +32,7 @@ def sequence_nll(model, prompt_ids: list[list[int]], responses: list[list[int]],
     total, count = 0.0, 0
     for i in range(0, len(prompt_ids), batch_size):
         prompts, resps = prompt_ids[i:i + batch_size], responses[i:i + batch_size]
-        ids_p, mask_p = _left_pad(prompts, pad_id, device)
+        ids_p, mask_p = left_pad(prompts, pad_id, device)
         width = max(1, max(len(r) for r in resps))
         ids_r = torch.full((len(resps), width), pad_id, dtype=torch.long, device=device)
         mask_r = torch.zeros_like(ids_r)

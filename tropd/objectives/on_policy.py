@@ -52,14 +52,18 @@ class OPD(_K1Objective):
         return terms.pg_k1(t["reward"], t["s"], t["behavior_logprobs"]), torch.zeros_like(x.loss_mask)
 
 
-@register("clip_outlier")
-class ClipOutlier(_K1Objective):
-    """Static reward floor: pg_k1(max(r, τ)), τ = log(0.2/0.8)."""
+class _StaticThreshold(_K1Objective):
+    """K1 objectives with a static reward threshold τ."""
 
     def __init__(self, tau: float = DEFAULT_TAU, chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
         self.tau = float(tau)
         self.needs = Needs()
+
+
+@register("clip_outlier")
+class ClipOutlier(_StaticThreshold):
+    """Static reward floor: pg_k1(max(r, τ)), τ = log(0.2/0.8)."""
 
     def student_loss(self, t, x):
         r = t["reward"]
@@ -72,13 +76,8 @@ class REOPOLD(ClipOutlier):
 
 
 @register("mask_outlier")
-class MaskOutlier(_K1Objective):
+class MaskOutlier(_StaticThreshold):
     """Static mask: 1[r > τ]·pg_k1(r), τ = log(0.2/0.8)."""
-
-    def __init__(self, tau: float = DEFAULT_TAU, chunk_size: int | None = None) -> None:
-        super().__init__(chunk_size)
-        self.tau = float(tau)
-        self.needs = Needs()
 
     def student_loss(self, t, x):
         r = t["reward"]

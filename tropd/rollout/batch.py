@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from tropd.forward import position_ids_from_mask
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,14 +39,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int,
         ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
         mask[i, width - len(p):] = 1
     return ids.to(device), mask.to(device)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token among the real tokens of its row: ``cumsum(mask) − 1``, clamped at 0 on padding.
-
-    Under left padding this gives every row the positions ``0, 1, 2, …`` it would have unpadded.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
