@@ -40,7 +40,6 @@ COLLAPSE_RULE = ("collapsed = greedy held-out distinct-token ratio < 0.5 x the t
 METHODS = (
     ("opd", "opd", {}, []),
     ("eopd", "eopd", {}, []),
-    ("reopold", "reopold", {}, []),
     ("clip_outlier", "clip_outlier", {}, []),
     ("mask_outlier", "mask_outlier", {}, []),
     ("fkl", "fkl", {}, []),
@@ -48,8 +47,11 @@ METHODS = (
     ("tropd", "tropd", {}, []),
     ("tropd_mask", "tropd", {"outlier": "mask"}, []),
     ("tropd_clip", "tropd", {"outlier": "clip"}, []),
-    ("tropd_noguide", "tropd", {}, ["guidance.enabled=false"]),
 )
+#: Methods that are the same computation as another (SPEC §3), so one run serves both rows: REOPOLD as run in
+#: the paper is clip_outlier's reward floor, and TrOPD without guidance is fkl_outlier. The registry keeps both
+#: names; tests pin that they give identical losses.
+ALIASES = {"reopold": "clip_outlier", "tropd_noguide": "fkl_outlier"}
 
 #: t_{0.975, n-1} for 95% confidence intervals of a mean over n seeds.
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
@@ -74,14 +76,16 @@ class Plan:
 
 
 def full_plan(seeds: int, steps: int) -> Plan:
+    """SmolLM2-135M-Instruct teacher; students of 24 ('mild') and 18 ('strong') of its 30 layers, each healed
+    by 10 steps of supervised KD; the embedded default's per-step budget and learning rate."""
     base = {
         "objective": {"kwargs": {}},
         "rollout": {"max_new_tokens": 32, "rollouts_per_prompt": 2},
-        "data": {"prompts": "mcq", "eval_prompts": 16},
-        "train": {"prompts_per_step": 4, "micro_batch_size": 8, "lr": 5e-5, "save_every": 0, "progress": False},
+        "data": {"prompts": "mcq", "eval_prompts": 8},
+        "train": {"prompts_per_step": 4, "micro_batch_size": 8, "lr": 1e-4, "save_every": 0, "progress": False},
     }
     return Plan("smollm2", [Setting("mild", 24, 10), Setting("strong", 18, 10)], list(range(seeds)), steps,
-                max(1, steps // 4), base)
+                max(1, steps // 2), base)
 
 
 def quick_plan(workdir: Path) -> Plan:
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny random models, 2 seeds, a few steps (CI)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--methods", default=None, help="comma-separated subset of the method labels")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--workdir", default=None, help="where runs go (default: a temporary folder)")
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="paper_mini_"))
     plan = quick_plan(work) if args.quick else full_plan(args.seeds, args.steps)
     if args.methods:
-        wanted = args.methods.split(",")
+        wanted = [ALIASES.get(m, m) for m in args.methods.split(",")]
         unknown = sorted(set(wanted) - {m[0] for m in METHODS})
         if unknown:
             p.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(m[0] for m in METHODS)}")
@@ -297,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in plan.seeds:
                 r = run_method(plan, setting, start, label, objective, kwargs, extra, seed, work, evaluate)
                 runs.append(r)
+                runs += [{**r, "method": alias, "objective": alias.split("_noguide")[0], "same_run_as": label}
+                         for alias, target in ALIASES.items() if target == label]
                 print(f"[{time.perf_counter() - t0:7.0f}s] {setting.name:6s} {label:14s} seed {seed}: "
                       f"score={r['task_score']} nll={r['teacher_text_nll']:.3f} k1={r['k1_rkl']:.3f} "
                       f"entropy={r['entropy']:.2f} collapsed={r['collapsed']}", flush=True)
