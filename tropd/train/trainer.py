@@ -11,7 +11,6 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -213,7 +212,3 @@ class Trainer:
             log.close()
         return result
 
-
-def with_overrides(cfg: RunConfig, **sections) -> RunConfig:
-    """A copy of ``cfg`` with some fields of some sections replaced, e.g. ``train={'steps': 2}``."""
-    return replace(cfg, **{name: replace(getattr(cfg, name), **values) for name, values in sections.items()})
