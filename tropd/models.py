@@ -146,6 +146,13 @@ def load_causal_lm(
     return model.to(device).eval(), tokenizer
 
 
+def quiet_progress_bars() -> None:
+    """Hide transformers' per-load/per-save progress bars (tropd shows its own)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def prepare_tokenizer(tok):
     """Give ``tok`` a pad token (its EOS token when it has none) and left padding, for batched generation.
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from tropd.eval.distill import DistillEval
-from tropd.models import check_models_compatible, load_causal_lm, prepare_tokenizer, prune_layers, smollm2_gguf_path
+from tropd.models import (check_models_compatible, load_causal_lm, prepare_tokenizer, prune_layers,
+                          quiet_progress_bars, smollm2_gguf_path)
 from tropd.train.checkpoint import latest_checkpoint
 from tropd.train.config import RunConfig
 from tropd.tasks.encoding import encode_prompt
@@ -58,13 +59,6 @@ def build_models(cfg: RunConfig, resume_from: Path | None = None):
     return student, teacher, tok
 
 
-def _quiet_transformers() -> None:
-    """tropd shows its own progress bar; transformers' per-load/per-save bars would bury it."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_fn=None) -> dict:
     """Train, write the run directory (metrics, checkpoints, report), and return a summary.
 
@@ -81,7 +75,7 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     train_prompts = prompts_for(data.prompts, "train", cfg.train.seed, data.skip_bad_rows)
     held_out = prompts_for(data.prompts, "test", cfg.train.seed, data.skip_bad_rows)[: data.eval_prompts]
     torch.manual_seed(cfg.train.seed)
-    _quiet_transformers()
+    quiet_progress_bars()
     t0 = time.perf_counter()
     student, teacher, tok = build_models(cfg, found.path if found else None)
     console(f"run directory: {run_dir.resolve()}")
