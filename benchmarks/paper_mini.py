@@ -2,6 +2,7 @@
 
     python benchmarks/paper_mini.py             # full: SmolLM2-135M teacher, 2 mismatch settings, 3 seeds
     python benchmarks/paper_mini.py --quick     # minutes: tiny random models, checks the pipeline end to end
+    python benchmarks/paper_mini.py --steps 100 --prompts-per-step 64 --max-new-tokens 512   # a GPU machine
 
 Protocol (identical for every method): for each mismatch setting, one fixed starting student is built once
 (the teacher with ``student_layers`` of its layers kept, then healed by ``heal_steps`` of supervised KD on
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny random models, 2 seeds, a few steps (CI)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--prompts-per-step", type=int, default=None, help="scale up on a GPU (full mode: 4)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="scale up on a GPU (full mode: 24)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the method labels")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--workdir", default=None, help="where runs go (default: a temporary folder)")
@@ -285,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="paper_mini_"))
     plan = quick_plan(work) if args.quick else full_plan(args.seeds, args.steps)
+    if args.prompts_per_step:
+        plan.base["train"]["prompts_per_step"] = args.prompts_per_step
+    if args.max_new_tokens:
+        plan.base["rollout"]["max_new_tokens"] = args.max_new_tokens
     if args.methods:
         wanted = [ALIASES.get(m, m) for m in args.methods.split(",")]
         unknown = sorted(set(wanted) - {m[0] for m in METHODS})
