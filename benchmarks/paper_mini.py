@@ -139,10 +139,10 @@ def shared_eval(plan: Plan, work: Path):
     from tropd.models import prepare_tokenizer
     from tropd.tasks.encoding import encode_prompt
     from tropd.train.prompts import prompts_for
-    from tropd.train.run import load_named_model
+    from tropd.train.run import load_named_model, resolve_device
 
     cfg = _config(plan, work / "eval-config", [])
-    teacher, tok = load_named_model(plan.teacher, device="cpu")
+    teacher, tok = load_named_model(plan.teacher, device=resolve_device(cfg.model.device))
     prepare_tokenizer(tok)
     held_out = prompts_for(cfg.data.prompts, "test", 0)[: cfg.data.eval_prompts]
     return DistillEval(teacher, tok, [encode_prompt(p, tok) for p in held_out], cfg.rollout.max_new_tokens, held_out)
