@@ -49,17 +49,15 @@ class Objective:
 
     def side_inputs(self, x: TokenInputs) -> dict[str, torch.Tensor]:
         """Per-position tensors ``row_fn`` reads: teacher quantities detached, masked-out positions sanitised."""
-        m = x.loss_mask
-        rows = {"tokens": torch.where(m, x.tokens, torch.zeros_like(x.tokens))}
+        pad = ~x.loss_mask
+        rows = {"tokens": x.tokens.masked_fill(pad, 0)}
         if "fkl_topk" in self.row_terms or "jsd_topk" in self.row_terms:
             x.require(self.name, "teacher_topk_ids", "teacher_topk_logprobs")
-            rows["topk_ids"] = torch.where(m[..., None], x.teacher_topk_ids, torch.zeros_like(x.teacher_topk_ids))
-            topk_lp = x.teacher_topk_logprobs.detach()
-            rows["topk_logprobs"] = torch.where(m[..., None], topk_lp, torch.zeros_like(topk_lp))
+            rows["topk_ids"] = x.teacher_topk_ids.masked_fill(pad[..., None], 0)
+            rows["topk_logprobs"] = x.teacher_topk_logprobs.detach().masked_fill(pad[..., None], 0.0)
         if self.needs.teacher_logits:
             x.require(self.name, "teacher_logits")
-            logits = x.teacher_logits.detach()
-            rows["teacher_logits"] = torch.where(m[..., None], logits, torch.zeros_like(logits))
+            rows["teacher_logits"] = x.teacher_logits.detach().masked_fill(pad[..., None], 0.0)
         return rows
 
     # -- stage 2 ---------------------------------------------------------------------------------------
