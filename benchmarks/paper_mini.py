@@ -150,11 +150,10 @@ def shared_eval(plan: Plan, work: Path):
 
 def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: str, kwargs: dict,
                extra: list[str], seed: int, work: Path, eval_fn) -> dict:
+    from tropd.objectives import objective_keywords
     from tropd.train.run import train_from_config
-    from tropd.train.tracking import read_metrics
 
     run = work / setting.name / f"{label}-seed{seed}"
-    from tropd.objectives import objective_keywords
 
     shared = {k: v for k, v in plan.base.get("objective", {}).get("kwargs", {}).items()
               if k in objective_keywords(objective)}  # e.g. top_k only for objectives that read the top-k
@@ -162,8 +161,15 @@ def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: 
     cfg = _config(plan, run, extra, model={"student": start},
                   objective={"name": objective, "kwargs": objective_kwargs},
                   train={"steps": plan.steps, "seed": seed, "eval_every": plan.eval_every})
-    t0 = time.perf_counter()
-    summary = train_from_config(cfg, console=lambda *_: None, eval_fn=eval_fn)
+    train_from_config(cfg, console=lambda *_: None, eval_fn=eval_fn)
+    return collect_run(run, objective, label, seed, setting)
+
+
+def collect_run(run: Path, objective: str, label: str, seed: int, setting: Setting) -> dict:
+    """One finished run's entry of ``runs``, read back from its ``summary.json`` and ``metrics.jsonl``."""
+    from tropd.train.tracking import read_metrics
+
+    summary = json.loads((run / "summary.json").read_text())
     records = read_metrics(run)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval/teacher_text_nll" in r]
@@ -179,7 +185,7 @@ def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: 
         "task_score": after.get("task_score"), "teacher_text_nll": after["teacher_text_nll"],
         "distinct_ratio": after["distinct_ratio"], "teacher_distinct_ratio": after["teacher_distinct_ratio"],
         "k1_rkl": sum(r.get("k1_rkl", 0.0) for r in tail) / len(tail), "grad_norm_p99": p99,
-        "entropy": entropy, "collapsed": bool(collapsed), "wall_time_s": round(time.perf_counter() - t0, 1),
+        "entropy": entropy, "collapsed": bool(collapsed), "wall_time_s": summary["wall_time_s"],
         "curves": {
             "step": [r["step"] for r in steps],
             "grad_norm": [r["grad_norm"] for r in steps],
@@ -221,7 +227,8 @@ def summarise(runs: list[dict]) -> list[dict]:
 def write_table(summary: list[dict], meta: dict, path: Path) -> None:
     lines = [f"# Paper in miniature ({meta['mode']})", "",
              f"Teacher `{meta['teacher']}`; {meta['steps']} steps per run; seeds {meta['seeds']}; "
-             f"measured wall time {meta['wall_time_s']:.0f} s on {meta['machine']}.", "",
+             f"{'sum of the runs' if meta.get('collected') else 'measured'} wall time {meta['wall_time_s']:.0f} s "
+             f"on {meta['machine']}.", "",
              f"Score = held-out task score ({meta['suite']}, greedy). Lower teacher-text NLL = closer to the teacher. "
              f"Mean ± 95% CI over seeds. {COLLAPSE_RULE}.", ""]
     for setting in dict.fromkeys(r["setting"] for r in summary):
@@ -280,12 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=None, help="comma-separated subset of the method labels")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--workdir", default=None, help="where runs go (default: a temporary folder)")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: rebuild the results from the finished runs under --workdir")
     args = p.parse_args(argv)
 
     import platform
 
     import torch
 
+    if args.collect and not args.workdir:
+        p.error("--collect needs --workdir (the folder of an earlier run)")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="paper_mini_"))
     plan = quick_plan(work) if args.quick else full_plan(args.seeds, args.steps)
     if args.prompts_per_step:
@@ -302,12 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     runs = []
-    evaluate = shared_eval(plan, work)
+    evaluate = None if args.collect else shared_eval(plan, work)
     for setting in plan.settings:
-        start = heal(plan, setting, work)
+        start = None if args.collect else heal(plan, setting, work)
         for label, objective, kwargs, extra in plan.methods:
             for seed in plan.seeds:
-                r = run_method(plan, setting, start, label, objective, kwargs, extra, seed, work, evaluate)
+                if args.collect:
+                    run = work / setting.name / f"{label}-seed{seed}"
+                    if not (run / "summary.json").is_file():
+                        continue
+                    r = collect_run(run, objective, label, seed, setting)
+                else:
+                    r = run_method(plan, setting, start, label, objective, kwargs, extra, seed, work, evaluate)
                 runs.append(r)
                 runs += [{**r, "method": alias, "objective": alias.split("_noguide")[0], "same_run_as": label}
                          for alias, target in ALIASES.items() if target == label]
@@ -319,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             "steps": plan.steps, "seeds": plan.seeds, "suite": plan.base["data"]["prompts"],
             "layers": {s.name: s.student_layers for s in plan.settings},
             "heal_steps": {s.name: s.heal_steps for s in plan.settings},
-            "wall_time_s": time.perf_counter() - t0,
+            "wall_time_s": sum(r["wall_time_s"] for r in runs) if args.collect else time.perf_counter() - t0,
+            "runs_found": len(runs), "collected": bool(args.collect),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "collapse_criterion": COLLAPSE_RULE, "command": " ".join(["python benchmarks/paper_mini.py", *sys.argv[1:]])}
     stem = "paper_mini_quick" if args.quick else "paper_mini"
