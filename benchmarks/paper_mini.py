@@ -253,17 +253,18 @@ def plot(runs: list[dict], out: Path) -> list[str]:
 
     files = []
     for setting in dict.fromkeys(r["setting"] for r in runs):
-        fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+        fig, axes = plt.subplots(1, 5, figsize=(22, 3.6))
         for method in dict.fromkeys(r["method"] for r in runs):
             rs = [r for r in runs if r["setting"] == setting and r["method"] == method]
-            for ax, (xkey, ykey) in zip(axes, (("eval_step", "teacher_text_nll"), ("step", "grad_norm"),
-                                               ("step", "entropy"), ("step", "trust_frac"))):
+            for ax, (xkey, ykey) in zip(axes, (("eval_step", "task_score"), ("eval_step", "teacher_text_nll"),
+                                               ("step", "grad_norm"), ("step", "entropy"), ("step", "trust_frac"))):
                 series = [r["curves"][ykey] for r in rs]
                 if not series or any(v is None for s in series for v in s):
                     continue
                 mean = [statistics.fmean(v) for v in zip(*series)]
                 ax.plot(rs[0]["curves"][xkey], mean, label=method)
-        for ax, title in zip(axes, ("held-out teacher-text NLL", "grad norm", "student entropy", "trust fraction")):
+        for ax, title in zip(axes, ("held-out task score", "held-out teacher-text NLL", "grad norm",
+                                    "student entropy", "trust fraction")):
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
@@ -341,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "collapse_criterion": COLLAPSE_RULE, "command": " ".join(["python benchmarks/paper_mini.py", *sys.argv[1:]])}
     stem = "paper_mini_quick" if args.quick else "paper_mini"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=2))
-    write_table(summary, meta, out / f"{stem}.md")
     if not args.quick:
         meta["plots"] = plot(runs, out)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": runs, "summary": summary}, indent=2))
+    write_table(summary, meta, out / f"{stem}.md")
     print((out / f"{stem}.md").read_text())
     return 0
 
