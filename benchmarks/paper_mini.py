@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -78,13 +79,13 @@ class Plan:
 
 def full_plan(seeds: int, steps: int) -> Plan:
     """SmolLM2-135M-Instruct teacher; students of 24 ('mild') and 18 ('strong') of its 30 layers, each healed
-    by 10 steps of supervised KD; the embedded default's prompts per step and learning rate, 24-token responses
-    (sized so that the 54 runs fit in about an hour on 2 CPU cores)."""
+    by 10 steps of supervised KD; 2 prompts x 2 rollouts per step, the embedded default's learning rate,
+    24-token responses (sized so that the 54 runs fit in about an hour on 2 CPU cores)."""
     base = {
         "objective": {"kwargs": {}},
         "rollout": {"max_new_tokens": 24, "rollouts_per_prompt": 2},
         "data": {"prompts": "mcq", "eval_prompts": 6},
-        "train": {"prompts_per_step": 4, "micro_batch_size": 8, "lr": 1e-4, "save_every": 0, "progress": False},
+        "train": {"prompts_per_step": 2, "micro_batch_size": 8, "lr": 1e-4, "save_every": 0, "progress": False},
     }
     return Plan("smollm2", [Setting("mild", 24, 10), Setting("strong", 18, 10)], list(range(seeds)), steps,
                 max(1, steps // 2), base)
@@ -126,6 +127,10 @@ def heal(plan: Plan, setting: Setting, work: Path) -> str:
     from tropd.train.run import train_from_config
 
     run = work / f"start-{setting.name}"
+    done = run / "summary.json"
+    if done.is_file():  # an earlier invocation with the same --workdir built it
+        return json.loads(done.read_text())["checkpoint"]
+    shutil.rmtree(run, ignore_errors=True)
     cfg = _config(plan, run, ["guidance.enabled=false", "data.eval_prompts=0"],
                   model={"student_layers": setting.student_layers}, objective={"name": "sft", "kwargs": {}},
                   train={"steps": setting.heal_steps, "seed": 1234})
@@ -149,11 +154,21 @@ def shared_eval(plan: Plan, work: Path):
 
 
 def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: str, kwargs: dict,
-               extra: list[str], seed: int, work: Path, eval_fn) -> dict:
+               extra: list[str], seed: int, work: Path, eval_fn, keep_checkpoints: bool = False) -> dict:
+    """Train one (method, seed) from the setting's start, or reuse its finished run under ``work``."""
+    run = work / setting.name / f"{label}-seed{seed}"
+    if not (run / "summary.json").is_file():
+        shutil.rmtree(run, ignore_errors=True)  # a run cut off earlier restarts; its seed makes it identical
+        _train_method(plan, start, run, objective, kwargs, extra, seed, eval_fn)
+    if not keep_checkpoints:  # ~1 GB per run for a 360M student; only the metrics are needed
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    return collect_run(run, objective, label, seed, setting)
+
+
+def _train_method(plan: Plan, start: str, run: Path, objective: str, kwargs: dict, extra: list[str], seed: int,
+                  eval_fn) -> None:
     from tropd.objectives import objective_keywords
     from tropd.train.run import train_from_config
-
-    run = work / setting.name / f"{label}-seed{seed}"
 
     shared = {k: v for k, v in plan.base.get("objective", {}).get("kwargs", {}).items()
               if k in objective_keywords(objective)}  # e.g. top_k only for objectives that read the top-k
@@ -162,7 +177,6 @@ def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: 
                   objective={"name": objective, "kwargs": objective_kwargs},
                   train={"steps": plan.steps, "seed": seed, "eval_every": plan.eval_every})
     train_from_config(cfg, console=lambda *_: None, eval_fn=eval_fn)
-    return collect_run(run, objective, label, seed, setting)
 
 
 def collect_run(run: Path, objective: str, label: str, seed: int, setting: Setting) -> dict:
@@ -173,7 +187,7 @@ def collect_run(run: Path, objective: str, label: str, seed: int, setting: Setti
     records = read_metrics(run)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval/teacher_text_nll" in r]
-    after = summary["eval_after"]
+    after, before = summary["eval_after"], summary["eval_before"]
     grad_norms = sorted(r["grad_norm"] for r in steps)
     p99 = grad_norms[min(len(grad_norms) - 1, math.ceil(0.99 * len(grad_norms)) - 1)]
     tail = steps[-3:]
@@ -186,6 +200,7 @@ def collect_run(run: Path, objective: str, label: str, seed: int, setting: Setti
         "distinct_ratio": after["distinct_ratio"], "teacher_distinct_ratio": after["teacher_distinct_ratio"],
         "k1_rkl": sum(r.get("k1_rkl", 0.0) for r in tail) / len(tail), "grad_norm_p99": p99,
         "entropy": entropy, "collapsed": bool(collapsed), "wall_time_s": summary["wall_time_s"],
+        "start": {k: before.get(k) for k in ("task_score", "teacher_text_nll", "distinct_ratio")},
         "curves": {
             "step": [r["step"] for r in steps],
             "grad_norm": [r["grad_norm"] for r in steps],
@@ -227,13 +242,17 @@ def summarise(runs: list[dict]) -> list[dict]:
 def write_table(summary: list[dict], meta: dict, path: Path) -> None:
     lines = [f"# Paper in miniature ({meta['mode']})", "",
              f"Teacher `{meta['teacher']}`; {meta['steps']} steps per run; seeds {meta['seeds']}; "
-             f"{'sum of the runs' if meta.get('collected') else 'measured'} wall time {meta['wall_time_s']:.0f} s "
-             f"on {meta['machine']}.", "",
+             f"training wall time {meta['wall_time_s']:.0f} s summed over the runs on {meta['machine']}.", "",
              f"Score = held-out task score ({meta['suite']}, greedy). Lower teacher-text NLL = closer to the teacher. "
-             f"Mean ± 95% CI over seeds. {COLLAPSE_RULE}.", ""]
+             f"Mean ± 95% CI over seeds. {COLLAPSE_RULE}. Command: `{meta['command']}`. "
+             "What the numbers do and do not show: docs/results.md §3.", ""]
     for setting in dict.fromkeys(r["setting"] for r in summary):
         rows = [r for r in summary if r["setting"] == setting]
+        start = meta["start"][setting]
         lines += [f"## Setting `{setting}` (student layers: {meta['layers'][setting]})", "",
+                  "The starting student, before any method trains: "
+                  + ", ".join(f"{k.replace('_', ' ')} {'n/a' if v is None else f'{v:.3f}'}" for k, v in start.items())
+                  + ".", "",
                   "| method | score | teacher-text NLL | K1 rKL | grad-norm p99 | entropy | distinct | collapsed |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: r.get("teacher_text_nll_mean", 0.0)):
@@ -254,20 +273,23 @@ def plot(runs: list[dict], out: Path) -> list[str]:
     files = []
     for setting in dict.fromkeys(r["setting"] for r in runs):
         fig, axes = plt.subplots(1, 5, figsize=(22, 3.6))
-        for method in dict.fromkeys(r["method"] for r in runs):
+        methods = dict.fromkeys(r["method"] for r in runs if "same_run_as" not in r)  # aliases: same curves
+        for i, method in enumerate(methods):
             rs = [r for r in runs if r["setting"] == setting and r["method"] == method]
+            style = {"color": plt.get_cmap("tab10")(i % 10), "lw": 2.0 if method.startswith("tropd") else 1.2}
             for ax, (xkey, ykey) in zip(axes, (("eval_step", "task_score"), ("eval_step", "teacher_text_nll"),
                                                ("step", "grad_norm"), ("step", "entropy"), ("step", "trust_frac"))):
                 series = [r["curves"][ykey] for r in rs]
                 if not series or any(v is None for s in series for v in s):
                     continue
                 mean = [statistics.fmean(v) for v in zip(*series)]
-                ax.plot(rs[0]["curves"][xkey], mean, label=method)
+                ax.plot(rs[0]["curves"][xkey], mean, label=method, **style)
         for ax, title in zip(axes, ("held-out task score", "held-out teacher-text NLL", "grad norm",
                                     "student entropy", "trust fraction")):
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
+        axes[2].set_yscale("log")
         axes[0].legend(fontsize=6)
         fig.suptitle(f"setting {setting} (mean over seeds)")
         fig.tight_layout()
@@ -283,11 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny random models, 2 seeds, a few steps (CI)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--prompts-per-step", type=int, default=None, help="scale up on a GPU (full mode: 4)")
+    p.add_argument("--prompts-per-step", type=int, default=None, help="scale up on a GPU (full mode: 2)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="scale up on a GPU (full mode: 24)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the method labels")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--workdir", default=None, help="where runs go (default: a temporary folder)")
+    p.add_argument("--workdir", default=None,
+                   help="where runs go (default: a temporary folder); finished runs found there are reused, "
+                        "so rerunning the same command after an interruption continues where it stopped")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each method run's final checkpoint (about 1 GB each in full mode)")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: rebuild the results from the finished runs under --workdir")
     args = p.parse_args(argv)
@@ -325,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     r = collect_run(run, objective, label, seed, setting)
                 else:
-                    r = run_method(plan, setting, start, label, objective, kwargs, extra, seed, work, evaluate)
+                    r = run_method(plan, setting, start, label, objective, kwargs, extra, seed, work, evaluate,
+                                   args.keep_checkpoints)
                 runs.append(r)
                 runs += [{**r, "method": alias, "objective": alias.split("_noguide")[0], "same_run_as": label}
                          for alias, target in ALIASES.items() if target == label]
@@ -337,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
             "steps": plan.steps, "seeds": plan.seeds, "suite": plan.base["data"]["prompts"],
             "layers": {s.name: s.student_layers for s in plan.settings},
             "heal_steps": {s.name: s.heal_steps for s in plan.settings},
-            "wall_time_s": sum(r["wall_time_s"] for r in runs) if args.collect else time.perf_counter() - t0,
+            "start": {r["setting"]: r["start"] for r in runs},  # same checkpoint and greedy eval in a setting
+            "wall_time_s": sum(r["wall_time_s"] for r in runs if "same_run_as" not in r),
+            "invocation_s": time.perf_counter() - t0,
             "runs_found": len(runs), "collected": bool(args.collect),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "collapse_criterion": COLLAPSE_RULE, "command": " ".join(["python benchmarks/paper_mini.py", *sys.argv[1:]])}
