@@ -336,6 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(m[0] for m in METHODS)}")
         plan.methods = tuple(m for m in METHODS if m[0] in wanted)
+    # Finished runs under --workdir are reused, so they must come from the same plan (seeds and methods aside).
+    fingerprint = {"teacher": plan.teacher, "settings": [vars(s) for s in plan.settings], "steps": plan.steps,
+                   "eval_every": plan.eval_every, "base": plan.base}
+    stamp = work / "plan.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != fingerprint:
+        p.error(f"--workdir {work} holds runs of a different plan (see {stamp}); use a new --workdir")
+    if not args.collect:
+        work.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(fingerprint, indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
