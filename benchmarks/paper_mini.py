@@ -2,6 +2,7 @@
 
     python benchmarks/paper_mini.py             # full: SmolLM2-135M teacher, 2 mismatch settings, 3 seeds
     python benchmarks/paper_mini.py --quick     # minutes: tiny random models, checks the pipeline end to end
+    python benchmarks/paper_mini.py --settings mild:24:10,strong:18:10,severe:12:10   # the mismatch knob
     python benchmarks/paper_mini.py --steps 100 --prompts-per-step 64 --max-new-tokens 512   # a GPU machine
 
 Protocol (identical for every method): for each mismatch setting, one fixed starting student is built once
@@ -75,6 +76,14 @@ class Plan:
     eval_every: int
     base: dict = field(default_factory=dict)
     methods: tuple = METHODS
+
+
+def parse_setting(spec: str, parser: argparse.ArgumentParser) -> Setting:
+    """``NAME:KEPT_LAYERS:HEAL_STEPS`` -> Setting; a malformed spec stops with an error naming it."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[0] or not all(x.isdigit() for x in parts[1:]) or int(parts[1]) < 1:
+        parser.error(f"--settings: {spec!r} is not NAME:KEPT_LAYERS:HEAL_STEPS (e.g. strong:18:10, layers >= 1)")
+    return Setting(parts[0], int(parts[1]), int(parts[2]))
 
 
 def full_plan(seeds: int, steps: int) -> Plan:
@@ -308,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts-per-step", type=int, default=None, help="scale up on a GPU (full mode: 2)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="scale up on a GPU (full mode: 24)")
     p.add_argument("--methods", default=None, help="comma-separated subset of the method labels")
+    p.add_argument("--settings", default=None,
+                   help="the mismatch knob: comma-separated NAME:KEPT_LAYERS:HEAL_STEPS, e.g. "
+                        "'mild:24:10,strong:18:10,severe:12:10' (full mode's default: the first two)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--workdir", default=None,
                    help="where runs go (default: a temporary folder); finished runs found there are reused, "
@@ -330,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.base["train"]["prompts_per_step"] = args.prompts_per_step
     if args.max_new_tokens:
         plan.base["rollout"]["max_new_tokens"] = args.max_new_tokens
+    if args.settings:
+        plan.settings = [parse_setting(spec, p) for spec in args.settings.split(",")]
     if args.methods:
         wanted = [ALIASES.get(m, m) for m in args.methods.split(",")]
         unknown = sorted(set(wanted) - {m[0] for m in METHODS})

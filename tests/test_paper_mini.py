@@ -37,3 +37,14 @@ def test_a_workdir_of_another_plan_is_refused(tmp_path, capsys):
         paper_mini.main(["--quick", "--collect", "--workdir", str(tmp_path), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "different plan" in capsys.readouterr().err
+
+
+def test_the_mismatch_knob_parses_and_rejects_bad_specs(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    assert paper_mini.parse_setting("severe:12:5", parser) == paper_mini.Setting("severe", 12, 5)
+    for bad in ("severe:12", "severe:x:5", ":12:5", "severe:0:5"):
+        with pytest.raises(SystemExit):
+            paper_mini.parse_setting(bad, parser)
+        assert "NAME:KEPT_LAYERS:HEAL_STEPS" in capsys.readouterr().err
