@@ -163,13 +163,18 @@ def shared_eval(plan: Plan, work: Path):
 
 
 def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: str, kwargs: dict,
-               extra: list[str], seed: int, work: Path, eval_fn, keep_checkpoints: bool = False) -> dict:
-    """Train one (method, seed) from the setting's start, or reuse its finished run under ``work``."""
+               extra: list[str], seed: int, work: Path, eval_fn, keep_checkpoints: bool = False,
+               collect_only: bool = False) -> dict | None:
+    """Train one (method, seed) from the setting's start, or reuse its finished run under ``work``.
+
+    With ``collect_only`` nothing is trained or deleted: a run not finished under ``work`` gives None."""
     run = work / setting.name / f"{label}-seed{seed}"
     if not (run / "summary.json").is_file():
+        if collect_only:
+            return None
         shutil.rmtree(run, ignore_errors=True)  # a run cut off earlier restarts; its seed makes it identical
         _train_method(plan, start, run, objective, kwargs, extra, seed, eval_fn)
-    if not keep_checkpoints:  # ~1 GB per run for a 360M student; only the metrics are needed
+    if not (keep_checkpoints or collect_only):  # ~1 GB per run for a 360M student; only the metrics are needed
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return collect_run(run, objective, label, seed, setting)
 
@@ -368,14 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         start = None if args.collect else heal(plan, setting, work)
         for label, objective, kwargs, extra in plan.methods:
             for seed in plan.seeds:
-                if args.collect:
-                    run = work / setting.name / f"{label}-seed{seed}"
-                    if not (run / "summary.json").is_file():
-                        continue
-                    r = collect_run(run, objective, label, seed, setting)
-                else:
-                    r = run_method(plan, setting, start, label, objective, kwargs, extra, seed, work, evaluate,
-                                   args.keep_checkpoints)
+                r = run_method(plan, setting, start, label, objective, kwargs, extra, seed, work, evaluate,
+                               args.keep_checkpoints, args.collect)
+                if r is None:
+                    continue
                 runs.append(r)
                 runs += [{**r, "method": alias, "objective": alias.split("_noguide")[0], "same_run_as": label}
                          for alias, target in ALIASES.items() if target == label]

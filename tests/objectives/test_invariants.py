@@ -244,6 +244,13 @@ def _split_config(cfg):
     return True
 
 
+def micro_batch(x: TokenInputs, logits: torch.Tensor, rows: slice) -> TokenInputs:
+    """Rows ``rows`` of every tensor field of ``x``, with ``logits[rows]`` as the student logits."""
+    fields = {f.name: getattr(x, f.name) for f in dataclasses.fields(x) if f.name != "student_logits"}
+    return TokenInputs(**{k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in fields.items()},
+                       student_logits=logits[rows])
+
+
 @pytest.mark.parametrize("cfg", [c for c in CORE_CONFIGS if _split_config(c)], ids=config_id)
 def test_inv5_micro_batches_match_one_batch(cfg):
     name, kw, extra = cfg
@@ -257,13 +264,7 @@ def test_inv5_micro_batches_match_one_batch(cfg):
     total = 0.0
     tls = []
     for i in range(0, 8, 2):
-        sl = slice(i, i + 2)
-        part = TokenInputs(**{
-            f.name: (getattr(x, f.name)[sl] if isinstance(getattr(x, f.name), torch.Tensor) else getattr(x, f.name))
-            for f in dataclasses.fields(x)
-            if f.name != "student_logits"
-        }, student_logits=leaf[sl])
-        out = obj(part, num_tokens=n_global)
+        out = obj(micro_batch(x, leaf, slice(i, i + 2)), num_tokens=n_global)
         out.loss.backward()
         total += float(out.loss.detach())
         tls.append(out.token_losses.detach())
@@ -284,13 +285,7 @@ def test_inv5_batch_quantile_objectives(cfg):
     leaf = x.student_logits.detach().clone().requires_grad_(True)
     obj = build(name, kw, 4)
     for i in range(0, 8, 2):
-        sl = slice(i, i + 2)
-        part = TokenInputs(**{
-            f.name: (getattr(x, f.name)[sl] if isinstance(getattr(x, f.name), torch.Tensor) else getattr(x, f.name))
-            for f in dataclasses.fields(x)
-            if f.name != "student_logits"
-        }, student_logits=leaf[sl])
-        obj(part, num_tokens=n_global).loss.backward()
+        obj(micro_batch(x, leaf, slice(i, i + 2)), num_tokens=n_global).loss.backward()
     assert_close(leaf.grad, g_full, rtol=1e-9, atol=1e-12)
 
 
