@@ -7,6 +7,8 @@ prompts that carry a grading reference, so training-time and standalone scores a
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -73,7 +75,11 @@ def evaluate_examples(model, tokenizer, examples: list[Example], *, n: int, max_
 
 def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_new_tokens: int = 256,
              temperature: float = 0.7, seed: int = 0, json_path: str | None = None, console=print) -> dict:
-    """``tropd eval``: load ``model``, score it on each suite's test split, print a table, optionally write JSON."""
+    """``tropd eval``: load ``model``, score it on each suite's test split, print a table, optionally write JSON.
+
+    Results are kept as suites finish: a line per suite is printed, and ``json_path`` is rewritten (atomically)
+    after each one with the suites done so far (``"complete": false`` until the last), so an interrupted or
+    failed evaluation keeps what finished."""
     unknown = [t for t in tasks if t not in list_suites()]
     if unknown:
         raise ValueError(f"--tasks: unknown suite(s) {', '.join(unknown)}; available: {', '.join(list_suites())}")
@@ -85,12 +91,31 @@ def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_n
     path = str(smollm2_gguf_path()) if model == "smollm2" else model
     lm, tok = load_causal_lm(path)
     prepare_tokenizer(tok)
-    results = {}
-    for task in tasks:
-        examples = get_suite(task).examples("test", limit, seed)
-        results[task] = evaluate_examples(lm, tok, examples, n=n, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, seed=seed, task=task)
     ks = sorted({1, n})
+    results: dict[str, dict] = {}
+    payload = {"model": model, "n": n, "limit": limit, "temperature": temperature,
+               "max_new_tokens": max_new_tokens, "seed": seed, "requested_tasks": list(tasks), "complete": False,
+               "tasks": results}
+    try:
+        for i, task in enumerate(tasks, 1):
+            t0 = time.perf_counter()
+            examples = get_suite(task).examples("test", limit, seed)
+            r = evaluate_examples(lm, tok, examples, n=n, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, seed=seed, task=task)
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            results[task] = r
+            payload["complete"] = i == len(tasks)
+            if json_path:
+                write_json_atomic(json_path, payload)
+            scores = " ".join(f"{k}={r[k]:.3f}" for k in ("avg@n", *[f"pass@{k}" for k in ks]))
+            console(f"[{i}/{len(tasks)}] {task}: {scores} ({int(r['problems'])} problems, "
+                    f"{r['mean_response_tokens']:.1f} mean tokens, {r['truncation_rate']:.2f} truncated, "
+                    f"{r['wall_s']:.0f}s)")
+    except BaseException:  # interrupted or failed: say what was kept, then let the caller report the error
+        if json_path and results:
+            console(f"stopped after {len(results)} of {len(tasks)} suites; {json_path} holds "
+                    f"{', '.join(results)}")
+        raise
     header = ["task", "avg@n", *[f"pass@{k}" for k in ks], "problems", "mean tokens", "truncated"]
     console(f"\nmodel: {model}  (n={n}, temperature={temperature}, max_new_tokens={max_new_tokens})")
     console("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -98,10 +123,19 @@ def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_n
         cells = [task, f"{r['avg@n']:.3f}", *[f"{r[f'pass@{k}']:.3f}" for k in ks], f"{int(r['problems'])}",
                  f"{r['mean_response_tokens']:.1f}", f"{r['truncation_rate']:.2f}"]
         console("| " + " | ".join(cells) + " |")
-    payload = {"model": model, "n": n, "limit": limit, "temperature": temperature,
-               "max_new_tokens": max_new_tokens, "seed": seed, "tasks": results}
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(payload, indent=2))
         console(f"wrote {json_path}")
     return payload
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` through a temporary file and ``os.replace``: a reader (or a crash) never
+    sees a half-written file, only the previous version or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
