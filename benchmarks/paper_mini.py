@@ -9,7 +9,7 @@ Protocol (identical for every method): for each mismatch setting, one fixed star
 (the teacher with ``student_layers`` of its layers kept, then healed by ``heal_steps`` of supervised KD on
 teacher answers); every method then trains from that same checkpoint for the same number of steps, prompts,
 rollouts, tokens and learning rate, for each seed, on the train split of the task suite, and is evaluated on
-its held-out split. No method gets method-specific tuning: all use the objectives' SPEC defaults.
+its held-out split. No method gets method-specific tuning: all use the objectives' defaults (docs/method.md §5).
 
 Writes ``<out>/paper_mini.json`` (``runs`` and ``summary``), ``<out>/paper_mini.md`` (the table) and
 ``<out>/paper_mini_<setting>.png`` (curves over steps per method).
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 COLLAPSE_RULE = ("collapsed = greedy held-out distinct-token ratio < 0.5 x the teacher's, "
                  "or final student sampling entropy < 0.1 nats")
 
-#: (label, objective, objective kwargs, extra overrides). Defaults of every objective are SPEC §5's.
+#: (label, objective, objective kwargs, extra overrides). Defaults of every objective are docs/method.md §5's.
 METHODS = (
     ("opd", "opd", {}, []),
     ("eopd", "eopd", {}, []),
@@ -51,7 +51,7 @@ METHODS = (
     ("tropd_mask", "tropd", {"outlier": "mask"}, []),
     ("tropd_clip", "tropd", {"outlier": "clip"}, []),
 )
-#: Methods that are the same computation as another (SPEC §3), so one run serves both rows: REOPOLD as run in
+#: Methods that are the same computation as another (docs/method.md §3), so one run serves both rows: REOPOLD as run in
 #: the paper is clip_outlier's reward floor, and TrOPD without guidance is fkl_outlier. The registry keeps both
 #: names; tests pin that they give identical losses.
 ALIASES = {"reopold": "clip_outlier", "tropd_noguide": "fkl_outlier"}

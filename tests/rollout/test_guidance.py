@@ -1,4 +1,4 @@
-"""Teacher-prefix guidance (SPEC §4.2): cap schedule, tagging, sources of tokens and log-probs, teacher gating."""
+"""Teacher-prefix guidance (docs/method.md §4.2): cap schedule, tagging, sources of tokens and log-probs, teacher gating."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TRB blending (SPEC §4.3, invariant §6.6): β* solver, KL monotonicity, budget schedule, blended decoding."""
+"""TRB blending (docs/method.md §4.3, invariant §6.6): β* solver, KL monotonicity, budget schedule, blended decoding."""
 
 from __future__ import annotations
 

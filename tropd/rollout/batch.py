@@ -77,7 +77,7 @@ class RolloutBatch:
             the token was drawn from (after temperature and top-p, or the TRB blend; the teacher's own for
             teacher-written tokens); 0 on padding.
         loss_mask: ``[B, T]`` bool: response tokens up to and including EOS.
-        teacher_token_mask: ``[B, T]`` bool: teacher-written guidance-prefix positions (SPEC §4.2; every response
+        teacher_token_mask: ``[B, T]`` bool: teacher-written guidance-prefix positions (docs/method.md §4.2; every response
             position of a ``"teacher"`` rollout). Subset of ``loss_mask``.
         eos: ``[B]`` bool: the response ended with an EOS token.
         truncated: ``[B]`` bool: the response hit ``max_new_tokens`` without EOS.
@@ -194,7 +194,7 @@ SUMMED_INFO = frozenset({"teacher_generated_tokens"})
 
 
 def rollout_stats(batches: RolloutBatch | Sequence[RolloutBatch]) -> dict[str, float]:
-    """Scalar rollout statistics for logging (SPEC §7), over one batch or all micro-batches of a step.
+    """Scalar rollout statistics for logging (docs/method.md §7), over one batch or all micro-batches of a step.
 
     Keys (rates and means over all rows / tokens of all the batches):
         ``response_len_mean``: mean response length in tokens (teacher prefix included);

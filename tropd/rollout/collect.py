@@ -3,8 +3,8 @@
 | ``needs.rollout`` | ``needs.guidance`` | sampler |
 |---|---|---|
 | ``"student"`` | False, or guidance disabled | :func:`~tropd.rollout.sampling.sample` (plain on-policy) |
-| ``"student"`` | True and enabled | :func:`~tropd.rollout.guidance.sample_with_guidance` (SPEC §4.2) |
-| ``"trb_blend"`` | False | :func:`~tropd.rollout.trb.sample_trb` with ``ε = trb_budget(step)`` (SPEC §4.3) |
+| ``"student"`` | True and enabled | :func:`~tropd.rollout.guidance.sample_with_guidance` (docs/method.md §4.2) |
+| ``"trb_blend"`` | False | :func:`~tropd.rollout.trb.sample_trb` with ``ε = trb_budget(step)`` (docs/method.md §4.3) |
 | ``"gkd_mixed"`` | False | :func:`~tropd.rollout.gkd.sample_gkd_mixed` with λ = ``gkd_lambda`` |
 | ``"teacher"`` | False | :func:`~tropd.rollout.sampling.sample_teacher` (supervised KD on teacher text) |
 

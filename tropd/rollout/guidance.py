@@ -1,4 +1,4 @@
-"""Off-policy guidance (SPEC §4.2): rollouts that start with a teacher-written prefix the student continues.
+"""Off-policy guidance (docs/method.md §4.2): rollouts that start with a teacher-written prefix the student continues.
 
 Cap schedule (cosine from the full budget to 0 over ``T_anneal`` steps)::
 
@@ -39,7 +39,7 @@ from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """Teacher-prefix guidance settings (SPEC §4.2).
+    """Teacher-prefix guidance settings (docs/method.md §4.2).
 
     Attributes:
         enabled: add teacher prefixes when the objective asks for guidance (False: plain student rollouts).

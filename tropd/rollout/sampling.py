@@ -294,7 +294,7 @@ def rows_from_decode(out: DecodeOutput) -> list[RolloutRow]:
 
 def sample(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
            generator: torch.Generator | None = None) -> RolloutBatch:
-    """Plain on-policy rollouts: ``model`` samples one response per prompt (SPEC §1, source ``student``)."""
+    """Plain on-policy rollouts: ``model`` samples one response per prompt (docs/method.md §1, source ``student``)."""
     rows = sample_rows(model, prompts, cfg, generator=generator)
     return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, device=model_device(model))
 

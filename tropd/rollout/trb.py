@@ -1,4 +1,4 @@
-"""TRB behaviour blending (SPEC §4.3): warm-up rollouts from a KL-trust-region blend of student and teacher.
+"""TRB behaviour blending (docs/method.md §4.3): warm-up rollouts from a KL-trust-region blend of student and teacher.
 
 Geometric blend, for log-probs ``s = log π_S`` and ``t = log π_T`` over one vocabulary::
 
@@ -42,7 +42,7 @@ from tropd.rollout.sampling import (
 
 @dataclass(frozen=True)
 class TRBConfig:
-    """TRB warm-up blending settings (SPEC §4.3).
+    """TRB warm-up blending settings (docs/method.md §4.3).
 
     Attributes:
         eps0: ε_0, the KL budget ``KL(μ_β‖π_S)`` per decoding step at training step 0.
