@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import struct
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,21 +163,46 @@ class _FakeTokenizerLoader:
         return tiny_tokenizer()
 
 
-def test_gguf_cache_is_written_once_atomically_and_refreshed(tmp_path, monkeypatch):
+def gguf_bytes(values: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0), arch: bytes = b"llama") -> bytes:
+    """A small well-formed GGUF v3 file: three metadata keys (one a string array) and one float32 tensor."""
+
+    def string(b: bytes) -> bytes:
+        return struct.pack("<Q", len(b)) + b
+
+    kv = [string(b"general.architecture") + struct.pack("<I", 8) + string(arch),
+          string(b"general.alignment") + struct.pack("<II", 4, 32),
+          string(b"tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 3) + string(b"a") + string(b"b") + string(b"c")]
+    tensor = string(b"t") + struct.pack("<IQ", 1, len(values)) + struct.pack("<IQ", 0, 0)
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, len(kv)) + b"".join(kv) + tensor
+    return head + b"\0" * (-len(head) % 32) + struct.pack(f"<{len(values)}f", *values)
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """Fake GGUF conversion (counted in ``_FakeGGUFLoader.calls``) with the cache under ``tmp_path/cache``."""
     monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "_RealAutoTokenizer", models.AutoTokenizer, raising=False)
     monkeypatch.setattr(models, "AutoModelForCausalLM", _FakeGGUFLoader)
     monkeypatch.setattr(models, "AutoTokenizer", _FakeTokenizerLoader)
     _FakeGGUFLoader.calls = 0
+    return tmp_path / "cache"
+
+
+def _entries(cache) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if p.name != ".sources")
+
+
+def test_gguf_cache_is_written_once_atomically_and_refreshed(tmp_path, fake_gguf):
     gguf = tmp_path / "src" / "Tiny.Q4.gguf"
     gguf.parent.mkdir()
-    gguf.write_bytes(b"v1")
+    gguf.write_bytes(gguf_bytes((1.0,)))
 
     first, tok = load_causal_lm(gguf)
-    folder = tmp_path / "cache" / "Tiny.Q4"
+    folder = models.gguf_cache_folder(gguf)
+    assert folder.parent == fake_gguf and folder.name.startswith("Tiny.Q4-") and len(folder.name) == len("Tiny.Q4-") + 12
     assert _FakeGGUFLoader.calls == 1 and (folder / "config.json").is_file()
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["Tiny.Q4"], "no temporary folders left behind"
+    assert _entries(fake_gguf) == [folder.name], "no temporary folders left behind"
     second, _ = load_causal_lm(gguf.parent, gguf_file=gguf.name)
     assert _FakeGGUFLoader.calls == 1, "second load must come from the cache"
     ids = torch.tensor([[2, 8, 9]])
@@ -182,10 +210,87 @@ def test_gguf_cache_is_written_once_atomically_and_refreshed(tmp_path, monkeypat
         torch.testing.assert_close(first(ids).logits, second(ids).logits, rtol=0, atol=0)
     assert tok.get_vocab() == tiny_tokenizer().get_vocab()
 
-    gguf.write_bytes(b"v2, a different file")  # same name, new content: convert again
+    gguf.write_bytes(gguf_bytes((2.0, 3.0)))  # same name, new content: convert again, into a new folder
     load_causal_lm(gguf)
     assert _FakeGGUFLoader.calls == 2
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["Tiny.Q4"]
+    assert models.gguf_cache_folder(gguf) != folder
+    assert _entries(fake_gguf) == sorted([folder.name, models.gguf_cache_folder(gguf).name])  # old one left
+
+
+def test_gguf_sources_with_one_name_get_their_own_cache_folders(tmp_path, fake_gguf):
+    """Two installs (two venvs) holding GGUFs of the same name no longer overwrite each other's conversion."""
+    a, b = tmp_path / "venv-a" / "Tiny.gguf", tmp_path / "venv-b" / "Tiny.gguf"
+    for path, values in ((a, (1.0,)), (b, (2.0,))):
+        path.parent.mkdir()
+        path.write_bytes(gguf_bytes(values))
+    load_causal_lm(a)
+    folder_a = models.gguf_cache_folder(a)
+    converted_at = (folder_a / "model.safetensors").stat().st_mtime_ns
+    load_causal_lm(b)
+    assert _FakeGGUFLoader.calls == 2 and models.gguf_cache_folder(b) != folder_a
+    for _ in range(2):
+        load_causal_lm(a)
+        load_causal_lm(b)
+    assert _FakeGGUFLoader.calls == 2, "alternate loads must not convert again"
+    assert (folder_a / "model.safetensors").stat().st_mtime_ns == converted_at
+    assert _entries(fake_gguf) == sorted([folder_a.name, models.gguf_cache_folder(b).name])
+
+    same = tmp_path / "venv-c" / "Tiny.gguf"  # a copy of a's file elsewhere: shares a's conversion
+    same.parent.mkdir()
+    same.write_bytes(a.read_bytes())
+    load_causal_lm(same)
+    assert _FakeGGUFLoader.calls == 2 and models.gguf_cache_folder(same) == folder_a
+
+
+def test_gguf_cache_hashes_a_file_once_per_version(tmp_path, fake_gguf, monkeypatch):
+    hashed = []
+    real_sha256 = models._sha256
+    monkeypatch.setattr(models, "_sha256", lambda path: hashed.append(path) or real_sha256(path))
+    gguf = tmp_path / "Tiny.gguf"
+    gguf.write_bytes(gguf_bytes())
+    load_causal_lm(gguf)
+    load_causal_lm(gguf)
+    assert len(hashed) == 1, "a cached load identifies the file by its stat, without reading it"
+    os.utime(gguf, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched, same content: re-hashed, not converted
+    load_causal_lm(gguf)
+    assert len(hashed) == 2 and _FakeGGUFLoader.calls == 1
+
+
+def test_damaged_gguf_cache_entry_is_converted_again(tmp_path, fake_gguf):
+    gguf = tmp_path / "Tiny.gguf"
+    gguf.write_bytes(gguf_bytes())
+    load_causal_lm(gguf)
+    weights = models.gguf_cache_folder(gguf) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="model.safetensors is truncated"):
+        load_causal_lm(gguf)
+    assert _FakeGGUFLoader.calls == 2 and _entries(fake_gguf) == [weights.parent.name]
+    models.check_model_folder(weights.parent)
+
+
+@pytest.mark.parametrize("cut", ["garbage", "junk", "header", "data", "unconvertible"])
+def test_bad_gguf_is_one_line_naming_the_file_and_leaves_no_cache_entry(tmp_path, monkeypatch, cut):
+    monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
+    good = gguf_bytes()
+    content = {
+        "garbage": bytes(range(256)) * 4,
+        "junk": b"GGUF" + bytes(range(7, 250)) * 3,  # the magic, then no GGUF header
+        "header": good[:60],  # cut inside the metadata
+        "data": good[:-4],  # cut inside the tensor data
+        "unconvertible": good,  # well-formed, but transformers cannot build a model from it
+    }[cut]
+    gguf = tmp_path / "src" / "Broken.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_causal_lm(gguf)
+    message = str(info.value)
+    assert str(gguf) in message and "\n" not in message
+    expected = {"garbage": "not a GGUF file", "junk": "corrupt", "header": "truncated", "data": "truncated",
+                "unconvertible": "cannot convert the GGUF file"}[cut]
+    assert expected in message
+    cache = tmp_path / "cache"
+    assert not cache.exists() or _entries(cache) == [], "no half-written cache entry"
 
 
 def test_smollm2_path_error_says_how_to_install(monkeypatch):
@@ -295,7 +400,8 @@ def test_smollm2_gguf_through_cache():
     start = time.perf_counter()
     again, tok2 = load_causal_lm(path.parent, gguf_file=path.name)
     assert time.perf_counter() - start < 10, "a cached load should take about a second"
-    folder = models.cache_dir() / path.stem
+    folder = models.gguf_cache_folder(path)
+    assert Path(model.name_or_path) == folder
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
     assert logits_vocab_size(model) == 49152 and len(tok) == 49152
