@@ -188,3 +188,85 @@ def test_render_without_a_chat_template() -> None:
     assert "PlainTokenizer" in str(info.value)
     with pytest.raises(ValueError, match="required"):
         render_prompt("text", PlainTokenizer(), require_chat_template=True)
+
+
+# ---------------------------------------------------------------------------------- encodings, damaged files
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_non_utf8_jsonl_names_the_file_and_line(tmp_path: Path, on_error: str) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "caf\xe9"}\n{"prompt": "d"}\n')
+    with pytest.raises(DataFormatError) as info:
+        load_prompts(path, on_error=on_error)  # type: ignore[arg-type]
+    error = info.value
+    assert error.line == 3 and error.field == "<encoding>"
+    message = str(error)
+    assert f"{path}:line 3" in message and "0xe9" in message and "column 16" in message
+    assert "byte offset 47" in message and "re-encode the file as UTF-8" in message and "\n" not in message
+
+
+def test_non_utf8_far_into_a_jsonl_file(tmp_path: Path) -> None:
+    """The reader decodes in blocks: the line is still the right one past the first block."""
+    path = tmp_path / "long.jsonl"
+    lines = [json.dumps({"prompt": f"question {i} " + "x" * 50}).encode() for i in range(500)]
+    lines[400] = b'{"prompt": "na\xefve"}'
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataFormatError) as info:
+        load_prompts(path)
+    assert info.value.line == 401 and f"{path}:line 401" in str(info.value)
+
+
+def test_non_utf8_json_array_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[\n  {"prompt": "a"},\n  {"prompt": "b"},\n  {"prompt": "caf\xe9"}\n]')
+    with pytest.raises(DataFormatError) as info:
+        load_prompts(path)
+    assert info.value.line == 4 and info.value.field == "<encoding>"
+    assert f"{path}:line 4" in str(info.value) and "re-encode" in str(info.value)
+
+
+def test_utf16_file_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "utf16.jsonl"
+    path.write_bytes('{"prompt": "hi"}\n'.encode("utf-16"))  # with its byte-order mark
+    with pytest.raises(DataFormatError, match="UTF-16") as info:
+        load_prompts(path)
+    assert info.value.line == 1 and str(path) in str(info.value)
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    jsonl, array = tmp_path / "bom.jsonl", tmp_path / "bom.json"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "caf\u00e9"}\n{"prompt": "b"}\n'.encode())
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_ROWS).encode())
+    rows = load_prompts(jsonl).rows
+    assert [r.messages[0]["content"] for r in rows] == ["caf\u00e9", "b"] and rows[0].id == "bom.jsonl:1"
+    check_good(load_prompts(array))
+    bad = tmp_path / "bom-latin1.jsonl"  # a BOM, then a latin-1 byte on line 1: columns count bytes
+    bad.write_bytes(b'\xef\xbb\xbf{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError) as info:
+        load_prompts(bad)
+    assert info.value.line == 1 and "column 19" in str(info.value) and "byte offset 18" in str(info.value)
+
+
+def test_damaged_parquet_and_dataset_folder_name_the_file(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    good = tmp_path / "good.parquet"
+    datasets.Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}]).to_parquet(str(good))
+    data = good.read_bytes()
+    cases = {"truncated.parquet": (data[: len(data) // 2], "truncated"), "garbage.parquet": (b"x" * 100, "truncated"),
+             "empty.parquet": (b"", "empty")}
+    for name, (content, phrase) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataFormatError, match=phrase) as info:
+            load_prompts(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value) and info.value.field == "<file>"
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}]).save_to_disk(str(folder))
+    (folder / "state.json").write_text("{oops")
+    with pytest.raises(DataFormatError, match="cannot read this datasets folder") as info:
+        load_prompts(folder)
+    assert str(folder) in str(info.value) and "\n" not in str(info.value)
+    (tmp_path / "not-a-dataset").mkdir()
+    with pytest.raises(DataFormatError, match="cannot read this datasets folder"):
+        load_prompts(tmp_path / "not-a-dataset")

@@ -22,6 +22,11 @@ parquet writes for absent columns) count as absent.
 
 A malformed row raises :class:`DataFormatError` naming the file, the line (jsonl, json) or row (parquet,
 folder; 1-based) and the field; with ``on_error="skip"`` it is skipped and counted instead.
+
+jsonl and json files are read as UTF-8 (a leading byte-order mark is accepted). A byte that is not UTF-8
+raises :class:`DataFormatError` with field ``"<encoding>"``, naming the line, column and byte offset, in both
+``on_error`` modes (a file in another encoding would lose every row with an accent). A truncated or foreign
+parquet file, or a folder ``datasets`` cannot load, raises it with field ``"<file>"``.
 """
 
 from __future__ import annotations
@@ -247,8 +252,29 @@ def _parse(row: Any, source: str, default_id: str) -> PromptRow:
     return PromptRow(tuple(messages), domain, reference, str(row_id) if row_id is not None else default_id, source)
 
 
+_REENCODE = ("re-encode the file as UTF-8, e.g. `iconv -f cp1252 -t utf-8 old > new` for a latin-1/Windows "
+             "file")
+
+
+def _not_utf8(path: Path, data: bytes, start: int, line: int, line_start: int, base: int = 0) -> DataFormatError:
+    """The error for an undecodable byte at ``data[start]``: ``line`` begins at ``data[line_start]``, and
+    ``data`` at byte ``base`` of the file."""
+    if line == 1 and data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return DataFormatError(str(path), 1, "<encoding>",
+                               "the file is UTF-16 (it starts with a UTF-16 byte-order mark), not UTF-8; "
+                               "re-encode it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 old > new`")
+    return DataFormatError(str(path), line, "<encoding>",
+                           f"not UTF-8: byte {data[start]:#04x} at column {start - line_start + 1} "
+                           f"(byte offset {base + start} in the file) cannot be decoded; {_REENCODE}")
+
+
 def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        raise _not_utf8(path, data, err.start, data.count(b"\n", 0, err.start) + 1, line_start) from None
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
     if not text[pos:pos + 1] == "[":
@@ -269,15 +295,31 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
         yield line, value
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
+def _undecodable_line(path: Path) -> DataFormatError:
+    """Find the first line of ``path`` that is not UTF-8 (the text reader decodes in blocks, not by line)."""
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as err:
-                yield number, _InvalidJSON(err.msg)
+                raw.decode("utf-8")  # a byte-order mark is valid UTF-8; columns count bytes, from the line start
+            except UnicodeDecodeError as err:
+                return _not_utf8(path, raw, err.start, number, 0, offset)
+            offset += len(raw)
+    return DataFormatError(str(path), None, "<encoding>", f"not UTF-8; {_REENCODE}")
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        with path.open(encoding="utf-8-sig") as handle:  # a UTF-8 byte-order mark is accepted
+            for number, text in enumerate(handle, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    yield number, json.loads(text)
+                except json.JSONDecodeError as err:
+                    yield number, _InvalidJSON(err.msg)
+    except UnicodeDecodeError:
+        raise _undecodable_line(path) from None
 
 
 @dataclass(frozen=True)
@@ -285,20 +327,59 @@ class _InvalidJSON:
     message: str
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = lines[0][:300] if lines else ""
+    return f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+
+
+def _check_parquet(path: Path) -> None:
+    """A parquet file begins and ends with ``PAR1``: a truncated or foreign file is refused before pyarrow logs."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(4)
+        handle.seek(max(size - 4, 0))
+        tail = handle.read(4)
+    if size < 12 or head != b"PAR1" or tail != b"PAR1":
+        what = "is empty" if size == 0 else "is truncated or not a parquet file (no PAR1 marker at its " + (
+            "start)" if head != b"PAR1" else "end)")
+        raise DataFormatError(str(path), None, "<file>", f"{what}; re-copy or re-export it")
+
+
 def _dataset_rows(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
     import datasets
 
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            names = list(loaded)
-            chosen = split or ("train" if "train" in loaded else names[0] if len(names) == 1 else None)
-            if chosen not in loaded:
-                raise ValueError(f"{path}: a DatasetDict with splits {names}; pass split= one of them")
-            loaded = loaded[chosen]
-    else:
-        loaded = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
-    for index, row in enumerate(loaded, start=1):
+    kind = "datasets folder (save_to_disk)" if path.is_dir() else "parquet file"
+    if not path.is_dir():
+        _check_parquet(path)
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except MemoryError:
+        raise
+    except Exception as err:  # pyarrow / datasets errors do not always name the file
+        raise DataFormatError(str(path), None, "<file>", f"cannot read this {kind}: {_first_line(err)}") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        chosen = split or ("train" if "train" in loaded else names[0] if len(names) == 1 else None)
+        if chosen not in loaded:
+            raise ValueError(f"{path}: a DatasetDict with splits {names}; pass split= one of them")
+        loaded = loaded[chosen]
+    rows = iter(loaded)
+    index = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except MemoryError:
+            raise
+        except Exception as err:
+            raise DataFormatError(str(path), index + 1, "<file>", f"cannot read this {kind}: {_first_line(err)}",
+                                  "row") from err
+        index += 1
         yield index, row
 
 
@@ -313,7 +394,8 @@ def load_prompts(path: str | Path, *, on_error: Literal["raise", "skip"] = "rais
         path: the file or folder.
         on_error: ``"raise"`` (default) raises :class:`DataFormatError` at the first malformed row;
             ``"skip"`` drops malformed rows, counting them in ``skipped`` and keeping each error in ``errors``
-            (a syntax error inside a ``.json`` array stops the read in both modes: the rest cannot be parsed).
+            (a syntax error inside a ``.json`` array, a byte that is not UTF-8 and an unreadable file stop the
+            read in both modes).
         split: which split of a saved ``DatasetDict`` (default ``"train"``, or its only split).
     """
     if on_error not in ("raise", "skip"):
