@@ -268,6 +268,21 @@ def test_damaged_gguf_cache_entry_is_converted_again(tmp_path, fake_gguf):
     models.check_model_folder(weights.parent)
 
 
+def test_concurrent_conversion_keeps_the_entry_renamed_first(tmp_path, fake_gguf, monkeypatch):
+    """Another process finished the same conversion while this one ran: its folder stays, ours is dropped."""
+    gguf = tmp_path / "Tiny.gguf"
+    gguf.write_bytes(gguf_bytes())
+    load_causal_lm(gguf)
+    folder = models.gguf_cache_folder(gguf)
+    inode = (folder / "model.safetensors").stat().st_ino
+    real_entry_ok, looked = models._entry_ok, []
+    # the first look misses, as if the other process had not finished yet
+    monkeypatch.setattr(models, "_entry_ok", lambda *a, **k: bool(looked.append(1) or len(looked) > 1) and real_entry_ok(*a, **k))
+    load_causal_lm(gguf)
+    assert _FakeGGUFLoader.calls == 2 and (folder / "model.safetensors").stat().st_ino == inode
+    assert [p.name for p in fake_gguf.iterdir() if p.name != ".sources"] == [folder.name]
+
+
 @pytest.mark.parametrize("cut", ["garbage", "junk", "header", "data", "unconvertible"])
 def test_bad_gguf_is_one_line_naming_the_file_and_leaves_no_cache_entry(tmp_path, monkeypatch, cut):
     monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))

@@ -472,7 +472,7 @@ def gguf_cache_folder(gguf: str | os.PathLike) -> Path:
     return cache_dir() / f"{path.stem}-{_gguf_digest(path, cache_dir())[0][:12]}"
 
 
-def _entry_ok(target: Path, digest: str) -> bool:
+def _entry_ok(target: Path, digest: str, *, warn: bool = True) -> bool:
     """A complete cache entry for ``digest`` whose files pass :func:`check_model_folder`."""
     try:
         if json.loads((target / _SOURCE_MARKER).read_text()).get("sha256") != digest:
@@ -482,7 +482,8 @@ def _entry_ok(target: Path, digest: str) -> bool:
     try:
         check_model_folder(target)
     except ValueError as err:
-        warnings.warn(f"the GGUF cache entry {target} is damaged ({err}); converting again", stacklevel=3)
+        if warn:
+            warnings.warn(f"the GGUF cache entry {target} is damaged ({err}); converting again", stacklevel=3)
         return False
     return True
 
@@ -523,7 +524,7 @@ def _cached_folder(gguf: Path) -> Path:
         tmp.chmod(0o755)  # mkdtemp creates 0700; the cache is an ordinary readable folder
         for file in tmp.iterdir():
             file.chmod(0o644)
-        if target.exists():  # a damaged entry, or one whose marker was lost
+        if target.exists() and not _entry_ok(target, digest, warn=False):  # damaged, or its marker lost
             stale = Path(tempfile.mkdtemp(prefix=f".stale-{gguf.stem}-", dir=root))
             try:
                 os.replace(target, stale / "old")
@@ -532,7 +533,7 @@ def _cached_folder(gguf: Path) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, target)
-        except OSError:  # another process renamed its conversion into place first
+        except OSError:  # another process renamed its conversion into place first: keep that one
             if not (target / _SOURCE_MARKER).is_file():
                 raise
     finally:
