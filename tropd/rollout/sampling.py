@@ -17,6 +17,7 @@ when every row has stopped.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -128,6 +129,9 @@ class CachedLM:
         self.device = model_device(model)
         self.out_device = out_device or self.device
         self.cache = DynamicCache(config=model.config)
+        # transformers renamed `past_key_values` to `cache` (5.x); pass it under the name this model's forward takes
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor) -> torch.Tensor:
@@ -135,8 +139,8 @@ class CachedLM:
             input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             position_ids=position_ids.to(self.device),
-            past_key_values=self.cache,
             use_cache=True,
+            **{self._cache_kw: self.cache},
             logits_to_keep=1,
         )
         return out.logits[:, -1, :].float().to(self.out_device)
