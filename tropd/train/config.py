@@ -21,7 +21,14 @@ from tropd.objectives import get_objective, list_objectives, objective_keywords
 
 
 class ConfigError(ValueError):
-    """An invalid configuration; the message names the key and what is allowed."""
+    """An invalid configuration; the message names the key and what is allowed.
+
+    ``key`` is the dotted key at fault when one is (``load_config`` uses it to say whether the value came from
+    the config file or from the command line)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
@@ -39,8 +46,10 @@ class ModelConfig:
                                    "by keeping student_layers of its decoder layers.")
     student_layers: int | None = _f(20, "With student=null: how many teacher layers the student keeps (evenly "
                                         "spaced, first and last included); null keeps all (self-distillation).")
-    dtype: str = _f("float32", "Compute dtype of both models: float32 | bfloat16 | float16 (float32 on CPU).")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N.")
+    dtype: str = _f("float32", "Compute dtype of both models: float32 | bfloat16 | float16 (float16 is refused "
+                               "on CPU; bfloat16 works there but is ~3x slower than float32).")
+    device: str = _f("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps; a device this "
+                             "machine lacks is refused at start-up.")
 
 
 @dataclass
@@ -53,7 +62,7 @@ class ObjectiveConfig:
 @dataclass
 class RolloutConfig:
     max_new_tokens: int = _f(64, "Length budget of a response (teacher prefix included).")
-    temperature: float = _f(1.0, "Sampling temperature (SPEC default 1.0; behaviour log-probs follow it).")
+    temperature: float = _f(1.0, "Sampling temperature (method default 1.0; behaviour log-probs follow it).")
     top_p: float = _f(1.0, "Nucleus sampling mass in (0, 1].")
     rollouts_per_prompt: int = _f(4, "Responses sampled per prompt.")
     batch_size: int = _f(64, "Sequences generated together (KV-cached decoding); independent of the "
@@ -62,7 +71,7 @@ class RolloutConfig:
 
 @dataclass
 class GuidanceConfig:
-    enabled: bool | None = _f(None, "Teacher-prefix guidance (SPEC §4.2); null = on iff the objective trains on "
+    enabled: bool | None = _f(None, "Teacher-prefix guidance (docs/method.md §4.2); null = on iff the objective trains on "
                                     "teacher prefixes (tropd).")
     guided_fraction: float = _f(1.0, "Share of rollouts that get a teacher prefix.")
     anneal_steps: int | None = _f(None, "T_anneal of the cosine cap; null = all training steps.")
@@ -70,7 +79,7 @@ class GuidanceConfig:
 
 @dataclass
 class TRBConfig:
-    eps0: float = _f(0.02, "Initial KL budget ε_0 of TRB behaviour blending (SPEC §4.3).")
+    eps0: float = _f(0.02, "Initial KL budget ε_0 of TRB behaviour blending (docs/method.md §4.3).")
     warmup_steps: int = _f(50, "K: steps over which the budget anneals to 0.")
 
 
@@ -80,7 +89,11 @@ class DataConfig:
                                  "(math, code, if, mcq), or a jsonl/json/parquet file or datasets folder.")
     eval_prompts: int = _f(8, "Held-out prompts for the before/after evaluation (0 = none).")
     chat_template: bool = _f(True, "Render prompts with the tokenizer's chat template.")
-    skip_bad_rows: bool = _f(False, "Skip (and count) malformed rows of a data file instead of failing.")
+    skip_bad_rows: bool = _f(False, "Skip (and count) malformed rows of a data file, and prompts longer than "
+                                    "max_prompt_tokens, instead of failing.")
+    max_prompt_tokens: int | None = _f(None, "Longest prompt in tokens (chat template included); longer ones are "
+                                             "skipped with a count or refused (skip_bad_rows). null = the model's "
+                                             "context length minus rollout.max_new_tokens.")
 
 
 @dataclass
@@ -89,9 +102,11 @@ class TrainConfig:
     prompts_per_step: int = _f(128, "Prompts per step (each gets rollouts_per_prompt responses).")
     micro_batch_size: int = _f(8, "Sequences per forward/backward micro-batch (gradient accumulation).")
     lr: float = _f(5e-6, "AdamW learning rate (constant).")
-    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     grad_clip: float = _f(1.0, "Max gradient norm (0 = no clipping; the norm is logged before clipping).")
+    max_nonfinite_steps: int = _f(3, "A step whose loss or gradient is NaN/inf is skipped (weights untouched, "
+                                     "counted in the metrics); this many in a row stop the run.")
     sft_warmup_steps: int = _f(0, "First steps trained with 'sft' on teacher-written responses to heal a "
                                   "student far from the teacher before on-policy training.")
     seed: int = _f(0, "Seed of every random stream (sampling, trust masks, data order).")
@@ -100,7 +115,7 @@ class TrainConfig:
     save_every: int = _f(50, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "How many step checkpoints to keep.")
     eval_every: int = _f(0, "Run the evaluation hook every N steps (0 = only before and after).")
-    report_to: list = _f([], "Extra loggers: tensorboard, wandb.")
+    report_to: list[str] = _f([], "Extra loggers: tensorboard, wandb.")
     progress: bool = _f(True, "Show a progress bar.")
 
 
@@ -119,18 +134,21 @@ class RunConfig:
         """Every check that needs no model; raises :class:`ConfigError` naming the key."""
         o, r, t, g = self.objective, self.rollout, self.train, self.guidance
         if o.name not in list_objectives():
-            raise ConfigError(f"objective.name={o.name!r} is not registered; allowed: {', '.join(list_objectives())}")
+            raise ConfigError(f"objective.name={o.name!r} is not registered; allowed: {', '.join(list_objectives())}",
+                              "objective.name")
         allowed = objective_keywords(o.name)
         for key in o.kwargs:
             if key not in allowed or key == "chunk_size":
                 names = ", ".join(k for k in allowed if k != "chunk_size")
-                raise ConfigError(f"objective.kwargs.{key} is not a setting of {o.name!r}; allowed: {names}")
+                raise ConfigError(f"objective.kwargs.{key} is not a setting of {o.name!r}; allowed: {names}",
+                                  f"objective.kwargs.{key}")
         try:
             obj = self.build_objective()
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"objective.kwargs: {err}") from None
+            raise ConfigError(f"objective.kwargs: {err}", "objective.kwargs") from None
         _check(self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
                "must be float32, bfloat16 or float16")
+        _check_device(self.model.device, self.model.dtype)
         _check(self.model.student_layers is None or self.model.student_layers >= 1, "model.student_layers",
                "must be >= 1 or null")
         _check(o.chunk_size is None or o.chunk_size >= 1, "objective.chunk_size", "must be >= 1 or null")
@@ -143,7 +161,7 @@ class RunConfig:
         _check(g.anneal_steps is None or g.anneal_steps >= 1, "guidance.anneal_steps", "must be >= 1 or null")
         if g.enabled and not obj.needs.guidance:
             raise ConfigError(f"guidance.enabled=true, but objective {o.name!r} puts no loss on teacher-prefix "
-                              "positions; use objective.name=tropd or set guidance.enabled=false")
+                              "positions; use objective.name=tropd or set guidance.enabled=false", "guidance.enabled")
         _check(self.trb.eps0 >= 0, "trb.eps0", "must be >= 0")
         _check(self.trb.warmup_steps >= 0, "trb.warmup_steps", "must be >= 0")
         _check(t.steps >= 1, "train.steps", "must be >= 1")
@@ -151,6 +169,7 @@ class RunConfig:
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "must be a positive number")
         _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
+        _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         _check(0 <= t.sft_warmup_steps < t.steps, "train.sft_warmup_steps",
@@ -159,6 +178,8 @@ class RunConfig:
         _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _check(t.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.data.eval_prompts >= 0, "data.eval_prompts", "must be >= 0")
+        _check(self.data.max_prompt_tokens is None or self.data.max_prompt_tokens >= 1, "data.max_prompt_tokens",
+               "must be >= 1 or null")
         for name in t.report_to:
             _check(name in ("tensorboard", "wandb"), "train.report_to", f"has {name!r}; allowed: tensorboard, wandb")
         return self
@@ -184,7 +205,33 @@ class RunConfig:
 
 def _check(ok: bool, key: str, what: str) -> None:
     if not ok:
-        raise ConfigError(f"{key} {what}")
+        raise ConfigError(f"{key} {what}", key)
+
+
+def _check_device(name: str, dtype: str) -> None:
+    """``model.device`` names a device this machine has, and ``model.dtype`` runs on it."""
+    import torch
+
+    def refuse(key: str, why: str):
+        raise ConfigError(f"{key}={name if key == 'model.device' else dtype} {why}", key)
+
+    kind = "cuda" if name == "auto" and torch.cuda.is_available() else "cpu"
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            refuse("model.device", "is not a device; use auto, cpu, cuda, cuda:N or mps")
+        kind = device.type
+        if kind == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count <= (device.index or 0):
+                refuse("model.device", f"is not on this machine ({count} CUDA device(s)); use model.device=auto or cpu")
+        elif kind == "mps" and not torch.backends.mps.is_available():
+            refuse("model.device", "is not available on this machine; use model.device=auto or cpu")
+        elif kind not in ("cpu", "cuda", "mps"):
+            refuse("model.device", "is not supported; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cpu" and dtype == "float16":
+        refuse("model.dtype", "is not supported on CPU (half-precision kernels are missing or slow there); use float32")
 
 
 # -- loading ----------------------------------------------------------------------------------------------
@@ -194,48 +241,67 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return any(_type_ok(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # a finite number: NaN and +-inf are never meaningful settings
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     return isinstance(value, origin or tp)
 
 
 def _from_dict(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}",
+                          prefix.rstrip(".") or None)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             raise ConfigError(f"unknown config key {prefix}{key}; allowed under {prefix.rstrip('.') or 'the top'}: "
-                              f"{', '.join(sorted(names))}")
+                              f"{', '.join(sorted(names))}", f"{prefix}{key}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _from_dict(tp, value, f"{prefix}{key}.")
             continue
         if not _type_ok(value, tp):
-            raise ConfigError(f"{prefix}{key}={value!r} has the wrong type; expected {_type_name(tp)}")
-        kwargs[key] = float(value) if tp is float else value
+            raise ConfigError(f"{prefix}{key}={value!r} has the wrong type; expected {_type_name(tp)}",
+                              f"{prefix}{key}")
+        kwargs[key] = _coerce(value, tp)
     return cls(**kwargs)
 
 
+def _coerce(value: Any, tp: Any) -> Any:
+    """Ints given for float settings become floats (also inside lists)."""
+    if tp is float:
+        return float(value)
+    if typing.get_origin(tp) is list and typing.get_args(tp)[0] is float:
+        return [float(v) for v in value]
+    return value
+
+
 def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    return " or ".join(_type_name(a) for a in args) if args and typing.get_origin(tp) in (
-        typing.Union, types.UnionType) else ("null" if tp is type(None) else getattr(tp, "__name__", str(tp)))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return "a list of " + {float: "finite numbers", int: "integers", str: "strings"}.get(args[0], str(args[0]))
+    if tp is float:
+        return "a finite number"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def apply_override(data: dict, item: str) -> None:
-    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a nested dict in place."""
+def apply_override(data: dict, item: str) -> str:
+    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a nested dict in place; returns the key."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
+        raise ConfigError(f"command-line override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {key}: cannot parse {raw!r}: {err}") from None
+        raise ConfigError(f"command-line override {key}: cannot parse {raw!r}: {err}") from None
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)
     node = data
@@ -243,8 +309,9 @@ def apply_override(data: dict, item: str) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: {part} is not a section")
+            raise ConfigError(f"command-line override {key}: {part} is not a section")
     node[parts[-1]] = value
+    return key
 
 
 def _looks_numeric(text: str) -> bool:
@@ -260,32 +327,50 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a YAML file (default: the embedded default), apply dotted overrides, validate."""
-    path = Path(path) if path is not None else default_config_path()
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    for item in overrides:
-        apply_override(data, item)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML file (default: the embedded default), apply dotted overrides, validate.
+
+    An error names where the faulty value came from: the file, or the command-line override that set it."""
+    path = Path(path) if path is not None else default_config_path()
+    data = _read_yaml(path)
+    given = {apply_override(data, item): item for item in overrides}
+    cfg = None
     try:
-        return _from_dict(RunConfig, data, "").validate()
+        cfg = _from_dict(RunConfig, data, "")
+        return cfg.validate()
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        item = next((v for k, v in given.items() if err.key is not None
+                     and (err.key == k or err.key.startswith(k + ".") or k.startswith(err.key + "."))), None)
+        if item is not None:
+            where = f"command-line override {item!r}"
+        else:  # a cross-field check may involve an override too
+            where = f"{path} with command-line overrides {' '.join(given.values())}" if given and cfg else str(path)
+        raise ConfigError(f"{where}: {err}", err.key) from None
 
 
-def config_help() -> str:
-    """Every key with its default and help text."""
+def config_help(cfg: RunConfig | None = None) -> str:
+    """Every key with the value ``cfg`` uses (default: the embedded default, what a plain ``tropd train`` runs),
+    the built-in default when it differs, and the help text."""
+    cfg = cfg if cfg is not None else load_config()
     lines = []
     for sec in dataclasses.fields(RunConfig):
         lines.append(f"{sec.name}:")
-        for f in dataclasses.fields(sec.default_factory()):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {sec.name}.{f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            builtin = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value = getattr(section, f.name)
+            note = "" if value == builtin else f"   (built-in default: {builtin!r})"
+            lines.append(f"  {sec.name}.{f.name} = {value!r}{note}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
-
