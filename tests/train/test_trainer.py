@@ -9,46 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
-from tests.helpers import tiny_llama, tiny_tokenizer
+from tests.train.runs import final_weights, write_config
 from tropd.cli import main
 from tropd.train.config import ConfigError, load_config
 from tropd.train.run import train_from_config
 from tropd.train.trainer import Trainer
-
-V = 64
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("teacher")
-    tiny_llama(vocab_size=V, hidden=32, layers=4, seed=1).save_pretrained(path)
-    tiny_tokenizer(V).save_pretrained(path)
-    return path
-
-
-def write_config(tmp_path: Path, teacher_dir: Path, **sections) -> Path:
-    cfg = {
-        "model": {"teacher": str(teacher_dir), "student_layers": 2, "device": "cpu"},
-        "objective": {"name": "tropd", "kwargs": {"top_k": 8}},
-        "rollout": {"max_new_tokens": 6, "rollouts_per_prompt": 2},
-        "data": {"prompts": "builtin", "eval_prompts": 2},
-        "train": {"steps": 4, "prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-3, "save_every": 2,
-                  "output_dir": str(tmp_path / "run"), "progress": False},
-    }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    return load_file(ckpt / "model.safetensors")
-
 
 def test_run_writes_metrics_checkpoint_and_report(tmp_path, teacher_dir):
     cfg = load_config(write_config(tmp_path, teacher_dir, train={"sft_warmup_steps": 1}))
@@ -171,7 +137,7 @@ def test_cli_two_step_smoke_run(tmp_path, teacher_dir, capsys):
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
     # the same run directory again, without --resume: refused, nothing overwritten
     assert main(["train", "--config", str(path), "train.steps=2"]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert f"{tmp_path / 'run'} is not empty" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "run")]) == 0
     assert main(["objectives"]) == 0
     listed = capsys.readouterr().out

@@ -4,6 +4,10 @@ Layout of ``<run>/checkpoints/step-000040/``: the student as safetensors (``save
 ``AutoModelForCausalLM.from_pretrained``), its tokenizer, ``trainer_state.pt`` (optimizer state, RNG states,
 step) and ``config.yaml``. A checkpoint is written under a temporary name and renamed into place; the file
 ``<run>/checkpoints/latest`` (itself replaced atomically) names the newest complete one.
+
+On the next start, temporary folders of an interrupted save are removed (:func:`clean_partial_saves`), and a
+latest checkpoint that is corrupt (truncated ``trainer_state.pt`` or ``model.safetensors``, bad ``config.json``)
+is skipped for the newest complete one before it (:func:`latest_checkpoint` reports what it skipped).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,8 +25,11 @@ STATE_FILE = "trainer_state.pt"
 
 @dataclass
 class ResumeState:
+    """The checkpoint a run resumes from; ``skipped``: newer checkpoints found corrupt, with the reason."""
+
     step: int
     path: Path
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -31,6 +38,14 @@ def _atomic_write_text(path: Path, text: str) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a folder's files to disk before it is renamed into place (a power cut keeps whole files)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def rng_state() -> dict:
@@ -58,6 +73,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, confi
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / STATE_FILE)
     (tmp / "config.yaml").write_text(config_yaml)
+    _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. interrupted right after a periodic save)
         old = root / f".step-{step:06d}.old-{os.getpid()}"
         os.replace(final, old)
@@ -71,23 +87,66 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, confi
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> ResumeState | None:
-    """The newest complete checkpoint of a run, or None."""
+def clean_partial_saves(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted save left under ``<run>/checkpoints`` (``.step-*.tmp-*``, ``.step-*.old-*``,
+    ``.latest.tmp-*``); returns the removed paths."""
     root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    stale = [p for pattern in (".step-*.tmp-*", ".step-*.old-*", ".latest.tmp-*") for p in root.glob(pattern)]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
+def read_checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder, after checking that every file of it can be read; raises ValueError
+    naming the file that cannot."""
+    from tropd.models import check_model_folder
+
+    state_file = Path(path) / STATE_FILE
+    if not state_file.is_file():
+        raise ValueError(f"{state_file} is missing (the save did not finish)")
+    try:  # mmap: a truncated zip archive fails here without reading the optimizer state into memory
+        state = torch.load(state_file, map_location="cpu", weights_only=False, mmap=True)
+        step = int(state["step"])
+    except Exception as err:  # noqa: BLE001 - torch raises assorted errors for a damaged archive
+        raise ValueError(f"{state_file} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+    check_model_folder(path)
+    return step
+
+
+def latest_checkpoint(run_dir: Path) -> ResumeState | None:
+    """The newest complete, readable checkpoint of a run (the one ``latest`` names, else the newest before it
+    that reads), or None when the run has no checkpoint. Raises ValueError when checkpoints exist but none reads."""
+    root = Path(run_dir) / "checkpoints"
+    folders = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
     pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is incomplete or missing; "
-                                f"remove {pointer} to start over or point it at another step-* folder")
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    return ResumeState(step=int(state["step"]), path=path)
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        folders = [named] + [p for p in folders if p.name < named.name]
+    skipped: list[tuple[Path, str]] = []
+    for path in folders:
+        try:
+            return ResumeState(step=read_checkpoint_step(path), path=path, skipped=skipped)
+        except (ValueError, OSError) as err:
+            skipped.append((path, str(err)))
+    if skipped:
+        raise ValueError(f"no readable checkpoint under {root}: " + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                         + "; start a fresh run in another --run-dir")
+    return None
 
 
 def load_trainer_state(path: Path, optimizer) -> int:
-    """Restore optimizer and RNG states from a checkpoint folder; returns its step."""
+    """Restore optimizer and RNG states from a checkpoint folder; returns its step. The optimizer keeps the
+    hyper-parameters it was built with (lr, betas, weight decay): a resume with changed settings uses them."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
     set_rng_state(state["rng"])
     return int(state["step"])

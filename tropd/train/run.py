@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import torch
 from tropd.eval.distill import DistillEval
 from tropd.models import (check_models_compatible, load_causal_lm, prepare_tokenizer, prune_layers,
                           quiet_progress_bars, smollm2_gguf_path)
-from tropd.train.checkpoint import latest_checkpoint
-from tropd.train.config import RunConfig
+from tropd.train.config import ConfigError, RunConfig
+from tropd.train.resume import open_run, write_run_config
 from tropd.tasks.encoding import encode_prompt
 from tropd.train.prompts import prompts_for
 from tropd.train.trainer import Trainer
@@ -59,18 +60,25 @@ def build_models(cfg: RunConfig, resume_from: Path | None = None):
     return student, teacher, tok
 
 
-def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_fn=None) -> dict:
+def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_fn=None,
+                      override_config: bool = False) -> dict:
     """Train, write the run directory (metrics, checkpoints, report), and return a summary.
 
-    ``eval_fn(student) -> dict`` replaces the default held-out evaluation (:class:`DistillEval`), e.g. to share
-    one precomputed evaluation between many runs."""
+    ``resume`` continues the run in ``cfg``'s run directory; settings that differ from the run's own are refused
+    unless ``override_config``. Resuming a finished run changes nothing and returns its summary with
+    ``already_complete: True``. ``eval_fn(student) -> dict`` replaces the default held-out evaluation
+    (:class:`DistillEval`), e.g. to share one precomputed evaluation between many runs."""
     run_dir = cfg.run_dir()
-    found = latest_checkpoint(run_dir)
-    if resume and found is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; run without --resume")
-    if not resume and found is not None:
-        raise FileExistsError(f"{run_dir} already holds a run (checkpoint {found.path.name}); continue it with "
-                              "--resume, or choose another train.output_dir (--run-dir)")
+    opened = open_run(cfg, resume, override_config)
+    for note in opened.notes:
+        console(note)
+    found = opened.checkpoint
+    done_file = run_dir / "summary.json"
+    if found is not None and found.step >= cfg.train.steps and done_file.is_file():
+        summary = json.loads(done_file.read_text())
+        console(f"{run_dir} is complete ({found.step} of {cfg.train.steps} steps): nothing to do; to train further "
+                "raise train.steps and add --override-config")
+        return {**summary, "already_complete": True}
     data = cfg.data  # read the prompts first: a bad data file fails before any model loads
     train_prompts = prompts_for(data.prompts, "train", cfg.train.seed, data.skip_bad_rows)
     held_out = prompts_for(data.prompts, "test", cfg.train.seed, data.skip_bad_rows)[: data.eval_prompts]
@@ -83,11 +91,19 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
             f"params; student: {student.config.num_hidden_layers} layers, "
             f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params (loaded in {time.perf_counter() - t0:.0f}s)")
 
-    prompt_ids = [encode_prompt(p, tok, data.chat_template) for p in train_prompts]
-    if eval_fn is None and held_out:
-        eval_fn = DistillEval(teacher, tok, [encode_prompt(p, tok, data.chat_template) for p in held_out],
-                              cfg.rollout.max_new_tokens, held_out)
-    trainer = Trainer(cfg, student, teacher, tok, prompt_ids, run_dir, eval_fn=eval_fn, resume=resume)
+    limit = prompt_token_limit(cfg, student, teacher)
+    prompt_ids, skipped = encode_prompts(train_prompts, tok, data, limit, "training")
+    held_out_ids, skipped_eval = encode_prompts(held_out, tok, data, limit, "held-out")
+    for n, kind in ((skipped, "training"), (skipped_eval, "held-out")):
+        if n:
+            console(f"skipped {n} {kind} prompt(s) longer than {limit} tokens (data.max_prompt_tokens)")
+    if eval_fn is None and held_out_ids:
+        kept = [p for p, ids in zip(held_out, held_out_ids) if ids is not None]
+        eval_fn = DistillEval(teacher, tok, [ids for ids in held_out_ids if ids is not None],
+                              cfg.rollout.max_new_tokens, kept)
+    trainer = Trainer(cfg, student, teacher, tok, [ids for ids in prompt_ids if ids is not None], run_dir,
+                      eval_fn=eval_fn, resume=found)
+    write_run_config(run_dir, trainer.config_yaml, opened.changes, trainer.start_step)
     result = trainer.train()
 
     from tropd.report import write_report
@@ -96,6 +112,41 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     summary = {"run_dir": str(run_dir.resolve()), "steps_done": result["steps_done"],
                "interrupted": result["interrupted"], "checkpoint": str(result["checkpoint"]),
                "report": str(report), "eval_before": result.get("eval_before", {}),
-               "eval_after": result.get("eval_after", {}), "wall_time_s": round(time.perf_counter() - t0, 1)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+               "eval_after": result.get("eval_after", {}), "nonfinite_steps": result["nonfinite_steps"],
+               "wall_time_s": round(time.perf_counter() - t0, 1)}
+    tmp = done_file.with_name(f".summary.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, done_file)
     return summary
+
+
+def prompt_token_limit(cfg: RunConfig, student, teacher) -> int:
+    """``data.max_prompt_tokens``, or the shorter model context minus ``rollout.max_new_tokens``."""
+    if cfg.data.max_prompt_tokens is not None:
+        return cfg.data.max_prompt_tokens
+    contexts = [getattr(m.config.get_text_config(), "max_position_embeddings", None) for m in (student, teacher)]
+    contexts = [c for c in contexts if isinstance(c, int) and c > 0]
+    if not contexts:
+        return 1 << 30
+    limit = min(contexts) - cfg.rollout.max_new_tokens
+    if limit < 1:
+        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
+                          f"models' context of {min(contexts)} tokens; lower it", "rollout.max_new_tokens")
+    return limit
+
+
+def encode_prompts(rows, tok, data, limit: int, kind: str) -> tuple[list[list[int] | None], int]:
+    """Token ids of each prompt (None for one longer than ``limit`` when ``data.skip_bad_rows``; else such a
+    prompt raises ValueError naming it) and how many were skipped."""
+    out: list[list[int] | None] = []
+    for i, row in enumerate(rows):
+        ids = encode_prompt(row, tok, data.chat_template)
+        if len(ids) > limit:
+            if not data.skip_bad_rows:
+                where = getattr(row, "source", "") or getattr(row, "id", "") or f"{kind} prompt {i}"
+                raise ValueError(f"{data.prompts}: {where}: prompt of {len(ids)} tokens exceeds "
+                                 f"data.max_prompt_tokens={limit}; shorten it, raise the limit, or set "
+                                 "data.skip_bad_rows=true to skip such prompts")
+            ids = None
+        out.append(ids)
+    return out, sum(ids is None for ids in out)

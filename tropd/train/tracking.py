@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 
 
@@ -33,9 +35,10 @@ class MetricsLog:
         """Drop lines logged after ``step`` (they will be produced again), or all of them when ``step`` is None."""
         if not self.path.exists():
             return
-        kept = [] if step is None else [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                                         if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        kept = [] if step is None else [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)  # a crash here keeps the old log whole
 
     def eval_at(self, step: int) -> dict:
         """The evaluation logged at ``step`` (keys without the ``eval/`` prefix), or {}."""
@@ -66,10 +69,31 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """All records of a ``metrics.jsonl`` file."""
+    """All records of a ``metrics.jsonl`` file (or a run directory holding one).
+
+    A torn last line (a crash mid-write) is skipped with a warning; any other line that is not a JSON object
+    raises ValueError naming the file and the line."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass a run directory or its metrics.jsonl")
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): is it a metrics.jsonl?") from None
+    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln.strip()]
+    records = []
+    for i, line in numbered:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise json.JSONDecodeError("expected a JSON object", line, 0)
+        except json.JSONDecodeError as err:
+            if i == numbered[-1][0]:
+                warnings.warn(f"{path}:{i}: ignoring a torn last line (a crash while it was written)", stacklevel=2)
+                break
+            raise ValueError(f"{path}:{i}: not a JSON object ({err.msg}, column {err.colno}); "
+                             "fix or delete that line") from None
+        records.append(record)
+    return records

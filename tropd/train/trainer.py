@@ -18,10 +18,12 @@ import yaml
 
 from tropd.forward import response_logits
 from tropd.objectives import TokenInputs, count_loss_tokens, data_parallel_scale, get_objective
+from tropd.objectives.errors import NonFiniteInputError
 from tropd.rollout import GuidanceConfig, SamplingConfig, TRBConfig, collect_rollouts, rollout_stats
 from tropd.teacher.scoring import score_with_teacher
-from tropd.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from tropd.train.checkpoint import ResumeState, load_trainer_state, save_checkpoint
 from tropd.train.config import RunConfig
+from tropd.train.errors import NonFiniteTrainingError
 from tropd.train.tracking import MetricsLog
 
 EvalFn = Callable[[torch.nn.Module], dict]
@@ -55,7 +57,7 @@ class Trainer:
     """Runs ``cfg.train.steps`` optimiser steps of on-policy distillation of ``student`` towards ``teacher``."""
 
     def __init__(self, cfg: RunConfig, student, teacher, tokenizer, prompt_ids: list[list[int]],
-                 run_dir: Path, eval_fn: EvalFn | None = None, resume: bool = False) -> None:
+                 run_dir: Path, eval_fn: EvalFn | None = None, resume: ResumeState | None = None) -> None:
         if not prompt_ids:
             raise ValueError("no training prompts: check data.prompts")
         self.cfg, self.student, self.teacher, self.tokenizer = cfg, student, teacher, tokenizer
@@ -71,13 +73,9 @@ class Trainer:
                                        max_new_tokens=cfg.rollout.max_new_tokens, eos_token_ids=tuple(eos),
                                        pad_token_id=tokenizer.pad_token_id)
         self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        self.start_step = 0
-        if resume:
-            found = latest_checkpoint(self.run_dir)
-            if found is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir / 'checkpoints'}")
-            self.start_step = load_trainer_state(found.path, self.optimizer)
+        self.start_step = load_trainer_state(resume.path, self.optimizer) if resume is not None else 0
         self._stop_requested = False
+        self._nonfinite_in_a_row = 0
 
     # -- one step ----------------------------------------------------------------------------------------
     def _phase(self, step: int):
@@ -137,25 +135,55 @@ class Trainer:
         return parts
 
     def run_step(self, step: int) -> dict:
-        """One optimiser step; returns its log record."""
+        """One optimiser step; returns its log record. A step whose loss or gradient is not finite leaves the
+        weights and optimizer state untouched (``nonfinite`` = 1 in its record, ``nonfinite_reason`` says why)."""
         t0 = time.perf_counter()
         objective, micro, progress, generator = self.collect(step)
         t_rollout = time.perf_counter() - t0
-        parts = self.accumulate(objective, micro, progress, generator)
+        reason = None
+        try:
+            metrics = merge_metrics(self.accumulate(objective, micro, progress, generator))
+        except NonFiniteInputError as err:  # e.g. NaN student logits: the objective refuses to compute
+            metrics, reason = {}, str(err)
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)) if reason is None else math.nan
+        if reason is None and not math.isfinite(metrics.get("loss", 0.0)):
+            reason = f"the loss was {metrics['loss']} (inputs were finite: the objective overflowed)"
+        elif reason is None and not math.isfinite(grad_norm):
+            reason = f"the gradient norm was {grad_norm} with a finite loss (exploding gradients)"
+        if reason is None:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
         elapsed = time.perf_counter() - t0
         stats = rollout_stats([b for b, _ in micro])
-        return {"step": step + 1, "phase": objective.name, **merge_metrics(parts),
-                **{f"rollout/{k}": v for k, v in stats.items()},
-                "grad_norm": float(grad_norm), "lr": self.cfg.train.lr, "step_time": elapsed,
-                "rollout_time": t_rollout, "tokens_per_second": stats["generated_tokens"] / max(elapsed, 1e-9)}
+        record = {"step": step + 1, "phase": objective.name, **metrics, **{f"rollout/{k}": v for k, v in stats.items()},
+                  "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"], "nonfinite": int(reason is not None),
+                  "step_time": elapsed, "rollout_time": t_rollout,
+                  "tokens_per_second": stats["generated_tokens"] / max(elapsed, 1e-9)}
+        if reason is not None:
+            record["nonfinite_reason"] = reason
+        return record
+
+    def _check_nonfinite(self, record: dict) -> None:
+        """Count consecutive non-finite steps; past ``train.max_nonfinite_steps`` save and stop with the cause."""
+        if not record["nonfinite"]:
+            self._nonfinite_in_a_row = 0
+            return
+        self._nonfinite_in_a_row += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        if self._nonfinite_in_a_row >= limit:
+            step = record["step"]
+            checkpoint = self.save(step)
+            raise NonFiniteTrainingError(
+                f"step {step}: {limit} steps in a row had a non-finite loss or gradient and were skipped "
+                f"(train.max_nonfinite_steps={limit}); last cause: {record['nonfinite_reason']}. The weights are "
+                f"those of step {step - limit} (saved in {checkpoint}). Likely causes: a learning rate too high "
+                "(train.lr), half precision overflowing (model.dtype=float32 is safest), or a teacher/student "
+                "emitting NaN")
 
     # -- the loop ----------------------------------------------------------------------------------------
-    def _request_stop(self, signum, frame) -> None:  # first Ctrl-C: finish the step, save, exit
+    def _request_stop(self, signum, frame) -> None:  # first Ctrl-C / SIGTERM: finish the step, save, exit
         if self._stop_requested:
             raise KeyboardInterrupt
         self._stop_requested = True
@@ -175,16 +203,15 @@ class Trainer:
         """Run (or resume) training; returns {'steps_done', 'interrupted', 'checkpoint', 'eval_before', 'eval_after'}."""
         t = self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(self.config_yaml)
         resumed = self.start_step > 0
         log = MetricsLog(self.run_dir, t.report_to, self.cfg.to_dict(), keep_until=self.start_step if resumed else None)
-        previous = signal.signal(signal.SIGINT, self._request_stop)
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         bar = None
         if t.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=t.steps, initial=self.start_step, desc="tropd", unit="step", dynamic_ncols=True)
-        result = {"steps_done": self.start_step, "interrupted": False, "checkpoint": None}
+        result = {"steps_done": self.start_step, "interrupted": False, "checkpoint": None, "nonfinite_steps": 0}
         try:
             result["eval_before"] = log.eval_at(0) if resumed else self.evaluate(0, log)
             step = self.start_step
@@ -192,6 +219,8 @@ class Trainer:
                 record = self.run_step(step)
                 step += 1
                 log.log(record)
+                result["nonfinite_steps"] += record["nonfinite"]
+                self._check_nonfinite(record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "k1_rkl", "trust_frac", "student_entropy",
@@ -202,11 +231,13 @@ class Trainer:
                     result["checkpoint"] = self.save(step)
             result["steps_done"] = step
             result["interrupted"] = step < t.steps
-            result["checkpoint"] = self.save(step)
+            latest = self.run_dir / "checkpoints" / f"step-{step:06d}"
+            result["checkpoint"] = self.save(step) if step > self.start_step or not latest.is_dir() else latest
             if not result["interrupted"]:
                 result["eval_after"] = self.evaluate(step, log)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if bar is not None:
                 bar.close()
             log.close()

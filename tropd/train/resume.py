@@ -1,0 +1,109 @@
+"""Opening a run directory: a fresh run only in an empty folder; ``--resume`` only with the run's own settings.
+
+- A fresh run refuses a folder that holds anything (it would mix two runs' files).
+- ``--resume`` compares the settings it was given with the run's ``config.yaml`` and refuses any difference,
+  listed key by key, unless ``override_config``; an accepted change is recorded as a comment at the top of
+  ``config.yaml`` (the file stays loadable with ``--config``).
+- Before resuming, the leftovers of an interrupted save are removed and a corrupt latest checkpoint is skipped
+  for the newest readable one (:mod:`tropd.train.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tropd.train.checkpoint import ResumeState, clean_partial_saves, latest_checkpoint
+from tropd.train.config import ConfigError, RunConfig
+
+CONFIG_FILE = "config.yaml"
+#: Keys that may differ on resume: where the run lives, and whether a progress bar is drawn.
+UNCHECKED_KEYS = ("train.output_dir", "train.progress")
+
+
+@dataclass
+class OpenedRun:
+    """What :func:`open_run` found: the checkpoint to resume from (None: start at step 0), the settings that
+    change (``(key, old, new)``), and notes for the console (skipped checkpoints, removed leftovers)."""
+
+    checkpoint: ResumeState | None = None
+    changes: list[tuple[str, object, object]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (objective kwargs included)."""
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+    """``(key, saved value, new value)`` for every setting that differs, except :data:`UNCHECKED_KEYS` and keys
+    a run saved by an older tropd lacks while the new value is their built-in default."""
+    old, now, builtin = flatten(saved), flatten(new), flatten(RunConfig().to_dict())
+    keys = sorted(k for k in old.keys() | now.keys() if k not in UNCHECKED_KEYS and old.get(k) != now.get(k)
+                  and not (k not in old and k in builtin and now.get(k) == builtin[k]))
+    return [(k, old.get(k), now.get(k)) for k in keys]
+
+
+def format_changes(changes: list[tuple[str, object, object]]) -> str:
+    return ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
+
+
+def open_run(cfg: RunConfig, resume: bool, override_config: bool = False) -> OpenedRun:
+    """Check that ``cfg``'s run directory can be started (fresh) or resumed, and find what to resume from."""
+    run_dir = cfg.run_dir()
+    if not resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            hint = ("continue it with --resume" if (run_dir / CONFIG_FILE).is_file()
+                    else "empty it or choose another folder")
+            raise FileExistsError(f"{run_dir} is not empty ({', '.join(sorted(p.name for p in run_dir.iterdir())[:4])}"
+                                  f"); a fresh run needs a new or empty folder: {hint}, or choose another --run-dir")
+        return OpenedRun()
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no run ({saved_path} is missing); run without --resume")
+    opened = OpenedRun()
+    removed = clean_partial_saves(run_dir)
+    if removed:
+        opened.notes.append(f"removed {len(removed)} leftover(s) of an interrupted save: "
+                            + ", ".join(p.name for p in removed))
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{saved_path} is not valid YAML ({err}); restore it or start a fresh run") from None
+    opened.changes = config_changes(saved, cfg.to_dict())
+    if opened.changes and not override_config:
+        raise ConfigError(f"--resume with settings that differ from {saved_path}: {format_changes(opened.changes)}; "
+                          "drop them to resume as the run was, or add --override-config to change them")
+    opened.checkpoint = latest_checkpoint(run_dir)
+    if opened.checkpoint is not None:
+        for path, why in opened.checkpoint.skipped:
+            opened.notes.append(f"warning: skipping corrupt checkpoint {path}: {why}")
+    else:
+        opened.notes.append(f"{run_dir} has no checkpoint yet (it stopped before its first save): starting at step 0")
+    return opened
+
+
+def write_run_config(run_dir: Path, config_yaml: str, changes: list[tuple[str, object, object]], step: int) -> None:
+    """Write ``<run>/config.yaml`` atomically, keeping its comment history and adding ``changes`` to it."""
+    path = Path(run_dir) / CONFIG_FILE
+    history = []
+    if path.is_file():
+        history = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.startswith("# ")]
+    if changes:
+        history.append(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} resumed at step {step} with --override-config: "
+                       f"{format_changes(changes)}")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
+    tmp.write_text("".join(h + "\n" for h in history) + config_yaml, encoding="utf-8")
+    os.replace(tmp, path)
