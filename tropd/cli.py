@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import warnings
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from tropd.train.config import config_help, load_config
 
+    config = args.config
+    if config is None and args.resume and args.run_dir:  # resume with the run's own settings
+        saved = Path(args.run_dir) / "config.yaml"
+        config = saved if saved.is_file() else None
+    cfg = load_config(config, args.overrides)  # fails here, before any model loads, on a bad config
     if args.help_config:
-        print(config_help())
+        print(config_help(cfg))
         return 0
-    cfg = load_config(args.config, args.overrides)  # fails here, before any model loads, on a bad config
     from tropd.train.run import train_from_config
 
-    summary = train_from_config(cfg, resume=args.resume)
-    _print_summary(summary)
+    summary = train_from_config(cfg, resume=args.resume, override_config=args.override_config)
+    if not summary.get("already_complete"):
+        _print_summary(summary)
     return 130 if summary["interrupted"] else 0
 
 
@@ -67,50 +76,78 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="tropd", description="Trust Region On-Policy Distillation of language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="distil a student from a teacher (no arguments: the embedded offline default)")
-    t.add_argument("--config", default=None, help="YAML config (default: the embedded default)")
+    t = sub.add_parser("train", help="distil a student from a teacher (no arguments: the embedded offline default)",
+                       formatter_class=fmt)
+    t.add_argument("--config", default=None, help="YAML config (default: the embedded tropd/configs/default.yaml; "
+                                                  "with --resume, the run's own config.yaml)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run directory (--run-dir)")
+    t.add_argument("--override-config", action="store_true",
+                   help="with --resume: accept settings that differ from the run's (recorded in its config.yaml)")
     t.add_argument("--run-dir", default=None, help="shorthand for train.output_dir=...")
-    t.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    t.add_argument("--help-config", action="store_true",
+                   help="list every config key with the value this command would use, and its help")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.name=opd train.lr=1e-4")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="score a model on the verifiable task suites (avg@n, pass@k)")
+    e = sub.add_parser("eval", help="score a model on the verifiable task suites (avg@n, pass@k)", formatter_class=fmt)
     e.add_argument("--model", required=True, help="HF model folder, .gguf file, or 'smollm2'")
     e.add_argument("--tasks", default="math,code,if,mcq", help="comma-separated suites")
     e.add_argument("--n", type=int, default=4, help="samples per problem")
     e.add_argument("--limit", type=int, default=16, help="problems per suite (test split)")
-    e.add_argument("--max-new-tokens", type=int, default=256)
-    e.add_argument("--temperature", type=float, default=0.7)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--json", default=None, help="write the results here")
+    e.add_argument("--max-new-tokens", type=int, default=256, help="length budget of each answer")
+    e.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    e.add_argument("--seed", type=int, default=0, help="seed of the problems drawn and of sampling")
+    e.add_argument("--json", default=None, help="write the results here; rewritten after each suite ('complete': "
+                                                "false until all are done), so an interrupted eval keeps what finished")
     e.set_defaults(func=_cmd_eval)
 
-    o = sub.add_parser("objectives", help="list the registered objectives")
+    o = sub.add_parser("objectives", help="list the registered objectives", formatter_class=fmt)
     o.add_argument("-v", "--verbose", action="store_true", help="also show each objective's keywords")
     o.set_defaults(func=_cmd_objectives)
 
-    r = sub.add_parser("report", help="plots and a markdown summary from a run's metrics.jsonl")
-    r.add_argument("run_dir")
+    r = sub.add_parser("report", help="plots (a panel per unit, the SFT warm-up end marked) and summary.md with "
+                                      "first/last tables per phase, from a run's metrics.jsonl", formatter_class=fmt)
+    r.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
     r.set_defaults(func=_cmd_report)
     return p
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train" and args.run_dir:
         args.overrides = [*args.overrides, f"train.output_dir={args.run_dir}"]
-        args.run_dir = None
+    if getattr(args, "override_config", False) and not args.resume:
+        print("tropd train: error: --override-config only applies with --resume", file=sys.stderr)
+        return 2
+    from tropd.train.errors import NonFiniteTrainingError
+
+    debug = bool(os.environ.get("TROPD_DEBUG"))
+    if not debug:  # warnings as one plain line each, not file:line plus source
+        warnings.formatwarning = lambda message, category, *_: f"tropd {args.command}: warning: {message}\n"
+    signal.signal(signal.SIGTERM, _terminate)  # `kill` / `timeout` stop like Ctrl-C (training saves first)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # bad input: one clear line, no traceback
-        if os.environ.get("TROPD_DEBUG"):
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteTrainingError) as err:
+        if debug:  # bad input or a run that cannot go on: one clear line, no traceback
             raise
         print(f"tropd {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, NonFiniteTrainingError) else 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (e.g. while models load): nothing to save
+        if debug:
+            raise
+        print(f"\ntropd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `tropd train --help-config | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 if __name__ == "__main__":
     sys.exit(main())
