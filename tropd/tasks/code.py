@@ -6,7 +6,8 @@ Reference keys:
     ``entry_point`` (str, required): the function the program must define.
     ``setup`` (str, optional): code placed before the program (imports, helpers; for HumanEval, the prompt).
         A completion that does not define the entry point itself is treated as the continuation of ``setup``
-        (HumanEval's native format: the completion is the function body).
+        (HumanEval's native format: the completion is the function body). The judge also runs ``setup`` (when
+        it compiles on its own) before the tests, so the tests use the reference's helpers, not the program's.
     ``timeout_s`` (float, optional): wall-clock limit of this problem's run (default 5 s).
 """
 
@@ -78,7 +79,8 @@ def run_code(completion: str, reference: Mapping[str, Any], *, limits: Limits | 
     """Run a completion's program against the reference tests; the full :class:`SandboxResult`."""
     _check_reference(reference)
     program = build_program(completion, reference)
-    return run_tests(program, reference["tests"], reference["entry_point"], limits=_limits(reference, limits))
+    return run_tests(program, reference["tests"], reference["entry_point"], limits=_limits(reference, limits),
+                     setup=reference.get("setup") or None)
 
 
 def grade_code(completion: str, reference: Mapping[str, Any], *, limits: Limits | None = None) -> float:

@@ -1,26 +1,38 @@
-"""Run untrusted Python (a program plus its tests) in a contained child process.
+"""Run an untrusted Python program against trusted tests, in two contained processes.
 
-What contains a run (see ``docs/tasks.md`` for the honest list of limits):
+Guarantees (see ``docs/tasks.md`` for the honest list of limits):
 
-Enforced by the operating system
-    * a new session and process group per run; when the run ends, for any reason, the whole group gets
-      ``SIGKILL`` (``os.killpg``), and with a PID namespace every process it created dies with it;
-    * resource limits set in the child before untrusted code runs, soft = hard: CPU seconds (``RLIMIT_CPU``),
-      address space (``RLIMIT_AS``), processes (``RLIMIT_NPROC``; per user, and binding only for a non-root
-      uid: when the parent is root the child drops to ``nobody`` before untrusted code runs),
-      file size (``RLIMIT_FSIZE``, which also caps stdout/stderr), open files, no core files;
-    * a wall-clock limit measured by the parent;
-    * no inherited environment (the child gets a fixed minimal one), ``python -I`` (isolated mode), a fresh
-      temporary directory as cwd, deleted afterwards;
-    * when ``unshare`` works on this machine: a private network namespace (no interfaces but loopback, down),
-      a PID namespace and a private ``/proc``.
+The verdict is out of the program's reach
+    The program runs alone in a WORKER process; the reference setup and tests run in a JUDGE process
+    (:mod:`tropd.tasks.sandbox_child`). The judge calls the program's functions through proxies over pipes; the
+    answers are decoded into plain builtin values only (None, bool, int, float, complex, str, bytes, list,
+    tuple, dict, set, frozenset), so every comparison the tests make is between builtin objects; an exception
+    comes back as the builtin exception class it derives from. The worker cannot see or touch the judge: it
+    runs as ``nobody`` while the judge keeps the parent's uid (parent is root), or in another PID namespace, or
+    inside a Landlock domain (no ptrace, no signals, no ``/proc/<pid>/fd`` outside it). The verdict is the
+    judge's exit status plus a per-run nonce on the judge's own stdout.
 
-Best effort, in Python, inside the child (:mod:`tropd.tasks.sandbox_child`)
-    * process creation, signals, ``os._exit``, destructive file operations, writes outside the temporary
-      directory, sockets and a few modules (``ctypes``, ``subprocess``, ...) raise.
+Filesystem, enforced by the operating system
+    With bubblewrap (``bwrap``, the strongest): the worker sees a new root holding only ``/usr``, the
+    interpreter's install tree, ``/etc/ld.so.cache`` and ``/etc/localtime``, all read-only, a fresh ``/dev``
+    and ``/proc``, a read-only empty ``/tmp``, and its own temporary directory, the one writable place; the
+    host's ``/tmp``, home directories, the working tree are invisible. Without bwrap, Landlock (Linux >= 5.13)
+    makes every path but the temporary directory non-writable (reads stay as the uid allows). With neither, a
+    WARNING is logged once and :attr:`Isolation.filesystem_readonly` is ``False``.
 
-A pass requires a per-run random nonce that the harness prints only after every test ran and passed, and
-exit status 0: exiting early (``sys.exit``, ``SystemExit``, ``os._exit``, a signal) fails.
+Also enforced by the operating system
+    * a new session and process group per process; when the run ends, for any reason, both groups get
+      ``SIGKILL``, and with a PID namespace every process the program created dies with it;
+    * resource limits set before untrusted code runs, soft = hard: CPU seconds, address space, processes
+      (binding for a non-root uid: a root parent's worker drops to ``nobody``), file size (caps
+      stdout/stderr too), open files, no core files; the judge gets the same limits but processes;
+    * a wall-clock limit measured by the parent, over both processes;
+    * a fixed minimal environment, ``python -I -S``, a fresh temporary directory as the worker's cwd;
+    * network, PID, IPC and UTS namespaces when bwrap or ``unshare`` work here.
+
+Best effort, in Python, inside the worker (:func:`tropd.tasks.sandbox_child.install_guard`)
+    process creation, signals, ``os._exit``, destructive file operations, writes outside the temporary
+    directory, sockets and a few modules raise ``SandboxViolation``: a second layer, not a boundary.
 
 Runs are independent and thread-safe: :func:`run_many` runs several at once with a thread pool.
 """
@@ -39,18 +51,21 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Sequence
 
 Status = Literal["passed", "failed", "timeout", "early_exit", "error"]
+Filesystem = Literal["bubblewrap", "landlock", "none"]
 logger = logging.getLogger(__name__)
 
 NOBODY_UID = 65534
 NOBODY_GID = 65534
 _HARNESS_EXIT_CODES = {1: "a test failed", 2: "the program failed to load", 3: "entry point missing",
-                       4: "harness error"}
+                       4: "harness or reference error"}
+INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: `apt-get install -y bubblewrap`; Fedora: `dnf install "
+                "bubblewrap`), or run on Linux >= 5.13 with Landlock enabled")
 
 
 @dataclass(frozen=True)
@@ -58,11 +73,11 @@ class Limits:
     """Resource limits of one sandboxed run.
 
     Attributes:
-        timeout_s: wall-clock seconds before the parent kills the process group.
-        cpu_s: CPU seconds (``RLIMIT_CPU``); ``None`` means ``ceil(timeout_s)``.
-        memory_mb: address-space limit in MiB (``RLIMIT_AS``); Python itself needs ~100 MiB of it.
+        timeout_s: wall-clock seconds before the parent kills both processes.
+        cpu_s: CPU seconds (``RLIMIT_CPU``), per process; ``None`` means ``ceil(timeout_s)``.
+        memory_mb: address-space limit in MiB (``RLIMIT_AS``), per process; Python itself needs ~100 MiB of it.
         max_procs: ``RLIMIT_NPROC`` (processes and threads of the sandbox user).
-        max_output_bytes: largest file the child may write (``RLIMIT_FSIZE``), stdout and stderr included.
+        max_output_bytes: largest file the worker may write (``RLIMIT_FSIZE``), stdout and stderr included.
         max_open_files: ``RLIMIT_NOFILE``.
     """
 
@@ -93,14 +108,17 @@ class SandboxResult:
     """Outcome of one run.
 
     Attributes:
-        passed: the harness printed this run's nonce after all tests, and the process exited with status 0.
-        status: ``"passed"``; ``"failed"`` (non-zero exit: a test, the program or a limit failed it);
-            ``"timeout"`` (wall clock); ``"early_exit"`` (status 0 without the nonce); ``"error"`` (could not run).
-        returncode: the child's exit status (negative: killed by that signal), ``None`` when it never ran.
-        stdout: the tail of the program's stdout, nonce removed.
-        stderr: the tail of its stderr (tracebacks; the harness says which phase failed).
+        passed: the judge ran every test, they passed, it printed this run's nonce and exited with status 0.
+        status: ``"passed"``; ``"failed"`` (the judge exited non-zero: a test, the program or a limit failed it);
+            ``"timeout"`` (wall clock); ``"early_exit"`` (the judge exited 0 without the verdict);
+            ``"error"`` (could not run).
+        returncode: the judge's exit status (1 a test failed, 2 the program failed to load, 3 entry point
+            missing, 4 harness or reference error; negative: killed by that signal), ``None`` when it never ran.
+        stdout: the tail of the program's stdout.
+        stderr: the tail of the program's stderr, then the judge's report (which test failed, and why).
         duration_s: wall-clock seconds.
-        pid: the child's pid (its process group and session id).
+        pid: the worker's pid (its process group and session id on the host).
+        worker_returncode: the worker's exit status (negative: killed by that signal; the parent kills it).
     """
 
     passed: bool
@@ -110,6 +128,7 @@ class SandboxResult:
     stderr: str
     duration_s: float
     pid: int | None = None
+    worker_returncode: int | None = None
 
     @property
     def reason(self) -> str:
@@ -126,18 +145,19 @@ class SandboxResult:
 
 @dataclass(frozen=True)
 class Isolation:
-    """The OS-level isolation this machine allows, probed once per process (see :func:`isolation`).
+    """The OS-level isolation of the worker that this machine allows, probed once per process (:func:`isolation`).
 
     Attributes:
-        prefix: command prefix (an ``unshare`` invocation, or empty).
-        network_namespace: the child has its own network namespace: no interfaces but a loopback that is down.
-        pid_namespace: the child sees only its own processes (private ``/proc``) and all of them die with it.
-        user_namespace: the child runs in its own user namespace (an unprivileged way to get the others).
-        drop_to: ``(uid, gid)`` the child switches to before untrusted code (parent is root), else ``None``.
+        prefix: command prefix of the worker (``bwrap`` options without the per-run ones, ``unshare``, or empty).
+        network_namespace: the worker has its own network namespace: no interfaces but a loopback that is down.
+        pid_namespace: the worker sees only its own processes (private ``/proc``) and all of them die with it.
+        user_namespace: the worker runs in its own user namespace (an unprivileged way to get the others).
+        drop_to: ``(uid, gid)`` the worker switches to before untrusted code (parent is root), else ``None``.
         preload: standard modules imported before the privilege drop, because the dropped user cannot read
             this interpreter's standard library (then other modules are not importable by programs).
-        nproc_enforced: whether ``RLIMIT_NPROC`` binds the child: only for a non-root uid (root in a user
-            namespace was measured not to be bound by it).
+        filesystem: what keeps the worker from writing outside its temporary directory at the OS level:
+            ``"bubblewrap"`` (a read-only, minimal view of the filesystem), ``"landlock"`` (writes restricted,
+            reads as the uid allows) or ``"none"`` (only file permissions and the Python-level guard).
     """
 
     prefix: tuple[str, ...] = ()
@@ -146,10 +166,33 @@ class Isolation:
     user_namespace: bool = False
     drop_to: tuple[int, int] | None = None
     preload: tuple[str, ...] = ()
+    filesystem: Filesystem = "none"
 
     @property
     def nproc_enforced(self) -> bool:
+        """Whether ``RLIMIT_NPROC`` binds the worker: only for a non-root uid (root in a user namespace was
+        measured not to be bound by it)."""
         return self.drop_to is not None or os.geteuid() != 0
+
+    @property
+    def filesystem_readonly(self) -> bool:
+        """Whether the OS stops the worker from writing anywhere but its temporary directory."""
+        return self.filesystem != "none"
+
+    @property
+    def judge_protected(self) -> bool:
+        """Whether the OS stops the worker from signalling, tracing or opening the fds of the judge."""
+        return self.pid_namespace or self.drop_to is not None or self.filesystem == "landlock"
+
+    def worker_command(self, workdir: str, harness: Sequence[str]) -> list[str]:
+        """The command that starts the worker harness (``harness``: the arguments after the interpreter)."""
+        if self.filesystem != "bubblewrap":
+            return [*self.prefix, sys.executable, *harness]
+        mounts = [arg for parent in _ancestors(os.path.dirname(workdir)) if not _bwrap_has(parent)
+                  for arg in ("--perms", "0755", "--dir", parent)]
+        # The real interpreter, not a venv's symlink: only its install tree is in the sandbox's view.
+        return [*self.prefix, *mounts, "--bind", workdir, workdir, "--remount-ro", "/tmp", "--remount-ro", "/",
+                "--chdir", workdir, "--", os.path.realpath(sys.executable), *harness]
 
 
 # Imported before the privilege drop when the dropped user cannot read the standard library.
@@ -166,30 +209,105 @@ def _harness_source() -> str:
     return (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
 
 
-def _child_env(workdir: str) -> dict[str, str]:
-    return {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+def _child_env(home: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": home, "TMPDIR": home}
+
+
+def _ancestors(path: str) -> list[str]:
+    """``/a``, ``/a/b``, ``/a/b/c`` for ``/a/b/c``."""
+    parts = Path(path).parts[1:]
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+# What the bwrap view holds besides the per-run directory: read-only system trees, the interpreter.
+_BWRAP_SYSTEM = ("/usr",)
+_BWRAP_TOP_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_BWRAP_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+
+
+@lru_cache(maxsize=1)
+def _python_trees() -> tuple[str, ...]:
+    """Install trees of this interpreter that the worker must read, outside the system trees, outermost only."""
+    real = os.path.realpath(sys.executable)
+    trees = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix,
+                                           os.path.dirname(os.path.dirname(real)))}
+    trees = {t for t in trees if not any(t == s or t.startswith(s + "/") for s in _BWRAP_SYSTEM)}
+    return tuple(sorted(t for t in trees if not any(t != o and t.startswith(o + "/") for o in trees)))
+
+
+def _bwrap_has(path: str) -> bool:
+    """Whether ``path`` already exists in the bwrap view built by :func:`_bwrap_prefix`."""
+    if path in ("/", "/tmp", "/dev", "/proc", "/etc") or path in _BWRAP_TOP_LINKS:
+        return True
+    return any(path == t or path.startswith(t + "/") or t.startswith(path + "/")
+               for t in (*_BWRAP_SYSTEM, *_python_trees()))
+
+
+def _bwrap_prefix(bwrap: str, user_namespace: bool) -> tuple[str, ...]:
+    """``bwrap`` options of the worker: new namespaces, a minimal read-only view (per-run mounts come later)."""
+    args = [bwrap, "--die-with-parent", "--new-session"]
+    # As root, no user namespace: the worker harness drops to `nobody` itself (bwrap would map only root).
+    args += ["--unshare-all"] if user_namespace else [
+        "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+    for tree in _BWRAP_SYSTEM:
+        args += ["--ro-bind", tree, tree]
+    for top in _BWRAP_TOP_LINKS:
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    args += ["--perms", "0755", "--dir", "/etc"]
+    for path in _BWRAP_FILES:
+        args += ["--ro-bind-try", path, path]
+    made = {"/", "/etc"}
+    for tree in _python_trees():
+        for parent in _ancestors(os.path.dirname(tree)):
+            if parent not in made:  # bwrap would create missing parents with mode 0700
+                args += ["--perms", "0755", "--dir", parent]
+                made.add(parent)
+        args += ["--ro-bind", tree, tree]
+    args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    return tuple(args)
+
+
+@lru_cache(maxsize=1)
+def _landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0: unavailable or not askable from here)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        return max(0, int(libc.syscall(ctypes.c_long(444), None, ctypes.c_long(0), ctypes.c_long(1))))
+    except (OSError, AttributeError, ImportError):
+        return 0
 
 
 def _candidates() -> list[Isolation]:
-    """Isolation set-ups from strongest to weakest; :func:`isolation` keeps the first that works."""
-    unshare = shutil.which("unshare")
+    """Isolation set-ups from strongest to weakest; :func:`isolation` keeps the first that passes its probe."""
+    unshare, bwrap = shutil.which("unshare"), shutil.which("bwrap")
+    root = os.geteuid() == 0
+    nobody = (NOBODY_UID, NOBODY_GID) if root else None
     full_ns = ("--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--")
     net_ns = ("--net", "--")
     user_ns = ("--user", "--map-root-user")
     out: list[Isolation] = []
-    if os.geteuid() == 0:
-        nobody = (NOBODY_UID, NOBODY_GID)
-        for preload in ((), PRELOAD_MODULES):
-            if unshare:
-                out.append(Isolation((unshare, *full_ns), True, True, False, nobody, preload))
-                out.append(Isolation((unshare, *net_ns), True, False, False, nobody, preload))
-            out.append(Isolation((), drop_to=nobody, preload=preload))
+    if bwrap:
+        for preload in (((), PRELOAD_MODULES) if root else ((),)):
+            out.append(Isolation(_bwrap_prefix(bwrap, not root), True, True, not root, nobody, preload, "bubblewrap"))
+    filesystems: list[Filesystem] = (["landlock"] if _landlock_abi() > 0 else []) + ["none"]
+    for fs in filesystems:
+        if root:
+            for preload in ((), PRELOAD_MODULES):
+                if unshare:
+                    out.append(Isolation((unshare, *full_ns), True, True, False, nobody, preload, fs))
+                    out.append(Isolation((unshare, *net_ns), True, False, False, nobody, preload, fs))
+                out.append(Isolation((), drop_to=nobody, preload=preload, filesystem=fs))
         if unshare:
-            out.append(Isolation((unshare, *user_ns, *full_ns), True, True, True))
-            out.append(Isolation((unshare, *user_ns, *net_ns), True, False, True))
-    elif unshare:
-        out.append(Isolation((unshare, *user_ns, *full_ns), True, True, True))
-        out.append(Isolation((unshare, *user_ns, *net_ns), True, False, True))
+            out.append(Isolation((unshare, *user_ns, *full_ns), True, True, True, filesystem=fs))
+            out.append(Isolation((unshare, *user_ns, *net_ns), True, False, True, filesystem=fs))
+        if not root:
+            out.append(Isolation(filesystem=fs))
     out.append(Isolation())
     return out
 
@@ -197,27 +315,77 @@ def _candidates() -> list[Isolation]:
 _PROBE_TESTS = "assert x == 1\n"
 
 
-def _probe_program(candidate: Isolation) -> str:
-    # Without a preload list the dropped user must be able to import any standard module: try one that
-    # nothing imports on its own.
-    return ("import json, collections\n" + ("" if candidate.preload else "import zipfile, wave\n")
-            + "x = 1\n")
+def _probe_program(candidate: Isolation, outside: str) -> str:
+    """A program whose ``x`` is 1 only when the candidate works: its imports load (without a preload list any
+    standard module must be importable: one that nothing imports on its own), and, when the candidate claims
+    filesystem isolation, writing its own directory works while writing the world-writable ``outside`` fails
+    even past the Python-level guard."""
+    lines = ["import json, collections", *([] if candidate.preload else ["import zipfile, wave"]), "x = 1"]
+    if candidate.filesystem_readonly:
+        lines += ["import sys", "del sys.modules['posix']", "import posix",
+                  "flags = posix.O_WRONLY | posix.O_CREAT",
+                  "posix.close(posix.open('inside', flags, 0o600))",
+                  "try:", f"    posix.close(posix.open({outside + '/escaped'!r}, flags, 0o666))",
+                  "    x = 0", "except OSError:", "    pass"]
+    return "\n".join(lines) + "\n"
+
+
+def _probe(candidate: Isolation) -> SandboxResult:
+    outside = tempfile.mkdtemp(prefix="tropd-probe-")
+    try:
+        os.chmod(outside, 0o1777)
+        result = _run(_probe_program(candidate, outside), _PROBE_TESTS, None, None, False, Limits(timeout_s=30),
+                      candidate)
+        if os.listdir(outside):
+            result = replace(result, passed=False, status="failed", stderr=result.stderr + "\nwrote outside")
+        return result
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+
 _isolation_lock = threading.Lock()
 _isolation_cache: Isolation | None = None
 
 
 def isolation() -> Isolation:
-    """Probe (once per process, thread-safe) the strongest isolation that runs a trivial program here."""
+    """Probe (once per process, thread-safe) the strongest isolation that runs a trivial program here.
+
+    Logs a WARNING, once, when the chosen set-up has no OS-level filesystem isolation (saying what is missing
+    and how to install it) or does not keep the worker away from the judge.
+    """
     global _isolation_cache
     with _isolation_lock:
         if _isolation_cache is None:
-            chosen = Isolation()
+            chosen, failures = Isolation(), []
             for candidate in _candidates():
-                if _run(_probe_program(candidate), _PROBE_TESTS, None, False, Limits(timeout_s=30), candidate).passed:
+                result = _probe(candidate)
+                if result.passed:
                     chosen = candidate
                     break
+                failures.append((candidate, result))
+            _warn_if_weak(chosen, failures)
             _isolation_cache = chosen
         return _isolation_cache
+
+
+def _warn_if_weak(chosen: Isolation, failures: list[tuple[Isolation, SandboxResult]]) -> None:
+    logger.info("tropd sandbox isolation: filesystem=%s pid_namespace=%s network_namespace=%s drop_to=%s",
+                chosen.filesystem, chosen.pid_namespace, chosen.network_namespace, chosen.drop_to)
+    if not chosen.filesystem_readonly:
+        bwrap_failures = [r for c, r in failures if c.filesystem == "bubblewrap"]
+        why = ("bubblewrap (bwrap) is not installed" if shutil.which("bwrap") is None
+               else f"bubblewrap failed here: {bwrap_failures[-1].stderr.strip()[-300:]!r}" if bwrap_failures
+               else "bubblewrap did not work")
+        why += "; Landlock is not available" if _landlock_abi() == 0 else "; Landlock did not work"
+        logger.warning("tropd sandbox: NO OS-level filesystem isolation (%s). Graded programs can write wherever "
+                       "their user may (world-writable folders such as /tmp); only file permissions and a "
+                       "Python-level guard, which a program can bypass, stand in the way. To fix: %s.",
+                       why, INSTALL_HINT)
+    if not chosen.judge_protected:
+        logger.warning("tropd sandbox: the program's process runs as the judge's user in the judge's PID "
+                       "namespace without Landlock: a hostile program could trace or signal the judge and forge "
+                       "a pass. To fix: run as root (the program then drops to nobody), allow user namespaces, "
+                       "or %s.", INSTALL_HINT)
 
 
 def _read_tail(handle, limit: int) -> str:
@@ -228,7 +396,7 @@ def _read_tail(handle, limit: int) -> str:
 
 
 def _kill_group(proc: subprocess.Popen, settle_s: float = 2.0) -> None:
-    """SIGKILL the run's whole process group, reap the child, and wait (bounded) until the group is gone."""
+    """SIGKILL a process's whole group, reap it, and wait (bounded) until the group is gone."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -247,88 +415,115 @@ def _kill_group(proc: subprocess.Popen, settle_s: float = 2.0) -> None:
         time.sleep(0.01)
 
 
-def _run(program: str, tests: str, entry_point: str | None, call_check: bool, limits: Limits,
+def _start(cmd: list[str], job: dict, out, err, cwd: str, env: dict, fds: tuple[int, int]) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd, env=env,
+                            start_new_session=True, close_fds=True, pass_fds=fds)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(marshal.dumps(job))
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
+    return proc
+
+
+def _run(program: str, tests: str, setup: str | None, entry_point: str | None, call_check: bool, limits: Limits,
          iso: Isolation, output_tail: int = 16384) -> SandboxResult:
     start = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="tropd-sandbox-")
     nonce = secrets.token_hex(16)
-    job = {
-        "nonce": nonce,
-        "program": program,
-        "tests": tests,
-        "entry_point": entry_point,
-        "call_check": call_check,
-        "limits": limits.child_limits(),
-        "workdir": workdir,
-        "drop_to": list(iso.drop_to) if iso.drop_to else None,
-        "preload": list(iso.preload),
-    }
-    proc: subprocess.Popen | None = None
+    child_limits = limits.child_limits()
+    worker_job = {"program": program, "limits": child_limits, "workdir": workdir,
+                  "drop_to": list(iso.drop_to) if iso.drop_to else None, "preload": list(iso.preload),
+                  "landlock": iso.filesystem == "landlock"}
+    judge_job = {"nonce": nonce, "tests": tests, "setup": setup, "entry_point": entry_point,
+                 "call_check": call_check, "limits": child_limits}
+    procs: list[subprocess.Popen] = []
+    pipe_fds: list[int] = []
     try:
         if iso.drop_to:
             os.chown(workdir, *iso.drop_to)
         os.chmod(workdir, 0o700)
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            cmd = [*iso.prefix, sys.executable, "-I", "-S", "-c", _harness_source()]
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir,
-                                    env=_child_env(workdir), start_new_session=True, close_fds=True)
+        to_worker_r, to_worker_w = os.pipe()
+        to_judge_r, to_judge_w = os.pipe()
+        pipe_fds = [to_worker_r, to_worker_w, to_judge_r, to_judge_w]
+        source = _harness_source()
+        with tempfile.TemporaryFile() as w_out, tempfile.TemporaryFile() as w_err, \
+                tempfile.TemporaryFile() as j_out, tempfile.TemporaryFile() as j_err:
+            worker_cmd = iso.worker_command(workdir, ["-I", "-S", "-c", source, "worker", str(to_worker_r),
+                                                      str(to_judge_w)])
+            procs.append(_start(worker_cmd, worker_job, w_out, w_err, workdir, _child_env(workdir),
+                                (to_worker_r, to_judge_w)))
+            judge_cmd = [sys.executable, "-I", "-S", "-c", source, "judge", str(to_judge_r), str(to_worker_w)]
+            procs.append(_start(judge_cmd, judge_job, j_out, j_err, "/", _child_env("/"),
+                                (to_judge_r, to_worker_w)))
+            for fd in pipe_fds:  # now only the children hold the pipes: a dead peer reads as end of file
+                os.close(fd)
+            pipe_fds = []
+            worker, judge = procs
             timed_out = False
             try:
-                assert proc.stdin is not None
-                proc.stdin.write(marshal.dumps(job))
-                proc.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
-            try:
-                proc.wait(timeout=max(0.0, limits.timeout_s - (time.monotonic() - start)))
+                judge.wait(timeout=max(0.0, limits.timeout_s - (time.monotonic() - start)))
             except subprocess.TimeoutExpired:
                 timed_out = True
-            _kill_group(proc)
+            for proc in procs:
+                _kill_group(proc)
             duration = time.monotonic() - start
-            stdout = _read_tail(out, output_tail)
-            stderr = _read_tail(err, output_tail)
+            stdout = _read_tail(w_out, output_tail)
+            stderr = _read_tail(w_err, output_tail)
+            verdict = _read_tail(j_out, 4096)
+            report = _read_tail(j_err, output_tail)
     except OSError as exc:
-        if proc is not None and proc.returncode is None:
-            _kill_group(proc)
+        for proc in procs:
+            if proc.returncode is None:
+                _kill_group(proc)
         logger.warning("tropd sandbox could not run a program (scored as a failure): %s", exc)
         return SandboxResult(False, "error", None, "", f"could not start the sandbox: {exc}",
                              time.monotonic() - start)
     finally:
+        for fd in pipe_fds:
+            os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    rc = proc.returncode
-    lines = stdout.rstrip("\n").rsplit("\n", 1)
-    has_nonce = lines[-1] == nonce
-    if has_nonce:
-        stdout = lines[0] if len(lines) == 2 else ""
+    rc = judge.returncode
+    has_verdict = verdict.rstrip("\n").rsplit("\n", 1)[-1] == f"{nonce} passed"
     if timed_out:
         status: Status = "timeout"
-    elif rc == 0 and has_nonce:
+    elif rc == 0 and has_verdict:
         status = "passed"
     elif rc == 0:
         status = "early_exit"
     else:
         status = "failed"
-    return SandboxResult(status == "passed", status, rc, stdout, stderr, duration, proc.pid)
+    if report:
+        stderr = (stderr.rstrip("\n") + "\n" if stderr else "") + report
+    return SandboxResult(status == "passed", status, rc, stdout, stderr, duration, worker.pid, worker.returncode)
 
 
 def run_tests(program: str, tests: str, entry_point: str | None = None, *, call_check: bool | None = None,
-              limits: Limits | None = None) -> SandboxResult:
-    """Execute ``program`` then ``tests`` in one namespace inside the sandbox.
+              limits: Limits | None = None, setup: str | None = None) -> SandboxResult:
+    """Run ``program`` in the worker and ``setup`` then ``tests`` in the judge (see the module docstring).
+
+    The tests see: the judge's builtins; the names ``setup`` defines; then, from the program, the entry point
+    and every other name they use that neither defines: a function as a proxy (arguments and return values
+    must be plain data; mutating an argument in place is not seen by the tests), a plain-data value as a copy.
 
     Args:
-        program: the candidate source (untrusted).
-        tests: test source: plain ``assert`` statements, and/or a ``check(candidate)`` function.
-        entry_point: name the program must define (callable); ``check`` receives it.
+        program: the candidate source (untrusted). For HumanEval it starts with the setup (the prompt).
+        tests: test source (trusted): plain ``assert`` statements, and/or a ``check(candidate)`` function.
+        entry_point: name the program must define (callable); ``check`` receives its proxy.
         call_check: call ``check(<entry_point>)`` after the tests load; ``None``: when ``tests`` defines
             a top-level ``check`` function and an entry point is given.
         limits: resource limits (default :class:`Limits`).
+        setup: reference code (trusted) run in the judge before the tests: imports and helper functions the
+            tests use, which the program cannot redefine for them. A setup that does not compile on its own
+            (e.g. a bare ``def f(x):``) is not run in the judge.
     """
     if call_check is None:
         call_check = entry_point is not None and _defines_check(tests)
     if call_check and not entry_point:
         raise ValueError("call_check needs an entry_point")
-    return _run(program, tests, entry_point, call_check, limits or Limits(), isolation())
+    return _run(program, tests, setup, entry_point, call_check, limits or Limits(), isolation())
 
 
 def run_many(jobs: Sequence[tuple[str, str, str | None]], *, limits: Limits | None = None,
