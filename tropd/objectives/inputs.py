@@ -11,6 +11,11 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+#: fields that hold one value per position (exactly ``[B,T]``) and fields that hold token ids.
+_PER_POSITION = ("tokens", "behavior_logprobs", "teacher_logprobs", "teacher_entropy", "loss_mask",
+                 "teacher_token_mask", "trust_mask")
+_INTEGER = ("tokens", "teacher_topk_ids")
+
 
 @dataclass
 class TokenInputs:
@@ -51,27 +56,52 @@ class TokenInputs:
         if logits.dim() != 3:
             raise ValueError(f"TokenInputs.student_logits must be [B,T,V], got shape {tuple(logits.shape)}")
         bt = tuple(logits.shape[:2])
-        if tuple(self.tokens.shape) != bt:
-            raise ValueError(f"TokenInputs.tokens must be [B,T]={bt}, got {tuple(self.tokens.shape)}")
         if self.loss_mask is None:
             self.loss_mask = torch.ones(bt, dtype=torch.bool, device=logits.device)
         if self.teacher_token_mask is None:
             self.teacher_token_mask = torch.zeros(bt, dtype=torch.bool, device=logits.device)
         self.loss_mask = self.loss_mask.bool()
         self.teacher_token_mask = self.teacher_token_mask.bool() & self.loss_mask
+        self.check_shapes()
+
+    def check_shapes(self) -> None:
+        """Raise ``ValueError`` naming the first field whose shape or dtype does not fit ``student_logits``.
+
+        Run at construction and again by every objective call (fields may be reassigned in between).
+        """
+        logits = self.student_logits
+        if logits.dim() != 3:
+            raise ValueError(f"TokenInputs.student_logits must be [B,T,V], got shape {tuple(logits.shape)}")
+        bt = tuple(logits.shape[:2])
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, torch.Tensor) or f.name in ("student_logits", "tokens"):
+            if not isinstance(value, torch.Tensor) or f.name == "student_logits":
                 continue
+            if f.name in _PER_POSITION and tuple(value.shape) != bt:
+                raise ValueError(f"TokenInputs.{f.name} must be [B,T]={bt}, got {tuple(value.shape)}")
             if tuple(value.shape[:2]) != bt:
                 raise ValueError(f"TokenInputs.{f.name} must start with [B,T]={bt}, got {tuple(value.shape)}")
+            if f.name in _INTEGER and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+                raise ValueError(f"TokenInputs.{f.name} must hold integer token ids, got dtype {value.dtype}")
         if self.teacher_logits is not None and self.teacher_logits.shape[-1] != logits.shape[-1]:
             raise ValueError(
                 f"TokenInputs.teacher_logits has vocabulary {self.teacher_logits.shape[-1]}, "
                 f"student_logits has {logits.shape[-1]}: teacher and student must share a tokenizer"
             )
-        if (self.teacher_topk_ids is None) != (self.teacher_topk_logprobs is None):
+        if self.teacher_logits is not None and self.teacher_logits.dim() != 3:
+            raise ValueError(f"TokenInputs.teacher_logits must be [B,T,V], got {tuple(self.teacher_logits.shape)}")
+        ids, lps = self.teacher_topk_ids, self.teacher_topk_logprobs
+        if (ids is None) != (lps is None):
             raise ValueError("TokenInputs.teacher_topk_ids and teacher_topk_logprobs must be given together")
+        if ids is not None:
+            for name, value in (("teacher_topk_ids", ids), ("teacher_topk_logprobs", lps)):
+                if value.dim() != 3:
+                    raise ValueError(f"TokenInputs.{name} must be [B,T,K], got shape {tuple(value.shape)}")
+            if ids.shape != lps.shape:
+                raise ValueError(
+                    f"TokenInputs.teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logprobs "
+                    f"{tuple(lps.shape)} must have the same shape [B,T,K]"
+                )
 
     @property
     def student_mask(self) -> torch.Tensor:
