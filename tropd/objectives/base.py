@@ -19,6 +19,7 @@ import math
 import torch
 
 from tropd.objectives import terms
+from tropd.objectives.checks import check_inputs
 from tropd.objectives.inputs import ObjectiveOutput, TokenInputs
 from tropd.objectives.registry import Needs
 
@@ -73,8 +74,9 @@ class Objective:
     # -- evaluation --------------------------------------------------------------------------------------
     def __call__(self, x: TokenInputs, num_tokens: float | int | torch.Tensor | None = None) -> ObjectiveOutput:
         x.require(self.name, *self.requires)
+        logits = check_inputs(x, num_tokens)  # NaN/inf, bad ids or num_tokens: NonFiniteInputError naming the input
         t = terms.rowwise(
-            x.student_logits, x.loss_mask, self.side_inputs(x), self.row_fn,
+            logits, x.loss_mask, self.side_inputs(x), self.row_fn,
             ("s", "student_entropy", *self.row_terms), self.chunk_size,
         )
         dtype = t["s"].dtype
@@ -122,5 +124,6 @@ class Objective:
 
 
 def _masked_mean(value: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of ``value`` over ``mask``; values outside the mask (padding: possibly NaN/inf) are never read."""
     n = mask.sum()
-    return float((value * mask).sum() / n) if n > 0 else 0.0
+    return float(torch.where(mask, value, torch.zeros_like(value)).sum() / n) if n > 0 else 0.0
