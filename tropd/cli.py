@@ -25,7 +25,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tropd.train.run import train_from_config
 
     summary = train_from_config(cfg, resume=args.resume, override_config=args.override_config)
-    if not summary.get("already_complete"):
+    if summary["main_process"] and not summary.get("already_complete"):
         _print_summary(summary)
     return 130 if summary["interrupted"] else 0
 

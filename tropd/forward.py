@@ -82,14 +82,24 @@ def response_logits(
     response_start: int,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """``[B, T, V]`` logits where ``[:, t]`` is the model's distribution for response token ``input_ids[:, P + t]``.
+    """``[B, T, V]`` float32 logits where ``[:, t]`` is the model's distribution for response token ``input_ids[:, P + t]``.
 
-    Gradients flow when called with grad enabled. ``chunk_size`` applies the LM head to that many response
-    positions at a time (bounds the head's temporaries, e.g. soft-capping); the result is the same.
+    Gradients flow when called with grad enabled. Without ``chunk_size`` this is one call of ``model`` itself
+    (``logits_to_keep = T + 1``), so a DDP/FSDP wrapper's hooks and accelerate's autocast run; ``chunk_size``
+    instead applies the LM head of the plain model to that many response positions at a time (bounds the head's
+    temporaries, e.g. soft-capping); the result is the same.
     """
-    hidden = response_hidden(model, input_ids, attention_mask, response_start)
-    if chunk_size is None or chunk_size >= hidden.shape[1]:
-        return lm_head_logits(model, hidden)
+    if chunk_size is None:
+        _check_layout(input_ids, attention_mask, response_start)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            logits_to_keep=input_ids.shape[1] - response_start + 1,
+        )
+        return out.logits[:, :-1].float()
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
-    return torch.cat([lm_head_logits(model, h) for h in hidden.split(chunk_size, dim=1)], dim=1)
+    hidden = response_hidden(model, input_ids, attention_mask, response_start)
+    return torch.cat([lm_head_logits(model, h) for h in hidden.split(chunk_size, dim=1)], dim=1).float()

@@ -205,7 +205,9 @@ def test_a_teacher_emitting_nan_stops_the_run_naming_the_input(tmp_path, teacher
 
 # -- config-time checks and the command line -----------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
-    ("model.dtype=float16", "model.dtype=float16 is not supported on CPU"),
+    ("model.dtype=bfloat16", "model.dtype=bfloat16 would train the student's weights in bfloat16"),
+    ("model.teacher_dtype=float16", "model.teacher_dtype=float16 is not supported on CPU"),
+    ("model.mixed_precision=fp16", "model.mixed_precision=fp16 is not supported on CPU"),
     ("model.device=cuda", "model.device=cuda is not on this machine"),
     ("model.device=tpu9", "model.device=tpu9 is not"),
     ("rollout.temperature=inf", "rollout.temperature=inf has the wrong type; expected a finite number"),

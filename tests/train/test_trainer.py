@@ -85,11 +85,11 @@ def test_accumulation_matches_one_batch(tmp_path, teacher_dir):
     for mb in (4, 1):
         cfg.train.micro_batch_size = mb
         trainer = Trainer(cfg, student, teacher, tok, prompts, tmp_path / "run")
-        objective, micro, progress, gen = trainer.collect(step=1)
-        assert len(micro) == 4 // mb
-        samples.append(torch.cat([b.tokens for b, _ in micro]))
+        objective, micro, progress = trainer.collect(step=1)
+        assert len(micro) == 4 // mb and [m.offset for m in micro] == list(range(0, 4, mb))
+        samples.append(torch.cat([m.batch.tokens for m in micro]))
         student.zero_grad(set_to_none=True)
-        trainer.accumulate(objective, micro, progress, gen)
+        trainer.accumulate(objective, micro, progress, step=1)
         grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
     assert torch.equal(samples[0], samples[1])
     assert any(g.abs().max() > 0 for g in grads[0].values())

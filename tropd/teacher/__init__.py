@@ -1,5 +1,6 @@
-"""Teacher scoring: what the frozen teacher says about each response position (in-process now)."""
+"""The teacher: what the frozen teacher says about each response position, behind the ``Teacher`` seam."""
 
 from tropd.teacher.scoring import TeacherScores, entropy_from_logprobs, score_with_teacher
+from tropd.teacher.seam import InProcessTeacher, Teacher
 
-__all__ = ["TeacherScores", "entropy_from_logprobs", "score_with_teacher"]
+__all__ = ["InProcessTeacher", "Teacher", "TeacherScores", "entropy_from_logprobs", "score_with_teacher"]

@@ -46,8 +46,12 @@ class ModelConfig:
                                    "by keeping student_layers of its decoder layers.")
     student_layers: int | None = _f(20, "With student=null: how many teacher layers the student keeps (evenly "
                                         "spaced, first and last included); null keeps all (self-distillation).")
-    dtype: str = _f("float32", "Compute dtype of both models: float32 | bfloat16 | float16 (float16 is refused "
-                               "on CPU; bfloat16 works there but is ~3x slower than float32).")
+    dtype: str = _f("float32", "dtype of the student's weights and AdamW state: float32 (master weights; for bf16 "
+                               "compute set mixed_precision instead).")
+    teacher_dtype: str | None = _f(None, "dtype of the frozen teacher: float32 | bfloat16 | float16; null = "
+                                         "model.dtype. bfloat16 halves its memory on a GPU.")
+    mixed_precision: str = _f("no", "no | bf16 | fp16: forward/backward of the student under autocast (accelerate), "
+                                    "weights and optimizer state staying float32; the loss math is float32 always.")
     device: str = _f("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps; a device this "
                              "machine lacks is refused at start-up.")
 
@@ -146,9 +150,16 @@ class RunConfig:
             obj = self.build_objective()
         except (TypeError, ValueError) as err:
             raise ConfigError(f"objective.kwargs: {err}", "objective.kwargs") from None
-        _check(self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-               "must be float32, bfloat16 or float16")
-        _check_device(self.model.device, self.model.dtype)
+        m = self.model
+        _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "must be float32, bfloat16 or float16")
+        if m.dtype != "float32":
+            raise ConfigError(f"model.dtype={m.dtype} would train the student's weights in {m.dtype}, where AdamW "
+                              "updates smaller than ~1/256 of a weight round to zero; keep model.dtype=float32 and set "
+                              "model.mixed_precision=bf16 (and model.teacher_dtype=bfloat16)", "model.dtype")
+        _check(m.teacher_dtype in (None, "float32", "bfloat16", "float16"), "model.teacher_dtype",
+               "must be float32, bfloat16, float16 or null")
+        _check(m.mixed_precision in ("no", "bf16", "fp16"), "model.mixed_precision", "must be no, bf16 or fp16")
+        _check_device(m.device, m.teacher_dtype or m.dtype, m.mixed_precision)
         _check(self.model.student_layers is None or self.model.student_layers >= 1, "model.student_layers",
                "must be >= 1 or null")
         _check(o.chunk_size is None or o.chunk_size >= 1, "objective.chunk_size", "must be >= 1 or null")
@@ -208,12 +219,13 @@ def _check(ok: bool, key: str, what: str) -> None:
         raise ConfigError(f"{key} {what}", key)
 
 
-def _check_device(name: str, dtype: str) -> None:
-    """``model.device`` names a device this machine has, and ``model.dtype`` runs on it."""
+def _check_device(name: str, dtype: str, mixed_precision: str) -> None:
+    """``model.device`` names a device this machine has, and the teacher's dtype and the mixed precision run on it."""
     import torch
 
     def refuse(key: str, why: str):
-        raise ConfigError(f"{key}={name if key == 'model.device' else dtype} {why}", key)
+        value = {"model.device": name, "model.teacher_dtype": dtype, "model.mixed_precision": mixed_precision}[key]
+        raise ConfigError(f"{key}={value} {why}", key)
 
     kind = "cuda" if name == "auto" and torch.cuda.is_available() else "cpu"
     if name != "auto":
@@ -231,7 +243,10 @@ def _check_device(name: str, dtype: str) -> None:
         elif kind not in ("cpu", "cuda", "mps"):
             refuse("model.device", "is not supported; use auto, cpu, cuda, cuda:N or mps")
     if kind == "cpu" and dtype == "float16":
-        refuse("model.dtype", "is not supported on CPU (half-precision kernels are missing or slow there); use float32")
+        refuse("model.teacher_dtype", "is not supported on CPU (half-precision kernels are missing or slow there); "
+                                      "use float32")
+    if kind == "cpu" and mixed_precision == "fp16":
+        refuse("model.mixed_precision", "is not supported on CPU; use bf16 or no")
 
 
 # -- loading ----------------------------------------------------------------------------------------------

@@ -59,8 +59,9 @@ def format_changes(changes: list[tuple[str, object, object]]) -> str:
     return ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
 
 
-def open_run(cfg: RunConfig, resume: bool, override_config: bool = False) -> OpenedRun:
-    """Check that ``cfg``'s run directory can be started (fresh) or resumed, and find what to resume from."""
+def open_run(cfg: RunConfig, resume: bool, override_config: bool = False, clean: bool = True) -> OpenedRun:
+    """Check that ``cfg``'s run directory can be started (fresh) or resumed, and find what to resume from.
+    Reads only, except that ``clean`` removes the leftovers of an interrupted save (one process does it)."""
     run_dir = cfg.run_dir()
     if not resume:
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -73,7 +74,7 @@ def open_run(cfg: RunConfig, resume: bool, override_config: bool = False) -> Ope
     if not saved_path.is_file():
         raise FileNotFoundError(f"--resume: {run_dir} holds no run ({saved_path} is missing); run without --resume")
     opened = OpenedRun()
-    removed = clean_partial_saves(run_dir)
+    removed = clean_partial_saves(run_dir) if clean else []
     if removed:
         opened.notes.append(f"removed {len(removed)} leftover(s) of an interrupted save: "
                             + ", ".join(p.name for p in removed))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,11 +13,13 @@ import torch
 from tropd.eval.distill import DistillEval
 from tropd.models import (check_models_compatible, load_causal_lm, prepare_tokenizer, prune_layers,
                           quiet_progress_bars, smollm2_gguf_path)
-from tropd.train.config import ConfigError, RunConfig
-from tropd.train.resume import open_run, write_run_config
+from tropd.rollout.sampler import KVCacheSampler, Sampler
 from tropd.tasks.encoding import encode_prompt
+from tropd.teacher import InProcessTeacher
+from tropd.train.config import ConfigError, RunConfig
 from tropd.train.prompts import prompts_for
-from tropd.train.trainer import Trainer
+from tropd.train.resume import open_run, write_run_config
+from tropd.train.trainer import Trainer, sampling_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,6 +30,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build_accelerator(cfg: RunConfig):
+    """The accelerate ``Accelerator`` of a run: processes (from ``accelerate launch``), device, mixed precision."""
+    from accelerate import Accelerator
+
+    device = resolve_device(cfg.model.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.model.mixed_precision)
+
+
 def load_named_model(path: str, dtype=torch.float32, device="cpu"):
     """``(model, tokenizer)`` from an HF folder, a .gguf file, or 'smollm2' (the embedded teacher)."""
     if path == "smollm2":
@@ -34,23 +47,28 @@ def load_named_model(path: str, dtype=torch.float32, device="cpu"):
     return load_causal_lm(path, dtype=dtype, device=device)
 
 
-def build_models(cfg: RunConfig, resume_from: Path | None = None):
-    """``(student, teacher, tokenizer)``: teacher frozen; the student loaded, derived by pruning, or resumed."""
-    dtype, device = _DTYPES[cfg.model.dtype], resolve_device(cfg.model.device)
-    teacher, tok = load_named_model(cfg.model.teacher, dtype, device)
+def build_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.device | str | None = None):
+    """``(student, teacher, tokenizer)`` on ``device`` (default: ``model.device``): the teacher frozen in
+    ``model.teacher_dtype``; the student in ``model.dtype`` (float32 master weights), loaded, derived by pruning
+    the teacher, or resumed from a checkpoint."""
+    m = cfg.model
+    device = device if device is not None else resolve_device(m.device)
+    dtype = _DTYPES[m.dtype]
+    teacher, tok = load_named_model(m.teacher, _DTYPES[m.teacher_dtype or m.dtype], device)
     teacher.requires_grad_(False).eval()
     if resume_from is not None:
         student, student_tok = load_causal_lm(resume_from, dtype=dtype, device=device)
-    elif cfg.model.student is not None:
-        student, student_tok = load_named_model(cfg.model.student, dtype, device)
+    elif m.student is not None:
+        student, student_tok = load_named_model(m.student, dtype, device)
     else:
-        student, student_tok = teacher, tok
-        if cfg.model.student_layers is not None:
-            student = prune_layers(teacher, cfg.model.student_layers)
+        student_tok = tok
+        if m.student_layers is not None:
+            student = prune_layers(teacher, m.student_layers)
         else:
             import copy
 
             student = copy.deepcopy(teacher)
+        student = student.to(dtype)
     student.requires_grad_(True)
     prepare_tokenizer(tok)
     prepare_tokenizer(student_tok)
@@ -61,15 +79,27 @@ def build_models(cfg: RunConfig, resume_from: Path | None = None):
 
 
 def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_fn=None,
-                      override_config: bool = False) -> dict:
+                      override_config: bool = False, make_sampler: Callable[..., Sampler] | None = None) -> dict:
     """Train, write the run directory (metrics, checkpoints, report), and return a summary.
 
     ``resume`` continues the run in ``cfg``'s run directory; settings that differ from the run's own are refused
     unless ``override_config``. Resuming a finished run changes nothing and returns its summary with
     ``already_complete: True``. ``eval_fn(student) -> dict`` replaces the default held-out evaluation
-    (:class:`DistillEval`), e.g. to share one precomputed evaluation between many runs."""
+    (:class:`DistillEval`), e.g. to share one precomputed evaluation between many runs.
+    ``make_sampler(student, teacher_model, sampling_config) -> Sampler`` replaces the default
+    :class:`KVCacheSampler` (see docs/extending.md).
+
+    Set-up order: config → accelerator → run directory → prompts → models → engines (sampler, teacher) → trainer."""
+    accelerator = build_accelerator(cfg)
+    main = accelerator.is_main_process
+    console = console if main else (lambda *_: None)
+    if cfg.train.output_dir is None:  # one name for every process: the main process's
+        from accelerate.utils import broadcast_object_list
+
+        cfg.train.output_dir = broadcast_object_list([str(cfg.run_dir())])[0]
     run_dir = cfg.run_dir()
-    opened = open_run(cfg, resume, override_config)
+    opened = open_run(cfg, resume, override_config, clean=main)
+    accelerator.wait_for_everyone()  # every process checked the folder before the main one writes into it
     for note in opened.notes:
         console(note)
     found = opened.checkpoint
@@ -78,14 +108,14 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
         summary = json.loads(done_file.read_text())
         console(f"{run_dir} is complete ({found.step} of {cfg.train.steps} steps): nothing to do; to train further "
                 "raise train.steps and add --override-config")
-        return {**summary, "already_complete": True}
+        return {**summary, "already_complete": True, "main_process": main}
     data = cfg.data  # read the prompts first: a bad data file fails before any model loads
     train_prompts = prompts_for(data.prompts, "train", cfg.train.seed, data.skip_bad_rows)
     held_out = prompts_for(data.prompts, "test", cfg.train.seed, data.skip_bad_rows)[: data.eval_prompts]
     torch.manual_seed(cfg.train.seed)
     quiet_progress_bars()
     t0 = time.perf_counter()
-    student, teacher, tok = build_models(cfg, found.path if found else None)
+    student, teacher, tok = build_models(cfg, found.path if found else None, accelerator.device)
     console(f"run directory: {run_dir.resolve()}")
     console(f"teacher: {teacher.config.num_hidden_layers} layers, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M "
             f"params; student: {student.config.num_hidden_layers} layers, "
@@ -101,10 +131,15 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
         kept = [p for p, ids in zip(held_out, held_out_ids) if ids is not None]
         eval_fn = DistillEval(teacher, tok, [ids for ids in held_out_ids if ids is not None],
                               cfg.rollout.max_new_tokens, kept)
-    trainer = Trainer(cfg, student, teacher, tok, [ids for ids in prompt_ids if ids is not None], run_dir,
-                      eval_fn=eval_fn, resume=found)
-    write_run_config(run_dir, trainer.config_yaml, opened.changes, trainer.start_step)
+    teacher_engine = InProcessTeacher(teacher, chunk_size=cfg.objective.chunk_size or 512)
+    sampler = (make_sampler or KVCacheSampler)(student, teacher, sampling_config(cfg, tok))
+    trainer = Trainer(cfg, student, teacher_engine, tok, [ids for ids in prompt_ids if ids is not None], run_dir,
+                      eval_fn=eval_fn, resume=found, accelerator=accelerator, sampler=sampler)
+    if main:
+        write_run_config(run_dir, trainer.config_yaml, opened.changes, trainer.start_step)
     result = trainer.train()
+    if not main:
+        return {**result, "run_dir": str(run_dir.resolve()), "main_process": False}
 
     from tropd.report import write_report
 
@@ -113,11 +148,11 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
                "interrupted": result["interrupted"], "checkpoint": str(result["checkpoint"]),
                "report": str(report), "eval_before": result.get("eval_before", {}),
                "eval_after": result.get("eval_after", {}), "nonfinite_steps": result["nonfinite_steps"],
-               "wall_time_s": round(time.perf_counter() - t0, 1)}
+               "wall_time_s": round(time.perf_counter() - t0, 1), "num_processes": accelerator.num_processes}
     tmp = done_file.with_name(f".summary.json.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, done_file)
-    return summary
+    return {**summary, "main_process": True}
 
 
 def prompt_token_limit(cfg: RunConfig, student, teacher) -> int:

@@ -1,26 +1,37 @@
 """The training loop: prompts → rollouts → teacher scores → objective → AdamW step → metrics / checkpoint.
 
 The trainer orchestrates only: sampling lives in ``tropd.rollout``, teacher scoring in ``tropd.teacher``,
-all loss math in ``tropd.objectives``. Every random stream of step ``k`` comes from a generator seeded with
-``(seed, k)``, so a run stopped after step ``k`` and resumed from its checkpoint replays exactly.
+all loss math in ``tropd.objectives``, processes, wrapping and mixed precision in accelerate.
+
+Data parallel (``accelerate launch``): ``train.prompts_per_step`` is the global batch; every process draws the
+same prompts for a step and keeps its contiguous share of the rollouts. Every random stream depends only on
+``(seed, step)`` and a position in the global batch (rows for sampling, the micro-batch's first row for trust
+masks), so results do not depend on the number of processes as long as each share is a whole number of
+micro-batches. The loss is normalised by the global token count; only the main process writes logs, reports
+and checkpoints. A run stopped after step ``k`` and resumed from its checkpoint replays exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from tropd.forward import response_logits
 from tropd.objectives import TokenInputs, count_loss_tokens, data_parallel_scale, get_objective
 from tropd.objectives.errors import NonFiniteInputError
-from tropd.rollout import GuidanceConfig, SamplingConfig, TRBConfig, collect_rollouts, rollout_stats
-from tropd.teacher.scoring import score_with_teacher
+from tropd.rollout import GuidanceConfig, RolloutBatch, SamplingConfig, TRBConfig, rollout_stats
+from tropd.rollout.sampler import KVCacheSampler, RolloutRequest, Sampler
+from tropd.teacher import InProcessTeacher, Teacher, TeacherScores
 from tropd.train.checkpoint import ResumeState, load_trainer_state, save_checkpoint
 from tropd.train.config import RunConfig
 from tropd.train.errors import NonFiniteTrainingError
@@ -30,9 +41,20 @@ EvalFn = Callable[[torch.nn.Module], dict]
 _SUMMED = ("loss", "num_tokens", "student_tokens")
 
 
-def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The random stream of one step (data order, sampling, trust masks)."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu", offset: int = -1) -> torch.Generator:
+    """The random stream of one step (data order: ``offset=-1``), or of the rows of the global batch that
+    start at ``offset`` (sampling, trust masks)."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_000_033 + offset + 1)
+
+
+@dataclass
+class MicroBatch:
+    """Rollouts of one micro-batch, their teacher scores, and the position of their first row in the step's
+    global batch (which seeds the micro-batch's trust masks)."""
+
+    offset: int
+    batch: RolloutBatch
+    scores: TeacherScores
 
 
 def merge_metrics(parts: list[dict]) -> dict:
@@ -53,29 +75,57 @@ def merge_metrics(parts: list[dict]) -> dict:
     return out
 
 
-class Trainer:
-    """Runs ``cfg.train.steps`` optimiser steps of on-policy distillation of ``student`` towards ``teacher``."""
+def sampling_config(cfg: RunConfig, tokenizer) -> SamplingConfig:
+    """The decoding settings of a run (``rollout.*`` and the tokenizer's EOS and pad ids)."""
+    r = cfg.rollout
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return SamplingConfig(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                          eos_token_ids=tuple(eos), pad_token_id=tokenizer.pad_token_id)
 
-    def __init__(self, cfg: RunConfig, student, teacher, tokenizer, prompt_ids: list[list[int]],
-                 run_dir: Path, eval_fn: EvalFn | None = None, resume: ResumeState | None = None) -> None:
+
+class Trainer:
+    """Runs ``cfg.train.steps`` optimiser steps of on-policy distillation of ``student`` towards ``teacher``.
+
+    Engines are received, not built: ``teacher`` is a :class:`~tropd.teacher.Teacher` (a plain model is wrapped
+    in :class:`~tropd.teacher.InProcessTeacher`), ``sampler`` a :class:`~tropd.rollout.sampler.Sampler` (default:
+    :class:`~tropd.rollout.sampler.KVCacheSampler` on the student and the in-process teacher's model), and
+    ``accelerator`` owns processes, device placement, DDP/FSDP wrapping and mixed precision (default: a
+    single-process one on the student's device). ``student`` is the plain model: the trainer wraps it for the
+    loss forward/backward and samples, evaluates and saves with the plain one."""
+
+    def __init__(self, cfg: RunConfig, student, teacher: Teacher | torch.nn.Module, tokenizer,
+                 prompt_ids: list[list[int]], run_dir: Path, eval_fn: EvalFn | None = None,
+                 resume: ResumeState | None = None, accelerator: Accelerator | None = None,
+                 sampler: Sampler | None = None) -> None:
         if not prompt_ids:
             raise ValueError("no training prompts: check data.prompts")
+        if isinstance(teacher, torch.nn.Module):
+            teacher = InProcessTeacher(teacher, chunk_size=cfg.objective.chunk_size or 512)
         self.cfg, self.student, self.teacher, self.tokenizer = cfg, student, teacher, tokenizer
         self.prompt_ids, self.run_dir, self.eval_fn = prompt_ids, Path(run_dir), eval_fn
         self.device = next(student.parameters()).device
+        self.accelerator = accelerator or Accelerator(cpu=self.device.type == "cpu")
+        t, r = cfg.train, cfg.rollout
+        self.rows_per_step = t.prompts_per_step * r.rollouts_per_prompt
+        world = self.accelerator.num_processes
+        if self.rows_per_step % world:
+            raise ValueError(f"train.prompts_per_step × rollout.rollouts_per_prompt = {self.rows_per_step} rollouts "
+                             f"per step cannot be shared evenly by {world} processes; make it a multiple of {world}")
         self.objective = cfg.build_objective()
         self.sft = get_objective("sft", chunk_size=cfg.objective.chunk_size)
-        t = cfg.train
-        self.optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=t.lr,
-                                           betas=tuple(t.betas), weight_decay=t.weight_decay)
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.sampling = SamplingConfig(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                       max_new_tokens=cfg.rollout.max_new_tokens, eos_token_ids=tuple(eos),
-                                       pad_token_id=tokenizer.pad_token_id)
+        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=t.lr,
+                                      betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(student, optimizer)
+        self.sampler = sampler or KVCacheSampler(student, getattr(teacher, "model", None),
+                                                 sampling_config(cfg, tokenizer))
         self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         self.start_step = load_trainer_state(resume.path, self.optimizer) if resume is not None else 0
         self._stop_requested = False
         self._nonfinite_in_a_row = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
     # -- one step ----------------------------------------------------------------------------------------
     def _phase(self, step: int):
@@ -85,68 +135,81 @@ class Trainer:
             return self.sft, step, warm
         return self.objective, step - warm, self.cfg.train.steps - warm
 
-    def _prompts_for_step(self, gen: torch.Generator) -> list[list[int]]:
+    def _prompts_for_step(self, step: int) -> tuple[list[list[int]], int]:
+        """This process's share of the step's global batch of prompts, and the global index of its first row."""
         t, r = self.cfg.train, self.cfg.rollout
-        idx = torch.randint(len(self.prompt_ids), (t.prompts_per_step,), generator=gen).tolist()
-        return [self.prompt_ids[i] for i in idx for _ in range(r.rollouts_per_prompt)]
+        idx = torch.randint(len(self.prompt_ids), (t.prompts_per_step,), generator=step_generator(t.seed, step)).tolist()
+        rows = [self.prompt_ids[i] for i in idx for _ in range(r.rollouts_per_prompt)]
+        share = self.rows_per_step // self.accelerator.num_processes
+        start = self.accelerator.process_index * share
+        return rows[start:start + share], start
 
     def collect(self, step: int):
-        """Rollouts of step ``step`` (generated ``rollout.batch_size`` sequences at a time) and their teacher
-        scores, split into micro-batches. Returns ``(objective, [(batch, scores)], progress, generator)``."""
+        """This process's rollouts of step ``step`` (generated ``rollout.batch_size`` sequences at a time) and
+        their teacher scores, split into micro-batches. Returns ``(objective, [MicroBatch], progress)``."""
         cfg = self.cfg
         objective, phase_step, phase_steps = self._phase(step)
-        gen = step_generator(cfg.train.seed, step)
-        sample_gen = step_generator(cfg.train.seed, step, self.device)
-        prompts = self._prompts_for_step(gen)
+        prompts, start = self._prompts_for_step(step)
         guidance = GuidanceConfig(enabled=objective is self.objective and cfg.guidance_enabled(),
                                   guided_fraction=cfg.guidance.guided_fraction,
                                   anneal_steps=cfg.guidance.anneal_steps)
         trb = TRBConfig(eps0=cfg.trb.eps0, warmup_steps=cfg.trb.warmup_steps)
         self.student.eval()  # no dropout: behaviour log-probs and the loss forward see the same network
         micro = []
-        with torch.no_grad():
-            for i in range(0, len(prompts), cfg.rollout.batch_size):
-                batch = collect_rollouts(self.student, self.teacher, prompts[i:i + cfg.rollout.batch_size],
-                                         self.sampling, objective.needs, step=phase_step, total_steps=phase_steps,
-                                         generator=sample_gen, guidance_settings=guidance, trb_settings=trb,
-                                         gkd_lambda=getattr(objective, "lmbda", 1.0))
-                for j in range(0, batch.batch_size, cfg.train.micro_batch_size):
-                    part = batch.rows(j, j + cfg.train.micro_batch_size)
-                    scores = score_with_teacher(self.teacher, part.input_ids, part.attention_mask,
-                                                part.response_start, part.tokens, objective.needs,
-                                                chunk_size=cfg.objective.chunk_size or 512)
-                    micro.append((part, scores))
-        return objective, micro, phase_step / max(phase_steps, 1), sample_gen
+        for i in range(0, len(prompts), cfg.rollout.batch_size):
+            request = RolloutRequest(objective.needs, phase_step, phase_steps, seed=cfg.train.seed, global_step=step,
+                                     first_row=start + i, guidance=guidance, trb=trb,
+                                     gkd_lambda=getattr(objective, "lmbda", 1.0))
+            with torch.no_grad(), self.accelerator.autocast():  # sample in the precision of the loss forward
+                batch = self.sampler.sample(prompts[i:i + cfg.rollout.batch_size], request).to(self.device)
+            for j in range(0, batch.batch_size, cfg.train.micro_batch_size):  # the teacher in its own dtype
+                part = batch.rows(j, j + cfg.train.micro_batch_size)
+                micro.append(MicroBatch(start + i + j, part, self.teacher.score(part, objective.needs)))
+        return objective, micro, phase_step / max(phase_steps, 1)
 
-    def accumulate(self, objective, micro, progress: float, generator: torch.Generator) -> list[dict]:
-        """Backward every micro-batch with the step's global token count; returns their metrics."""
-        n_tokens = count_loss_tokens(b.loss_mask for b, _ in micro)
+    def accumulate(self, objective, micro: list[MicroBatch], progress: float, step: int = 0) -> tuple[list[dict], str | None]:
+        """Backward every micro-batch with the step's global token count; returns their metrics, and the reason
+        when an objective refused its inputs (NaN/inf). Every process runs as many backward passes as the others
+        (a refused micro-batch backs a zero loss), so data-parallel gradient synchronisation stays in step."""
+        n_tokens = count_loss_tokens(m.batch.loss_mask for m in micro)
         scale = data_parallel_scale()
-        parts = []
-        for batch, scores in micro:
-            logits = response_logits(self.student, batch.input_ids, batch.attention_mask, batch.response_start)
-            inputs = TokenInputs(student_logits=logits, tokens=batch.tokens,
-                                 behavior_logprobs=batch.behavior_logprobs, loss_mask=batch.loss_mask,
-                                 teacher_token_mask=batch.teacher_token_mask, generator=generator,
-                                 progress=progress, **scores.as_kwargs())
-            out = objective(inputs, num_tokens=n_tokens)
-            (out.loss * scale).backward()
-            parts.append(out.metrics)
-        return parts
+        parts, reason = [], None
+        for k, m in enumerate(micro):
+            sync = k == len(micro) - 1
+            with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
+                b = m.batch
+                logits = response_logits(self.model, b.input_ids, b.attention_mask, b.response_start)
+                loss = logits.sum() * 0.0
+                if reason is None:
+                    inputs = TokenInputs(student_logits=logits, tokens=b.tokens, behavior_logprobs=b.behavior_logprobs,
+                                         loss_mask=b.loss_mask, teacher_token_mask=b.teacher_token_mask,
+                                         generator=step_generator(self.cfg.train.seed, step, "cpu", m.offset),
+                                         progress=progress, **m.scores.as_kwargs())
+                    try:
+                        out = objective(inputs, num_tokens=n_tokens)
+                        loss = out.loss * scale
+                        parts.append(out.metrics)
+                    except NonFiniteInputError as err:  # e.g. a teacher emitting NaN: skip the step
+                        reason = str(err)
+                self.accelerator.backward(loss)
+        return parts, reason
+
+    def _all_processes(self, local: list) -> list:
+        """The concatenation of every process's ``local`` list, in process order (on every process)."""
+        return gather_object(local) if self.accelerator.num_processes > 1 else list(local)
 
     def run_step(self, step: int) -> dict:
         """One optimiser step; returns its log record. A step whose loss or gradient is not finite leaves the
         weights and optimizer state untouched (``nonfinite`` = 1 in its record, ``nonfinite_reason`` says why)."""
         t0 = time.perf_counter()
-        objective, micro, progress, generator = self.collect(step)
+        objective, micro, progress = self.collect(step)
         t_rollout = time.perf_counter() - t0
-        reason = None
-        try:
-            metrics = merge_metrics(self.accumulate(objective, micro, progress, generator))
-        except NonFiniteInputError as err:  # e.g. NaN student logits: the objective refuses to compute
-            metrics, reason = {}, str(err)
+        parts, reason = self.accumulate(objective, micro, progress, step)
+        reasons = [r for r in self._all_processes([reason]) if r is not None]
+        reason = reasons[0] if reasons else None
+        metrics = merge_metrics(self._all_processes(parts)) if reason is None else {}
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.student.parameters(), clip)) if reason is None else math.nan
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip)) if reason is None else math.nan
         if reason is None and not math.isfinite(metrics.get("loss", 0.0)):
             reason = f"the loss was {metrics['loss']} (inputs were finite: the objective overflowed)"
         elif reason is None and not math.isfinite(grad_norm):
@@ -156,7 +219,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         elapsed = time.perf_counter() - t0
-        stats = rollout_stats([b for b, _ in micro])
+        stats = rollout_stats(self._all_processes([m.batch.to("cpu") for m in micro]))
         record = {"step": step + 1, "phase": objective.name, **metrics, **{f"rollout/{k}": v for k, v in stats.items()},
                   "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"], "nonfinite": int(reason is not None),
                   "step_time": elapsed, "rollout_time": t_rollout,
@@ -179,7 +242,7 @@ class Trainer:
                 f"step {step}: {limit} steps in a row had a non-finite loss or gradient and were skipped "
                 f"(train.max_nonfinite_steps={limit}); last cause: {record['nonfinite_reason']}. The weights are "
                 f"those of step {step - limit} (saved in {checkpoint}). Likely causes: a learning rate too high "
-                "(train.lr), half precision overflowing (model.dtype=float32 is safest), or a teacher/student "
+                "(train.lr), half precision overflowing (model.mixed_precision=no is safest), or a teacher/student "
                 "emitting NaN")
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -188,37 +251,53 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_requested = True
 
-    def save(self, step: int) -> Path:
-        return save_checkpoint(self.run_dir, step, self.student, self.tokenizer, self.optimizer, self.config_yaml,
-                               keep=self.cfg.train.keep_checkpoints)
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes then stop after the same step)."""
+        return any(self._all_processes([self._stop_requested]))
 
-    def evaluate(self, step: int, log: MetricsLog) -> dict:
-        if self.eval_fn is None:
-            return {}
-        result = self.eval_fn(self.student)
-        log.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+    def save(self, step: int) -> Path:
+        """Checkpoint ``step`` (written by the main process; every process returns its path)."""
+        path = self.run_dir / "checkpoints" / f"step-{step:06d}"
+        if self.is_main:
+            path = save_checkpoint(self.run_dir, step, self.student, self.tokenizer, self.optimizer,
+                                   self.config_yaml, keep=self.cfg.train.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def evaluate(self, step: int, log: MetricsLog | None) -> dict:
+        """The held-out evaluation (main process only; the others wait)."""
+        result = {}
+        if self.eval_fn is not None and self.is_main:
+            result = self.eval_fn(self.student)
+            log.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+        self.accelerator.wait_for_everyone()
         return result
 
     def train(self) -> dict:
-        """Run (or resume) training; returns {'steps_done', 'interrupted', 'checkpoint', 'eval_before', 'eval_after'}."""
+        """Run (or resume) training; returns {'steps_done', 'interrupted', 'checkpoint', 'eval_before', 'eval_after',
+        'nonfinite_steps'} (evaluations on the main process only)."""
         t = self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.start_step > 0
-        log = MetricsLog(self.run_dir, t.report_to, self.cfg.to_dict(), keep_until=self.start_step if resumed else None)
+        log = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            log = MetricsLog(self.run_dir, t.report_to, self.cfg.to_dict(),
+                             keep_until=self.start_step if resumed else None)
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         bar = None
-        if t.progress:
+        if t.progress and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=t.steps, initial=self.start_step, desc="tropd", unit="step", dynamic_ncols=True)
         result = {"steps_done": self.start_step, "interrupted": False, "checkpoint": None, "nonfinite_steps": 0}
         try:
-            result["eval_before"] = log.eval_at(0) if resumed else self.evaluate(0, log)
+            result["eval_before"] = (log.eval_at(0) if log else {}) if resumed else self.evaluate(0, log)
             step = self.start_step
-            while step < t.steps and not self._stop_requested:
+            while step < t.steps and not self._stop_agreed():
                 record = self.run_step(step)
                 step += 1
-                log.log(record)
+                if log is not None:
+                    log.log(record)
                 result["nonfinite_steps"] += record["nonfinite"]
                 self._check_nonfinite(record)
                 if bar is not None:
@@ -240,6 +319,6 @@ class Trainer:
                 signal.signal(sig, handler)
             if bar is not None:
                 bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         return result
-
