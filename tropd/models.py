@@ -6,7 +6,7 @@
 - :func:`check_model_folder` checks a model folder's files (config, safetensors headers against file sizes,
   shards, tokenizer JSON) without loading weights: a damaged file is one ``ValueError`` line naming it.
 - :func:`check_compatible` refuses, in one line, a student/teacher pair whose token ids do not mean the same
-  thing: every per-token quantity of SPEC §1 (``s_t``, ``q_t``, top-k ids) indexes one shared vocabulary.
+  thing: every per-token quantity of docs/method.md §1 (``s_t``, ``q_t``, top-k ids) indexes one shared vocabulary.
 - :func:`prune_layers` builds a student from a teacher by keeping a subset of its decoder layers.
 - :func:`prepare_tokenizer` sets a pad token and left padding for batched generation.
 """

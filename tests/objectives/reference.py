@@ -1,6 +1,6 @@
-"""Independent float64 reference implementation of the objectives in SPEC §2-§4.
+"""Independent float64 reference implementation of the objectives in docs/method.md §2-§4.
 
-Written from ``/work/shared/SPEC.md`` and the lead's stated design decisions only; it does not read or reuse
+Written from docs/method.md and the project's stated design decisions only; it does not read or reuse
 ``tropd.objectives`` math. Everything is full-vocabulary, un-chunked, plain tensor ops, and meant to be run in
 float64. The only thing taken from the package is the :class:`TokenInputs` container (any object with the same
 attribute names works).
@@ -36,12 +36,12 @@ OBJECTIVES = (
     "trb",
 )
 
-#: τ = log(λ/(1−λ)), λ = 0.2 (SPEC §3, §5).
+#: τ = log(λ/(1−λ)), λ = 0.2 (docs/method.md §3, §5).
 TAU = math.log(0.2 / 0.8)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# exact full-vocabulary divergences (SPEC §2 rkl_full / fkl_full), per position [B,T]
+# exact full-vocabulary divergences (docs/method.md §2 rkl_full / fkl_full), per position [B,T]
 # ---------------------------------------------------------------------------------------------------------
 
 

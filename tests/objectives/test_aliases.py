@@ -1,4 +1,4 @@
-"""Objectives that SPEC §3 defines as the same computation give identical losses and gradients (the benchmark
+"""Objectives that docs/method.md §3 defines as the same computation give identical losses and gradients (the benchmark
 runs each pair once): reopold ≡ clip_outlier, and tropd on rollouts without teacher prefixes ≡ fkl_outlier."""
 
 import pytest

@@ -274,7 +274,7 @@ def test_inv5_micro_batches_match_one_batch(cfg):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "SPEC tension: entropy_opd / reopold_2stage stage 2 threshold at a quantile over the batch's student "
+    "Method tension (docs/method.md §6.5): entropy_opd / reopold_2stage stage 2 threshold at a quantile over the batch's student "
     "positions; a micro-batch only sees its own positions, so §6.5 cannot hold for them through this API"))
 @pytest.mark.parametrize("cfg", [("entropy_opd", {}, {}), ("reopold_2stage", {"stage": 2}, {})], ids=config_id)
 def test_inv5_batch_quantile_objectives(cfg):

@@ -200,7 +200,7 @@ def test_a_teacher_emitting_nan_stops_the_run_naming_the_input(tmp_path, teacher
                         objective={"name": "opd", "kwargs": {}}, train={"max_nonfinite_steps": 2})
     assert main(["train", "--config", str(path), "data.eval_prompts=0"]) == 1
     err = capsys.readouterr().err
-    assert "step 2: 2 steps in a row" in err and "teacher" in err
+    assert "step 2: 2 steps in a row" in err and "teacher_logprobs" in err, err
 
 
 # -- config-time checks and the command line -----------------------------------------------------------------

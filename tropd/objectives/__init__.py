@@ -1,4 +1,4 @@
-"""Objectives: pure per-token loss math over tensors (SPEC §2-§4). No I/O, no models, no trainer state."""
+"""Objectives: pure per-token loss math over tensors (docs/method.md §2-§4). No I/O, no models, no trainer state."""
 
 from tropd.objectives import full_vocab, on_policy, trust_region  # noqa: F401  (registers the objectives)
 from tropd.objectives.base import Objective

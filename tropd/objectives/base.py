@@ -9,7 +9,7 @@ An objective is evaluated in two stages:
 
 The loss is the token mean ``Σ_t ℓ_t / N`` over loss-bearing positions; pass ``num_tokens`` = the global count
 (all micro-batches and processes of one optimiser step) so that accumulation and data parallelism leave the
-gradient unchanged (SPEC §3, §6.5).
+gradient unchanged (docs/method.md §3, §6.5).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tropd.objectives.checks import check_inputs
 from tropd.objectives.inputs import ObjectiveOutput, TokenInputs
 from tropd.objectives.registry import Needs
 
-#: Default trust threshold τ = log(λ/(1−λ)) with λ = 0.2 (SPEC §3).
+#: Default trust threshold τ = log(λ/(1−λ)) with λ = 0.2 (docs/method.md §3).
 DEFAULT_TAU = math.log(0.2 / 0.8)
 
 

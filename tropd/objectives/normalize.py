@@ -1,4 +1,4 @@
-"""Global token counts for exact token-mean normalisation (SPEC §3, §6.5).
+"""Global token counts for exact token-mean normalisation (docs/method.md §3, §6.5).
 
 The loss of one optimiser step is ``Σ_t ℓ_t / N`` with ``N`` the number of loss-bearing positions over all
 micro-batches and all processes. Each micro-batch calls its objective with ``num_tokens=N`` and the gradients

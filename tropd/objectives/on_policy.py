@@ -1,4 +1,4 @@
-"""On-policy baselines built on the K1 reward ``r_t = q_t − b_t`` (SPEC §3), plus supervised KD (``sft``).
+"""On-policy baselines built on the K1 reward ``r_t = q_t − b_t`` (docs/method.md §3), plus supervised KD (``sft``).
 
 Notation per student-sampled position: ``s = log π_S(y_t)``, ``b`` the behaviour log-prob, ``q = log π_T(y_t)``,
 ``pg_k1(r) = −sg(r)·exp(s − b)``. None of these objectives puts loss on teacher-prefix positions except ``sft``.

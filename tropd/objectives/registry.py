@@ -19,8 +19,8 @@ class Needs:
         teacher_entropy: full-vocabulary teacher entropy at each position.
         teacher_logits: full teacher logits (full-vocabulary objectives only; the teacher pass chunks them).
         top_k: k for ``teacher_topk`` (0 when not needed).
-        guidance: the objective trains on teacher-written prefixes (SPEC §4.2); the rollout adds them.
-        rollout: how rollouts are drawn: ``"student"`` (plain on-policy), ``"trb_blend"`` (SPEC §4.3 warm-up
+        guidance: the objective trains on teacher-written prefixes (docs/method.md §4.2); the rollout adds them.
+        rollout: how rollouts are drawn: ``"student"`` (plain on-policy), ``"trb_blend"`` (docs/method.md §4.3 warm-up
             blending), ``"gkd_mixed"`` (GKD: a share of sequences written by the teacher), ``"teacher"`` (the
             teacher writes whole responses, tagged as teacher positions: supervised KD).
         progress: the objective reads ``TokenInputs.progress`` (training curricula).

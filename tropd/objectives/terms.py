@@ -1,4 +1,4 @@
-"""Token-level terms (SPEC §2) and the row-wise evaluation of student log-softmax.
+"""Token-level terms (docs/method.md §2) and the row-wise evaluation of student log-softmax.
 
 Every term is computed in float32 (float64 when the inputs are float64) from log-softmax, never from
 softmax-then-log. Row functions take ``lp = log_softmax(student_logits)`` for ``n`` positions (``[n, V]``) and

@@ -1,4 +1,4 @@
-"""TrOPD (SPEC §4) and its no-guidance ablation ``fkl_outlier``.
+"""TrOPD (docs/method.md §4) and its no-guidance ablation ``fkl_outlier``.
 
 Student-sampled position ``t`` with K1 reward ``r_t = q_t − b_t``:
 
