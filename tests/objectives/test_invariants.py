@@ -11,7 +11,6 @@ import torch
 from tropd.objectives import TokenInputs
 
 from .helpers import (
-    CONFIGS,
     CORE_CONFIGS,
     DEFAULT_CONFIGS,
     all_finite,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.rollout.conftest import RaisingTeacher, fresh_logits, gen, make_cfg, row_response
+from tests.rollout.conftest import RaisingTeacher, fresh_logits, make_cfg, row_response
 from tropd.objectives.registry import Needs
-from tropd.rollout import GuidanceConfig, TRBConfig, collect_rollouts, sample, sample_gkd_mixed
+from tropd.rollout import GuidanceConfig, TRBConfig, collect_rollouts, sample, sample_gkd_mixed, sample_teacher
 
 
 def _assert_logprobs_of(model, prompt, resp, got):
@@ -18,7 +18,7 @@ def _assert_logprobs_of(model, prompt, resp, got):
 def test_gkd_mixed_rows(student, teacher, prompts):
     prompts = prompts * 3
     cfg = make_cfg(max_new_tokens=6)
-    b = sample_gkd_mixed(student, teacher, prompts, cfg, lmbda=0.5, generator=gen(4))
+    b = sample_gkd_mixed(student, teacher, prompts, cfg, lmbda=0.5, streams=4)
     assert 0 < int(b.teacher_rows.sum()) < len(prompts), "premise: both sources present"
     assert not b.teacher_token_mask.any()  # GKD does not tag teacher-written tokens
     assert torch.equal(b.loss_mask.sum(1), b.response_lengths)
@@ -30,23 +30,23 @@ def test_gkd_mixed_rows(student, teacher, prompts):
 
 def test_gkd_extremes(student, teacher, prompts):
     cfg = make_cfg(max_new_tokens=5)
-    on_policy = sample_gkd_mixed(student, RaisingTeacher(student), prompts, cfg, lmbda=1.0, generator=gen(3))
-    plain = sample(student, prompts, cfg, generator=gen(3))
+    on_policy = sample_gkd_mixed(student, RaisingTeacher(student), prompts, cfg, lmbda=1.0, streams=3)
+    plain = sample(student, prompts, cfg, streams=3)
     assert torch.equal(on_policy.tokens, plain.tokens) and not on_policy.teacher_rows.any()
-    off_policy = sample_gkd_mixed(student, teacher, prompts, cfg, lmbda=0.0, generator=gen(3))
+    off_policy = sample_gkd_mixed(student, teacher, prompts, cfg, lmbda=0.0, streams=3)
     assert off_policy.teacher_rows.all()
-    assert torch.equal(off_policy.tokens, sample(teacher, prompts, cfg, generator=gen(3)).tokens)
+    assert torch.equal(off_policy.tokens, sample_teacher(teacher, prompts, cfg, streams=3).tokens)  # its streams
     with pytest.raises(ValueError):
         sample_gkd_mixed(student, teacher, prompts, cfg, lmbda=1.5)
 
 
 def _collect(student, teacher, prompts, needs, step=0, **kw):
     return collect_rollouts(student, teacher, prompts, make_cfg(max_new_tokens=6), needs, step=step,
-                            total_steps=10, generator=gen(5), **kw)
+                            total_steps=10, streams=5, **kw)
 
 
 def test_dispatch_plain_and_guidance(student, teacher, prompts):
-    plain = sample(student, prompts, make_cfg(max_new_tokens=6), generator=gen(5))
+    plain = sample(student, prompts, make_cfg(max_new_tokens=6), streams=5)
     b = _collect(student, RaisingTeacher(student), prompts, Needs())
     assert torch.equal(b.tokens, plain.tokens)
     b = _collect(student, None, prompts, Needs(guidance=True), guidance_settings=GuidanceConfig(enabled=False))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.rollout.conftest import EOS, RaisingTeacher, fresh_logits, gen, make_cfg, row_response
-from tropd.rollout import choose_guided_rows, guidance_cap, sample, sample_with_guidance
-from tropd.rollout.sampling import sample_rows, uniform
+from tropd.rollout import RowStreams, choose_guided_rows, guidance_cap, sample, sample_with_guidance
+from tropd.rollout.sampling import sample_rows
 
 
 def test_cap_schedule_values():
@@ -34,13 +34,15 @@ def test_guided_row_count_is_stochastically_rounded():
 
 
 def _replay_teacher(teacher, prompts, cfg, step, total, fraction, seed):
-    """Re-draw the documented random sequence (U, rounding, permutation, teacher decoding) for the prefixes."""
-    g = gen(seed)
+    """Re-draw the documented random streams (U per row, the shared rounding and permutation, the teacher's
+    tokens per row) for the prefixes."""
+    streams = RowStreams.of(seed, len(prompts))
     l_max = guidance_cap(step, total, cfg.max_new_tokens)
-    caps = torch.floor(uniform(len(prompts), g) * l_max).long()
-    caps = torch.where(choose_guided_rows(len(prompts), fraction, g), caps, torch.zeros_like(caps))
+    caps = torch.floor(streams.uniform("guidance_cap")[:, 0] * l_max).long()
+    guided = choose_guided_rows(len(prompts), fraction, streams.shared("guided_rows"))
+    caps = torch.where(guided, caps, torch.zeros_like(caps))
     idx = torch.nonzero(caps > 0).flatten().tolist()
-    rows = sample_rows(teacher, [prompts[i] for i in idx], cfg, caps[idx], g) if idx else []
+    rows = sample_rows(teacher, [prompts[i] for i in idx], cfg, caps[idx], streams.select(idx), "teacher") if idx else []
     return caps, dict(zip(idx, rows))
 
 
@@ -49,7 +51,7 @@ def test_guidance_tagging_and_sources(student, teacher, prompts, eos):
     prompts = prompts * 3
     cfg = make_cfg(max_new_tokens=10, eos=eos, temperature=0.8)
     b = sample_with_guidance(student, teacher, prompts, cfg, step=0, total_steps=10, guided_fraction=0.75,
-                             generator=gen(21))
+                             streams=21)
     caps, prefixes = _replay_teacher(teacher, prompts, cfg, 0, 10, 0.75, 21)
     assert b.info["guidance_cap"] == 10
     assert prefixes, "premise: some rows are guided"
@@ -77,7 +79,7 @@ def test_guidance_tagging_and_sources(student, teacher, prompts, eos):
 
 def test_prefix_with_eos_completes_the_response(student, teacher, prompts):
     cfg = make_cfg(max_new_tokens=12, eos=tuple(range(1, 16)))
-    b = sample_with_guidance(student, teacher, prompts * 4, cfg, step=0, total_steps=4, generator=gen(8))
+    b = sample_with_guidance(student, teacher, prompts * 4, cfg, step=0, total_steps=4, streams=8)
     lengths = b.guidance_lengths.tolist()
     complete = [i for i, n in enumerate(lengths) if n > 0 and int(b.tokens[i, n - 1]) in cfg.eos_token_ids]
     assert complete, "premise: some teacher prefix ends with EOS"
@@ -91,8 +93,8 @@ def test_prefix_with_eos_completes_the_response(student, teacher, prompts):
 def test_no_guidance_never_runs_teacher(student, prompts, kwargs):
     cfg = make_cfg(max_new_tokens=8)
     b = sample_with_guidance(student, RaisingTeacher(student), prompts, cfg, total_steps=10,
-                             generator=gen(2), **kwargs)
-    plain = sample(student, prompts, cfg, generator=gen(2))
+                             streams=2, **kwargs)
+    plain = sample(student, prompts, cfg, streams=2)
     assert torch.equal(b.tokens, plain.tokens) and torch.equal(b.behavior_logprobs, plain.behavior_logprobs)
     assert not b.teacher_token_mask.any()
 
@@ -102,6 +104,23 @@ def test_all_caps_zero_never_runs_teacher(student, prompts):
     step = next(k for k in range(1000) if guidance_cap(k, 1000, 100) == 1)
     cfg = make_cfg(max_new_tokens=100, eos=range(1, 30))
     b = sample_with_guidance(student, RaisingTeacher(student), prompts, cfg, step=step, total_steps=1000,
-                             generator=gen(0))
+                             streams=0)
     assert b.info["guidance_cap"] == 1 and b.guidance_lengths.eq(0).all()
     assert b.info["teacher_generated_tokens"] == 0
+
+
+def test_guided_rows_are_chosen_over_the_global_batch(student, teacher, prompts):
+    """Split over two shares (processes or generation chunks), the same rows are guided with the same prefixes
+    and the exact count holds over the whole batch."""
+    prompts = prompts * 2
+    cfg = make_cfg(max_new_tokens=8, eos=(EOS,))
+    kw = dict(step=0, total_steps=10, guided_fraction=0.5)
+    whole = sample_with_guidance(student, teacher, prompts, cfg, streams=RowStreams.of(9, 8, step=2), **kw)
+    halves = [sample_with_guidance(student, teacher, prompts[k:k + 4], cfg,
+                                   streams=RowStreams.of(9, 4, step=2, first_row=k, total_rows=8), **kw)
+              for k in (0, 4)]
+    split = torch.cat([h.guidance_lengths for h in halves])
+    assert torch.equal(whole.guidance_lengths, split)
+    assert 0 < int((whole.guidance_lengths > 0).sum()) <= 4  # at most ⌊0.5·8⌋ rows get a prefix
+    for i in range(8):
+        assert row_response(whole, i) == row_response(halves[i // 4], i % 4)

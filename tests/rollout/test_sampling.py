@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.rollout.conftest import EOS, PAD, fresh_logits, gen, make_cfg, reference_transform, row_response
-from tropd.rollout import (
-    RolloutBatch,
-    decode,
-    left_pad,
-    position_ids_from_mask,
-    sample,
-    sampling_logprobs,
-)
-from tropd.rollout.sampling import inference_mode
+from tests.rollout.conftest import EOS, PAD, fresh_logits, make_cfg, reference_transform, row_response
+from tropd.rollout import RolloutBatch, RowStreams, decode, left_pad, position_ids_from_mask, sample, sampling_logprobs
+from tropd.rollout.sampling import draw, inference_mode
 
 MANY_EOS = tuple(range(1, 13))  # a large EOS set so that rows stop at different lengths
 
@@ -30,7 +23,7 @@ def test_left_pad_and_positions():
 
 def test_batch_layout(student, prompts):
     cfg = make_cfg(max_new_tokens=8, eos=MANY_EOS)
-    b = sample(student, prompts, cfg, generator=gen(3))
+    b = sample(student, prompts, cfg, streams=3)
     p = b.response_start
     assert p == max(len(x) for x in prompts)
     assert b.input_ids.shape == (len(prompts), p + b.tokens.shape[1])
@@ -48,7 +41,7 @@ def test_batch_layout(student, prompts):
 
 def test_eos_stops_row_and_pads_after(student, prompts):
     cfg = make_cfg(max_new_tokens=12, eos=MANY_EOS)
-    b = sample(student, prompts * 2, cfg, generator=gen(1))
+    b = sample(student, prompts * 2, cfg, streams=1)
     eos_set = torch.tensor(MANY_EOS)
     stopped = [i for i in range(b.batch_size) if b.eos[i]]
     assert stopped, "premise: some row must hit EOS"
@@ -69,7 +62,7 @@ def test_eos_stops_row_and_pads_after(student, prompts):
 
 def test_single_eos_id_and_truncation(student, prompts):
     cfg = make_cfg(max_new_tokens=5, eos=(EOS,))
-    b = sample(student, prompts, cfg, generator=gen(0))
+    b = sample(student, prompts, cfg, streams=0)
     done = b.eos | b.truncated
     assert done.all() and not (b.eos & b.truncated).any()
     assert b.response_lengths[b.truncated].eq(5).all()
@@ -78,7 +71,7 @@ def test_single_eos_id_and_truncation(student, prompts):
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5)])
 def test_behavior_logprobs_equal_fresh_forward(student, prompts, temperature, top_p):
     cfg = make_cfg(max_new_tokens=10, eos=(EOS,), temperature=temperature, top_p=top_p)
-    b = sample(student, prompts, cfg, generator=gen(7))
+    b = sample(student, prompts, cfg, streams=7)
     for i, prompt in enumerate(prompts):
         resp = row_response(b, i)
         ref = reference_transform(fresh_logits(student, prompt, resp), temperature, top_p)
@@ -99,7 +92,7 @@ def test_top_p_keeps_smallest_nucleus():
 
 def test_greedy_temperature_zero(student, prompts):
     cfg = make_cfg(max_new_tokens=6, eos=(EOS,), temperature=0.0)
-    b = sample(student, prompts, cfg, generator=gen(0))
+    b = sample(student, prompts, cfg, streams=0)
     assert b.behavior_logprobs.eq(0).all()
     for i, prompt in enumerate(prompts):
         resp = row_response(b, i)
@@ -117,7 +110,8 @@ def test_left_padding_step_logits_equal_unpadded(student, prompts):
 
     ids, mask = left_pad(prompts, PAD)
     with inference_mode(student):
-        out = decode([student], ids, mask, cfg.max_new_tokens, cfg, recording, gen(5))
+        out = decode([student], ids, mask, cfg.max_new_tokens, cfg, recording,
+                     RowStreams.of(5, len(prompts)).uniform("student", cfg.max_new_tokens))
     for i, prompt in enumerate(prompts):
         n = int(out.lengths[i])
         resp = out.tokens[i, :n].tolist()
@@ -126,15 +120,26 @@ def test_left_padding_step_logits_equal_unpadded(student, prompts):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
-def _sample_without_cache(model, prompts, cfg, generator):
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Reference draw, one row at a time in plain Python: the first token whose cumulative mass exceeds U·total."""
+    out = []
+    for p, ui in zip(probs.double().tolist(), u.tolist()):
+        target, acc = ui * sum(p), 0.0
+        out.append(next((v for v, pv in enumerate(p) if (acc := acc + pv) > target and pv > 0),
+                        max(v for v, pv in enumerate(p) if pv > 0)))
+    return torch.tensor(out)[:, None]
+
+
+def _sample_without_cache(model, prompts, cfg, seed):
     """Reference sampler: full forward over the whole padded sequence at every step (no KV cache, no EOS)."""
     ids, mask = left_pad(prompts, PAD)
+    uniforms = RowStreams.of(seed, len(prompts)).uniform("student", cfg.max_new_tokens)
     toks, lps = [], []
     with torch.no_grad():
-        for _ in range(cfg.max_new_tokens):
+        for t in range(cfg.max_new_tokens):
             logits = model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
             logp = sampling_logprobs(logits, cfg.temperature, cfg.top_p)
-            tok = torch.multinomial(logp.exp(), 1, generator=generator)
+            tok = _inverse_cdf(logp.exp(), uniforms[:, t])
             toks.append(tok[:, 0])
             lps.append(logp.gather(-1, tok)[:, 0])
             ids = torch.cat([ids, tok], 1)
@@ -144,18 +149,18 @@ def _sample_without_cache(model, prompts, cfg, generator):
 
 def test_kv_cache_decode_equals_no_cache(student, prompts):
     cfg = make_cfg(max_new_tokens=9, eos=(), temperature=0.9, top_p=0.95)
-    b = sample(student, prompts, cfg, generator=gen(11))
-    tokens, lps = _sample_without_cache(student, prompts, cfg, gen(11))
+    b = sample(student, prompts, cfg, streams=11)
+    tokens, lps = _sample_without_cache(student, prompts, cfg, 11)
     assert torch.equal(b.tokens, tokens)
     torch.testing.assert_close(b.behavior_logprobs, lps, atol=1e-5, rtol=0)
     assert b.truncated.all() and not b.eos.any()
 
 
-def test_deterministic_given_generator(student, prompts):
+def test_deterministic_given_streams(student, prompts):
     cfg = make_cfg(max_new_tokens=10, eos=MANY_EOS, top_p=0.9)
-    a = sample(student, prompts, cfg, generator=gen(42))
-    b = sample(student, prompts, cfg, generator=gen(42))
-    c = sample(student, prompts, cfg, generator=gen(43))
+    a = sample(student, prompts, cfg, streams=42)
+    b = sample(student, prompts, cfg, streams=42)
+    c = sample(student, prompts, cfg, streams=43)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.behavior_logprobs, b.behavior_logprobs)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.eos, b.eos)
     assert a.tokens.shape != c.tokens.shape or not torch.equal(a.tokens, c.tokens)
@@ -164,14 +169,14 @@ def test_deterministic_given_generator(student, prompts):
 def test_model_mode_restored(student, prompts):
     student.train()
     try:
-        sample(student, prompts, make_cfg(max_new_tokens=2), generator=gen(0))
+        sample(student, prompts, make_cfg(max_new_tokens=2), streams=0)
         assert student.training
     finally:
         student.eval()
 
 
 def test_zero_budget_gives_empty_responses(student, prompts):
-    b = sample(student, prompts, make_cfg(max_new_tokens=0), generator=gen(0))
+    b = sample(student, prompts, make_cfg(max_new_tokens=0), streams=0)
     assert b.tokens.shape == (len(prompts), 0)
     assert b.response_lengths.eq(0).all() and b.truncated.all()
 
@@ -181,7 +186,8 @@ def test_per_row_budgets(student, prompts):
     ids, mask = left_pad(prompts, PAD)
     budgets = torch.tensor([0, 3, 7, 1])
     with inference_mode(student):
-        out = decode([student], ids, mask, budgets, cfg, lambda lg: (sampling_logprobs(lg[0]), None), gen(0))
+        out = decode([student], ids, mask, budgets, cfg, lambda lg: (sampling_logprobs(lg[0]), None),
+                     torch.rand(len(prompts), 7, dtype=torch.float64))
     assert out.lengths.tolist() == budgets.tolist()
     assert out.tokens.shape[1] == 7 and out.truncated[1:].all()
     assert out.tokens[0].eq(PAD).all()
@@ -214,7 +220,7 @@ def test_sliding_window_models_match_fresh_forward(arch):
     model = helpers.TINY_MODELS[arch](seed=2)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21]]
     cfg = make_cfg(max_new_tokens=8, eos=())
-    b = sample(model, prompts, cfg, generator=gen(4))
+    b = sample(model, prompts, cfg, streams=4)
     for i, prompt in enumerate(prompts):
         resp = row_response(b, i)
         expected = torch.log_softmax(fresh_logits(model, prompt, resp), -1).gather(-1, torch.tensor(resp)[:, None])
@@ -236,3 +242,31 @@ def test_stats_aggregate_micro_batches():
     assert s["guided_share"] == 0.5 and s["guidance_len_mean"] == 1.0 and s["generated_tokens"] == 8
     assert s["teacher_generated_tokens"] == 7 and s["guidance_cap"] == 6
     assert rollout_stats(a)["generated_tokens"] == 2
+
+
+def test_inverse_cdf_draw_follows_the_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
+    u = torch.rand(40_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tok = draw(probs.log().expand(len(u), -1), u)
+    freq = torch.bincount(tok, minlength=5).double() / len(u)
+    torch.testing.assert_close(freq, probs.double(), atol=0.01, rtol=0)
+    assert freq[1] == 0 and freq[4] == 0
+    edge = torch.tensor([0.0, 1.0 - 2.0**-53])  # the ends of [0, 1): first and last tokens of positive mass
+    assert draw(probs.log().expand(2, -1), edge).tolist() == [0, 3]
+    point = torch.full((1, 5), float("-inf")).index_fill(1, torch.tensor([2]), 0.0)  # greedy: a point mass
+    assert draw(point, torch.tensor([0.999])).tolist() == [2]
+
+
+def test_a_rows_response_does_not_depend_on_its_batch(student, prompts):
+    """Row streams: the same global rows drawn in one batch or split over two (as two processes, or two
+    generation chunks, would) give the same tokens."""
+    cfg = make_cfg(max_new_tokens=8, eos=MANY_EOS, temperature=1.0)
+    whole = sample(student, prompts, cfg, streams=RowStreams.of(7, 4, step=3))
+    first = sample(student, prompts[:1], cfg, streams=RowStreams.of(7, 1, step=3))
+    rest = sample(student, prompts[1:], cfg, streams=RowStreams.of(7, 3, step=3, first_row=1))
+    for i, part, j in [(0, first, 0), (1, rest, 0), (2, rest, 1), (3, rest, 2)]:
+        assert row_response(whole, i) == row_response(part, j)
+        n = len(row_response(whole, i))
+        torch.testing.assert_close(whole.behavior_logprobs[i, :n], part.behavior_logprobs[j, :n], atol=1e-5, rtol=0)
+    other = sample(student, prompts, cfg, streams=RowStreams.of(7, 4, step=4))  # another step, other draws
+    assert any(row_response(whole, i) != row_response(other, i) for i in range(4))

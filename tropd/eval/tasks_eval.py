@@ -11,10 +11,8 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from tropd.eval.metrics import summarize
-from tropd.rollout import SamplingConfig, sample
+from tropd.rollout import RowStreams, SamplingConfig, sample
 from tropd.tasks import Example, get_suite, grade_batch, list_suites
 from tropd.tasks.encoding import encode_prompt
 
@@ -26,7 +24,6 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
     eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
                          temperature=temperature)
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     tokens, truncated = [], []
     bar = None
     if desc:
@@ -34,7 +31,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
 
         bar = tqdm(total=len(prompt_ids), desc=desc, unit="sample", leave=False)
     for start in range(0, len(prompt_ids), batch_size):
-        batch = sample(model, prompt_ids[start:start + batch_size], cfg, generator=gen)
+        chunk = prompt_ids[start:start + batch_size]  # each sample's own stream: results do not depend on batch_size
+        batch = sample(model, chunk, cfg, streams=RowStreams.of(seed, len(chunk), first_row=start))
         for row in range(batch.batch_size):
             tokens.append(batch.tokens[row, : int(batch.response_lengths[row])].tolist())
             truncated.append(bool(batch.truncated[row]))

@@ -13,7 +13,7 @@ import torch
 
 #: fields that hold one value per position (exactly ``[B,T]``) and fields that hold token ids.
 _PER_POSITION = ("tokens", "behavior_logprobs", "teacher_logprobs", "teacher_entropy", "loss_mask",
-                 "teacher_token_mask", "trust_mask")
+                 "teacher_token_mask", "trust_mask", "trust_uniforms")
 _INTEGER = ("tokens", "teacher_topk_ids")
 
 
@@ -33,6 +33,9 @@ class TokenInputs:
         loss_mask: ``[B,T]`` bool, positions that carry loss (response tokens, not prompt or padding).
         teacher_token_mask: ``[B,T]`` bool, teacher-written guidance-prefix positions (subset of loss_mask).
         trust_mask: ``[B,T]`` bool, if given it replaces the sampled trust mask ``M_t`` (tests, replay).
+        trust_uniforms: ``[B,T]`` ``U_t ~ Uniform[0, 1)`` per position; the sampled trust mask is then
+            ``M_t = [U_t < P_trust(t)]``. Data-parallel training passes them so that each row's mask depends on
+            the row, not on the micro-batch it lands in. Without them ``M_t`` is drawn with ``generator``.
         generator: ``torch.Generator`` for the Bernoulli trust mask (device of the logits).
         progress: fraction of training done in ``[0, 1]`` (curriculum objectives such as reopold_2stage).
     """
@@ -48,6 +51,7 @@ class TokenInputs:
     loss_mask: torch.Tensor | None = None
     teacher_token_mask: torch.Tensor | None = None
     trust_mask: torch.Tensor | None = None
+    trust_uniforms: torch.Tensor | None = None
     generator: torch.Generator | None = None
     progress: float | None = None
 

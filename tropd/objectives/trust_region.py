@@ -3,7 +3,8 @@
 Student-sampled position ``t`` with K1 reward ``r_t = q_t − b_t``:
 
     P_trust(t) = min(exp(r_t), 1)                      (speculative-decoding acceptance probability)
-    M_t ~ Bernoulli(P_trust(t))                        (trust_mode="sample", fresh each call, detached)
+    M_t ~ Bernoulli(P_trust(t))                        (trust_mode="sample", fresh each call, detached:
+                                                        [U_t < P_trust(t)] with the given trust_uniforms)
     ℓ_t = M_t · pg_k1(r_t) + (1 − M_t) · outlier_t
 
 ``trust_mode="expected"`` replaces ``M_t`` by ``P_trust(t)``: the same expected gradient with lower variance.
@@ -56,11 +57,14 @@ class TrOPD(Objective):
         return out
 
     def trust_weight(self, p_trust: torch.Tensor, x) -> torch.Tensor:
-        """``M_t`` (sampled, or the given ``trust_mask``) or ``P_trust`` under ``trust_mode="expected"``."""
+        """``M_t`` (the given ``trust_mask``, else ``[U_t < P_trust]`` with the given ``trust_uniforms``, else a
+        Bernoulli draw with ``generator``) or ``P_trust`` under ``trust_mode="expected"``."""
         if self.trust_mode == "expected":
             return p_trust
         if x.trust_mask is not None:
             return x.trust_mask.to(p_trust.dtype)
+        if x.trust_uniforms is not None:
+            return (x.trust_uniforms.to(p_trust.device) < p_trust).to(p_trust.dtype)  # compared in float64
         return torch.bernoulli(p_trust, generator=x.generator)
 
     def combine(self, t, x):

@@ -13,19 +13,14 @@ from tropd.rollout.sampling import (
     temperature_logprobs,
     truncate_logprobs,
 )
-from tropd.rollout.trb import (
-    TRBConfig,
-    blend_logprobs,
-    kl_blend_student,
-    sample_trb,
-    solve_beta,
-    trb_budget,
-)
+from tropd.rollout.streams import RowStreams
+from tropd.rollout.trb import TRBConfig, blend_logprobs, kl_blend_student, sample_trb, solve_beta, trb_budget
 
 __all__ = [
     "GuidanceConfig",
     "RolloutBatch",
     "RolloutRow",
+    "RowStreams",
     "SamplingConfig",
     "TRBConfig",
     "blend_logprobs",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from tropd.objectives.registry import Needs
@@ -23,18 +22,20 @@ from tropd.rollout.batch import RolloutBatch
 from tropd.rollout.gkd import sample_gkd_mixed
 from tropd.rollout.guidance import GuidanceConfig, sample_with_guidance
 from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_teacher
+from tropd.rollout.streams import RowStreams
 from tropd.rollout.trb import TRBConfig, sample_trb, trb_budget
 
 
 def collect_rollouts(student: nn.Module, teacher: nn.Module | None, prompts: Sequence[Sequence[int]],
                      cfg: SamplingConfig, needs: Needs, *, step: int, total_steps: int,
-                     generator: torch.Generator | None = None, guidance_settings: GuidanceConfig | None = None,
+                     streams: RowStreams | int | None = None, guidance_settings: GuidanceConfig | None = None,
                      trb_settings: TRBConfig | None = None, gkd_lambda: float | None = None) -> RolloutBatch:
     """Draw one batch of rollouts (one per prompt) for training step ``step`` of ``total_steps``.
 
     ``guidance_settings`` defaults to ``GuidanceConfig()`` and ``trb_settings`` to ``TRBConfig()``; ``gkd_lambda``
     (the on-policy fraction λ) is required for ``"gkd_mixed"``. ``teacher`` may be None only when the chosen
-    path never needs it (plain student rollouts).
+    path never needs it (plain student rollouts). ``streams``: the rows' random streams
+    (:meth:`RowStreams.resolve`).
     """
     kind = needs.rollout
     if needs.guidance and kind != "student":
@@ -48,23 +49,23 @@ def collect_rollouts(student: nn.Module, teacher: nn.Module | None, prompts: Seq
         return teacher
 
     if kind == "student":
-        if needs.guidance and guidance.enabled:
+        if needs.guidance and guidance.enabled is not False:
             batch = sample_with_guidance(student, need_teacher(), prompts, cfg, step=step, total_steps=total_steps,
                                          guided_fraction=guidance.guided_fraction,
-                                         anneal_steps=guidance.anneal_steps, generator=generator)
+                                         anneal_steps=guidance.anneal_steps, streams=streams)
         else:
-            batch = sample(student, prompts, cfg, generator=generator)
+            batch = sample(student, prompts, cfg, streams=streams)
     elif kind == "trb_blend":
         eps = trb_budget(step, trb.eps0, trb.warmup_steps)
         batch = sample_trb(student, need_teacher() if eps > 0 else student, prompts, cfg, eps=eps,
-                           iters=trb.iters, generator=generator)
+                           iters=trb.iters, streams=streams)
     elif kind == "gkd_mixed":
         if gkd_lambda is None:
             raise ValueError("gkd_mixed rollouts need gkd_lambda (the on-policy fraction λ)")
         batch = sample_gkd_mixed(student, need_teacher() if gkd_lambda < 1.0 else student, prompts, cfg,
-                                 lmbda=gkd_lambda, generator=generator)
+                                 lmbda=gkd_lambda, streams=streams)
     elif kind == "teacher":
-        batch = sample_teacher(need_teacher(), prompts, cfg, generator=generator)
+        batch = sample_teacher(need_teacher(), prompts, cfg, streams=streams)
     else:
         raise ValueError(f"unknown rollout kind {kind!r}")
     return batch.to(model_device(student))

@@ -4,58 +4,58 @@ Cap schedule (cosine from the full budget to 0 over ``T_anneal`` steps)::
 
     L_max(k) = ⌊ L_gen · ½ (1 + cos(π · k / T_anneal)) ⌋   for k < T_anneal,   0 for k ≥ T_anneal
 
-Per rollout i: ``U_i ~ Uniform[0, 1)``, ``cap_i = ⌊U_i · L_max⌋``; a guided rollout keeps the first
+Per rollout i: ``U_i ~ Uniform[0, 1)`` (row i's ``"guidance_cap"`` stream), ``cap_i = ⌊U_i · L_max⌋``; a guided rollout keeps the first
 ``l_i = min(cap_i, len(teacher response_i))`` tokens of a teacher sample (drawn with the same
 :class:`~tropd.rollout.sampling.SamplingConfig` as the student's), and the student writes the rest of the
 length budget ``L_gen − l_i``. Prefix tokens are teacher positions (``teacher_token_mask``; behaviour log-prob =
 the teacher's sampling log-prob); the continuation is student-sampled.
 
 Decisions (documented here, pinned by tests):
-- Which rollouts are guided: an exact count with stochastic rounding,
-  ``n = ⌊f·B⌋ + Bernoulli(f·B − ⌊f·B⌋)`` rows chosen by a random permutation, so the share is f in
-  expectation and within 1/B of it in every batch.
+- Which rollouts are guided: an exact count with stochastic rounding over the step's **global** batch of
+  ``B`` rollouts (all processes), ``n = ⌊f·B⌋ + Bernoulli(f·B − ⌊f·B⌋)`` rows chosen by a random permutation
+  drawn from a stream every process shares, so the share is f in expectation and within 1/B of it in every
+  step, and a row is guided or not whatever process or generation chunk it lands in.
 - The teacher samples each guided row only up to its own ``cap_i`` (per-row budget), so ``l_i`` is simply the
   length of what it wrote. If that prefix ends with EOS, the response is complete: it is kept whole (EOS included,
   it carries loss as a teacher position) and the student writes nothing for that row.
 - Rows with ``cap_i = 0`` (guided or not) get no prefix; when no row has a positive cap the teacher is not run.
-  When ``L_max = 0`` or ``guided_fraction = 0`` no randomness is drawn for guidance at all, so the result is
-  identical to plain sampling with the same generator.
-- Random draws, in order: ``U`` (B values), the rounding draw (1), the row permutation, teacher decoding,
-  student decoding.
+  When ``L_max = 0`` or ``guided_fraction = 0`` the result is identical to plain sampling with the same streams.
+- Random streams (:class:`~tropd.rollout.streams.RowStreams`): per row ``"guidance_cap"`` (``U_i``),
+  ``"teacher"`` (the prefix tokens) and ``"student"`` (the continuation, the same stream plain sampling uses);
+  shared ``"guided_rows"`` (the rounding draw, then the permutation).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from tropd.rollout.batch import RolloutBatch, RolloutRow
-from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows, uniform
+from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows
+from tropd.rollout.streams import RowStreams
 
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """Teacher-prefix guidance settings (docs/method.md §4.2).
+    """Teacher-prefix guidance settings (docs/method.md §4.2); the ``guidance`` section of a run's config."""
 
-    Attributes:
-        enabled: add teacher prefixes when the objective asks for guidance (False: plain student rollouts).
-        guided_fraction: share of rollouts that get a prefix, in [0, 1] (exact count, stochastic rounding).
-        anneal_steps: ``T_anneal``, steps over which the cap decays to 0; None means all training steps.
-    """
-
-    enabled: bool = True
-    guided_fraction: float = 1.0
-    anneal_steps: int | None = None
+    enabled: bool | None = field(default=None, metadata={"help": (
+        "Teacher-prefix guidance (docs/method.md §4.2); null = on iff the objective trains on teacher prefixes "
+        "(tropd); false = plain student rollouts.")})
+    guided_fraction: float = field(default=1.0, metadata={"help": (
+        "Share of the step's rollouts that get a teacher prefix, in [0, 1] (exact count, stochastic rounding).")})
+    anneal_steps: int | None = field(default=None, metadata={"help": (
+        "T_anneal: steps over which the prefix cap decays to 0; null = all training steps of the objective.")})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.guided_fraction <= 1.0:
-            raise ValueError(f"GuidanceConfig.guided_fraction must be in [0, 1], got {self.guided_fraction}")
-        if self.anneal_steps is not None and self.anneal_steps < 0:
-            raise ValueError(f"GuidanceConfig.anneal_steps must be >= 0 or None, got {self.anneal_steps}")
+            raise ValueError(f"guidance.guided_fraction must be in [0, 1], got {self.guided_fraction}")
+        if self.anneal_steps is not None and self.anneal_steps < 1:
+            raise ValueError(f"guidance.anneal_steps must be >= 1 or null, got {self.anneal_steps}")
 
 
 def guidance_cap(step: int, total_steps: int, max_new_tokens: int, anneal_steps: int | None = None) -> int:
@@ -75,13 +75,12 @@ def guidance_cap(step: int, total_steps: int, max_new_tokens: int, anneal_steps:
 
 
 def choose_guided_rows(batch_size: int, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[B]`` bool: ``⌊f·B⌋ + Bernoulli(frac(f·B))`` rows, chosen uniformly without replacement."""
+    """``[B]`` bool: ``⌊f·B⌋ + Bernoulli(frac(f·B))`` rows, chosen uniformly without replacement (CPU generator)."""
     exact = fraction * batch_size
     n = int(math.floor(exact))
-    if uniform(1, generator).item() < exact - n:
+    if torch.rand((), generator=generator, dtype=torch.float64).item() < exact - n:
         n += 1
-    device = generator.device if generator is not None else torch.device("cpu")
-    order = torch.randperm(batch_size, generator=generator, device=device).cpu()
+    order = torch.randperm(batch_size, generator=generator)
     rows = torch.zeros(batch_size, dtype=torch.bool)
     rows[order[:n]] = True
     return rows
@@ -90,8 +89,11 @@ def choose_guided_rows(batch_size: int, fraction: float, generator: torch.Genera
 def sample_with_guidance(student: nn.Module, teacher: nn.Module, prompts: Sequence[Sequence[int]],
                          cfg: SamplingConfig, *, step: int, total_steps: int, guided_fraction: float = 1.0,
                          anneal_steps: int | None = None,
-                         generator: torch.Generator | None = None) -> RolloutBatch:
+                         streams: RowStreams | int | None = None) -> RolloutBatch:
     """Rollouts with teacher prefixes: teacher writes ``l_i`` tokens, the student continues (module docstring).
+
+    ``streams``: the rows' random streams (:meth:`RowStreams.resolve`); their ``total_rows`` is the batch the
+    guided rows are chosen over.
 
     The result's ``info`` holds ``guidance_cap`` (``L_max`` this step) and ``teacher_generated_tokens``.
     """
@@ -99,20 +101,22 @@ def sample_with_guidance(student: nn.Module, teacher: nn.Module, prompts: Sequen
         raise ValueError(f"sample_with_guidance: guided_fraction must be in [0, 1], got {guided_fraction}")
     l_max = guidance_cap(step, total_steps, cfg.max_new_tokens, anneal_steps)
     device = model_device(student)
+    b = len(prompts)
+    streams = RowStreams.resolve(streams, b)
     if l_max == 0 or guided_fraction == 0.0:
-        batch = sample(student, prompts, cfg, generator=generator)
+        batch = sample(student, prompts, cfg, streams=streams)
         batch.info.update(guidance_cap=float(l_max), teacher_generated_tokens=0.0)
         return batch
 
-    b = len(prompts)
-    caps = torch.floor(uniform(b, generator) * l_max).long()
-    guided = choose_guided_rows(b, guided_fraction, generator)
-    caps = torch.where(guided, caps, torch.zeros_like(caps))
+    caps = torch.floor(streams.uniform("guidance_cap")[:, 0] * l_max).long()
+    guided = choose_guided_rows(streams.total_rows, guided_fraction, streams.shared("guided_rows"))
+    caps = torch.where(guided[list(streams.rows)], caps, torch.zeros_like(caps))
 
     prefixes: list[RolloutRow | None] = [None] * b
     teacher_idx = torch.nonzero(caps > 0).flatten().tolist()
     if teacher_idx:
-        written = sample_rows(teacher, [prompts[i] for i in teacher_idx], cfg, caps[teacher_idx], generator)
+        written = sample_rows(teacher, [prompts[i] for i in teacher_idx], cfg, caps[teacher_idx],
+                              streams.select(teacher_idx), purpose="teacher")
         for i, row in zip(teacher_idx, written):
             prefixes[i] = row
 
@@ -122,7 +126,7 @@ def sample_with_guidance(student: nn.Module, teacher: nn.Module, prompts: Sequen
         n_pre = 0 if pre is None else int(pre.tokens.numel())
         contexts.append(list(prompts[i]) + ([] if pre is None else pre.tokens.tolist()))
         budgets.append(0 if pre is not None and pre.eos else cfg.max_new_tokens - n_pre)
-    continued = sample_rows(student, contexts, cfg, torch.tensor(budgets, dtype=torch.long), generator)
+    continued = sample_rows(student, contexts, cfg, torch.tensor(budgets, dtype=torch.long), streams)
 
     rows = []
     for i in range(b):

@@ -1,7 +1,8 @@
 """The ``Sampler`` seam: how the trainer gets a step's rollouts, whatever engine draws them.
 
 The trainer hands a sampler one generation batch of prompt token ids and a :class:`RolloutRequest` (which kind
-of rollout the objective needs, where training is, the random streams to use) and receives a
+of rollout the objective needs, where training is, which rows of the step's global batch these are) and
+receives a
 :class:`~tropd.rollout.RolloutBatch` with exact behaviour log-probs. :class:`KVCacheSampler` (the default) decodes
 with the student's own KV cache in this process, and writes guidance prefixes, TRB blends and GKD teacher rows
 with the in-process teacher model; another engine implements the same ``sample`` method.
@@ -20,6 +21,7 @@ from tropd.rollout.batch import RolloutBatch
 from tropd.rollout.collect import collect_rollouts
 from tropd.rollout.guidance import GuidanceConfig
 from tropd.rollout.sampling import SamplingConfig
+from tropd.rollout.streams import RowStreams
 from tropd.rollout.trb import TRBConfig
 
 
@@ -30,9 +32,10 @@ class RolloutRequest:
     Attributes:
         needs: the objective's declaration (rollout kind, guidance).
         step, total_steps: position in the objective's phase (guidance cap, TRB budget anneal over it).
-        seed, first_row: the run's seed and the global index (in the step's batch of rollouts) of the first
-            prompt; random draws depend on these only, never on the process or the batch composition.
-        global_step: the optimiser step (seeds the random streams together with ``seed``).
+        seed, global_step: the run's seed and the optimiser step.
+        first_row, total_rows: the global index (in the step's batch of rollouts, all processes) of the first
+            prompt, and the size of that batch. Random draws depend on ``(seed, global_step, row)`` only, never
+            on the process or the batch composition (:attr:`streams`); ``total_rows`` 0 means this batch alone.
         guidance, trb: settings; ``gkd_lambda``: GKD's on-policy fraction λ.
     """
 
@@ -42,9 +45,15 @@ class RolloutRequest:
     seed: int = 0
     global_step: int = 0
     first_row: int = 0
+    total_rows: int = 0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     trb: TRBConfig = field(default_factory=TRBConfig)
     gkd_lambda: float = 1.0
+
+    def streams(self, num_rows: int) -> RowStreams:
+        """The random streams of this request's ``num_rows`` rows (:class:`~tropd.rollout.streams.RowStreams`)."""
+        return RowStreams.of(self.seed, num_rows, step=self.global_step, first_row=self.first_row,
+                             total_rows=self.total_rows or None)
 
 
 @runtime_checkable
@@ -64,10 +73,8 @@ class KVCacheSampler:
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], request: RolloutRequest) -> RolloutBatch:
-        device = next(self.student.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(
-            (request.seed * 1_000_003 + request.global_step) * 1_000_033 + request.first_row + 1)
         return collect_rollouts(self.student, self.teacher, prompts, self.sampling, request.needs,
-                                step=request.step, total_steps=request.total_steps, generator=generator,
+                                step=request.step, total_steps=request.total_steps,
+                                streams=request.streams(len(prompts)),
                                 guidance_settings=request.guidance, trb_settings=request.trb,
                                 gkd_lambda=request.gkd_lambda)

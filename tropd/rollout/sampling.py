@@ -5,13 +5,16 @@ exactly and can be changed per step (TRB blends two models, §4.3). One step, fo
 
     logp   = log_softmax(logits(h) / τ)                       (float32; τ = temperature)
     logp'  = nucleus_p(logp) − logsumexp(nucleus_p(logp))      (top-p: renormalised nucleus)
-    y      ~ Categorical(exp(logp'))                           (torch.multinomial with the caller's generator)
+    y      = min{v : Σ_{w≤v} exp(logp'_w) > U · Σ_w exp(logp'_w)} (inverse CDF, U ~ Uniform[0, 1) of row i)
     b      = logp'[y]                                          (behaviour log-prob, stored per token)
 
 Temperature 0 means greedy decoding: the sampling distribution is the point mass on the argmax, so ``b = 0``.
 Prompts are left-padded; position ids come from the attention mask so every row sees the positions it would have
 unpadded. A row stops at its first EOS (the EOS is part of the response) or at its token budget; decoding stops
 when every row has stopped.
+
+Randomness: token t of row i uses value t of that row's ``"student"`` (or ``"teacher"``) stream of
+:class:`~tropd.rollout.streams.RowStreams`, so a row's response does not depend on the rows it is batched with.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from tropd.rollout.batch import RolloutBatch, RolloutRow, left_pad, position_ids_from_mask
+from tropd.rollout.streams import RowStreams
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,7 +134,8 @@ class CachedLM:
         self.out_device = out_device or self.device
         self.cache = DynamicCache(config=model.config)
         # transformers renamed `past_key_values` to `cache` (5.x); pass it under the name this model's forward takes
-        params = inspect.signature(model.forward).parameters
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model's
+        params = inspect.signature(inner.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -180,23 +185,27 @@ class DecodeOutput:
     aux: torch.Tensor | None = None
 
 
-def draw(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from ``exp(logp)`` with ``torch.multinomial``, on the generator's device."""
-    probs = logp.exp()
-    if generator is not None and probs.device != generator.device:
-        probs = probs.to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logp.device)
+def draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row from ``exp(logp)`` ``[B, V]`` by inverse CDF with the row's uniform ``u`` ``[B]``.
+
+    The CDF is accumulated in float64; the target ``U · total`` is kept below the total, so the token drawn
+    always has positive probability (a point mass gives its argmax).
+    """
+    cdf = logp.double().exp().cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u.to(cdf).unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logp.shape[-1] - 1)
 
 
 def decode(models: Sequence[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor,
            budgets: torch.Tensor | int, cfg: SamplingConfig, combine: Combine,
-           generator: torch.Generator | None = None) -> DecodeOutput:
+           uniforms: torch.Tensor) -> DecodeOutput:
     """Sample continuations of left-padded contexts, running every model in ``models`` on the same tokens.
 
     ``budgets`` gives each row's maximum number of new tokens (a row with budget 0 produces nothing). At each step
     ``combine`` maps the models' next-token logits to the sampling log-probs; one token per row is drawn from them
     and fed to every model (each keeps its own KV cache). Rows that have stopped keep receiving the pad token,
-    which is ignored. Randomness: one ``torch.multinomial`` call over all B rows per step.
+    which is ignored. Randomness: token t of row i is drawn with ``uniforms[i, t]`` (``[B, ≥ max budget]``).
     Must run under :func:`inference_mode`.
     """
     b = int(input_ids.shape[0])
@@ -207,6 +216,8 @@ def decode(models: Sequence[nn.Module], input_ids: torch.Tensor, attention_mask:
     if budgets.shape != (b,):
         raise ValueError(f"decode: budgets must be an int or a [B]={b} tensor, got shape {tuple(budgets.shape)}")
     t_max = int(budgets.max().item()) if b else 0
+    if uniforms.shape[0] != b or (t_max and uniforms.shape[1] < t_max):
+        raise ValueError(f"decode: uniforms must be [B={b}, >= {t_max}], got shape {tuple(uniforms.shape)}")
     tokens = torch.full((b, t_max), cfg.pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((b, t_max), dtype=torch.float32, device=device)
     aux: torch.Tensor | None = None
@@ -225,9 +236,10 @@ def decode(models: Sequence[nn.Module], input_ids: torch.Tensor, attention_mask:
         next_pos = mask.sum(-1)
         eos_ids = torch.tensor(cfg.eos_token_ids or (-1,), dtype=torch.long, device=device)
         pad = torch.full((b,), cfg.pad_token_id, dtype=torch.long, device=device)
+        uniforms = uniforms.to(device=device, dtype=torch.float64)
         for t in range(t_max):
             logp, row_aux = combine(logits)
-            tok = draw(logp, generator)
+            tok = draw(logp, uniforms[:, t])
             lp = logp.gather(-1, tok[:, None])[:, 0]
             tok = torch.where(finished, pad, tok)
             tokens[:, t] = tok
@@ -266,16 +278,18 @@ def plain_combine(cfg: SamplingConfig) -> Combine:
 
 
 def sample_rows(model: nn.Module, contexts: Sequence[Sequence[int]], cfg: SamplingConfig,
-                budgets: torch.Tensor | int | None = None, generator: torch.Generator | None = None,
-                ) -> list[RolloutRow]:
+                budgets: torch.Tensor | int | None = None, streams: RowStreams | int | None = None,
+                purpose: str = "student") -> list[RolloutRow]:
     """Sample one response per context with ``model`` alone; one :class:`RolloutRow` per context, in order.
 
-    ``budgets`` (default ``cfg.max_new_tokens``) may differ per row. Rows are untagged (student source).
+    ``budgets`` (default ``cfg.max_new_tokens``) may differ per row. Token t of row i uses value t of row i's
+    ``purpose`` stream (``streams``: see :meth:`RowStreams.resolve`). Rows are untagged (student source).
     """
     ids, mask = left_pad(contexts, cfg.pad_token_id)
     budgets = cfg.max_new_tokens if budgets is None else budgets
+    uniforms = RowStreams.resolve(streams, len(contexts)).uniform(purpose, cfg.max_new_tokens)
     with inference_mode(model):
-        out = decode([model], ids, mask, budgets, cfg, plain_combine(cfg), generator)
+        out = decode([model], ids, mask, budgets, cfg, plain_combine(cfg), uniforms)
     return rows_from_decode(out)
 
 
@@ -297,27 +311,22 @@ def rows_from_decode(out: DecodeOutput) -> list[RolloutRow]:
 
 
 def sample(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
-           generator: torch.Generator | None = None) -> RolloutBatch:
+           streams: RowStreams | int | None = None) -> RolloutBatch:
     """Plain on-policy rollouts: ``model`` samples one response per prompt (docs/method.md §1, source ``student``)."""
-    rows = sample_rows(model, prompts, cfg, generator=generator)
+    rows = sample_rows(model, prompts, cfg, streams=streams)
     return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, device=model_device(model))
 
 
 def sample_teacher(teacher: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
-                   generator: torch.Generator | None = None) -> RolloutBatch:
+                   streams: RowStreams | int | None = None) -> RolloutBatch:
     """Teacher-written rollouts for supervised KD (``Needs.rollout == "teacher"``).
 
     The teacher samples every response; all response positions are tagged as teacher positions
     (``teacher_token_mask``) and ``behavior_logprobs`` are the teacher's sampling log-probs.
     """
-    rows = sample_rows(teacher, prompts, cfg, generator=generator)
+    rows = sample_rows(teacher, prompts, cfg, streams=streams, purpose="teacher")
     for r in rows:
         r.guidance_length = int(r.tokens.numel())
         r.teacher_row = True
     return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, device=model_device(teacher))
 
-
-def uniform(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``n`` draws of U ~ Uniform[0, 1) from ``generator`` (on its device), returned as float64 on CPU."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    return torch.rand(n, generator=generator, device=device, dtype=torch.float64).cpu()

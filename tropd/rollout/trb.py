@@ -20,7 +20,7 @@ the behaviour log-prob of a token is its log-prob under that final distribution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -38,29 +38,26 @@ from tropd.rollout.sampling import (
     temperature_logprobs,
     truncate_logprobs,
 )
+from tropd.rollout.streams import RowStreams
 
 
 @dataclass(frozen=True)
 class TRBConfig:
-    """TRB warm-up blending settings (docs/method.md §4.3).
+    """TRB warm-up blending settings (docs/method.md §4.3); the ``trb`` section of a run's config."""
 
-    Attributes:
-        eps0: ε_0, the KL budget ``KL(μ_β‖π_S)`` per decoding step at training step 0.
-        warmup_steps: K, training steps over which the budget decays linearly to 0 (then pure student rollouts).
-        iters: bisection halvings for β* (float64; 60 gives an interval of 2^-60).
-    """
-
-    eps0: float = 0.02
-    warmup_steps: int = 50
-    iters: int = 60
+    eps0: float = field(default=0.02, metadata={"help": (
+        "ε_0: the KL budget KL(μ_β‖π_S) per decoding step at the first training step (docs/method.md §4.3).")})
+    warmup_steps: int = field(default=50, metadata={"help": (
+        "K: training steps over which the budget decays linearly to 0 (then plain student rollouts).")})
+    iters: int = field(default=60, metadata={"help": "Bisection halvings for β* per decoded token (float64)."})
 
     def __post_init__(self) -> None:
         if self.eps0 < 0:
-            raise ValueError(f"TRBConfig.eps0 must be >= 0, got {self.eps0}")
+            raise ValueError(f"trb.eps0 must be >= 0, got {self.eps0}")
         if self.warmup_steps < 0:
-            raise ValueError(f"TRBConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ValueError(f"trb.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.iters < 1:
-            raise ValueError(f"TRBConfig.iters must be >= 1, got {self.iters}")
+            raise ValueError(f"trb.iters must be >= 1, got {self.iters}")
 
 
 def trb_budget(step: int, eps0: float = 0.02, warmup_steps: int = 50) -> float:
@@ -163,18 +160,21 @@ def trb_combine(cfg: SamplingConfig, eps: float, iters: int = 60) -> Combine:
 
 
 def sample_trb(student: nn.Module, teacher: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
-               eps: float, iters: int = 60, generator: torch.Generator | None = None) -> RolloutBatch:
+               eps: float, iters: int = 60, streams: RowStreams | int | None = None) -> RolloutBatch:
     """Rollouts drawn token by token from ``μ_β*`` (student and teacher run on the same tokens, each with its
     own KV cache). ``behavior_logprobs`` are log-probs under the blend; ``blend_beta`` holds β* per token and
     ``blend_beta_per_step`` its mean per step. ``eps ≤ 0`` is plain student sampling (the teacher is not run).
+    Token t of row i uses value t of row i's ``"student"`` stream, as plain sampling does.
     """
     device = model_device(student)
+    streams = RowStreams.resolve(streams, len(prompts))
     if eps <= 0:
-        batch = sample(student, prompts, cfg, generator=generator)
+        batch = sample(student, prompts, cfg, streams=streams)
         batch.info["trb_eps"] = 0.0
         return batch
     ids, mask = left_pad(prompts, cfg.pad_token_id)
     with inference_mode(student, teacher):
-        out = decode([student, teacher], ids, mask, cfg.max_new_tokens, cfg, trb_combine(cfg, eps, iters), generator)
+        out = decode([student, teacher], ids, mask, cfg.max_new_tokens, cfg, trb_combine(cfg, eps, iters),
+                     streams.uniform("student", cfg.max_new_tokens))
     rows = rows_from_decode(out)
     return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, info={"trb_eps": float(eps)}, device=device)

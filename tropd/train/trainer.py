@@ -4,11 +4,12 @@ The trainer orchestrates only: sampling lives in ``tropd.rollout``, teacher scor
 all loss math in ``tropd.objectives``, processes, wrapping and mixed precision in accelerate.
 
 Data parallel (``accelerate launch``): ``train.prompts_per_step`` is the global batch; every process draws the
-same prompts for a step and keeps its contiguous share of the rollouts. Every random stream depends only on
-``(seed, step)`` and a position in the global batch (rows for sampling, the micro-batch's first row for trust
-masks), so results do not depend on the number of processes as long as each share is a whole number of
-micro-batches. The loss is normalised by the global token count; only the main process writes logs, reports
-and checkpoints. A run stopped after step ``k`` and resumed from its checkpoint replays exactly.
+same prompts for a step and keeps its contiguous share of the rollouts. Every random draw depends only on
+``(seed, step)`` and the row's index in the global batch (:class:`~tropd.rollout.RowStreams`: sampled tokens,
+guidance, GKD sources, trust masks), so the result does not depend on the number of processes or on how rows
+are chunked (up to floating-point summation order). The loss is normalised by the global token count; only the
+main process writes logs, reports and checkpoints. A run stopped after step ``k`` and resumed from its
+checkpoint replays exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from accelerate.utils import gather_object
 from tropd.forward import response_logits
 from tropd.objectives import TokenInputs, count_loss_tokens, data_parallel_scale, get_objective
 from tropd.objectives.errors import NonFiniteInputError
-from tropd.rollout import GuidanceConfig, RolloutBatch, SamplingConfig, TRBConfig, rollout_stats
+from tropd.rollout import RolloutBatch, RowStreams, SamplingConfig, rollout_stats
 from tropd.rollout.sampler import KVCacheSampler, RolloutRequest, Sampler
 from tropd.teacher import InProcessTeacher, Teacher, TeacherScores
 from tropd.train.checkpoint import ResumeState, load_trainer_state, save_checkpoint
@@ -41,16 +42,15 @@ EvalFn = Callable[[torch.nn.Module], dict]
 _SUMMED = ("loss", "num_tokens", "student_tokens")
 
 
-def step_generator(seed: int, step: int, device: torch.device | str = "cpu", offset: int = -1) -> torch.Generator:
-    """The random stream of one step (data order: ``offset=-1``), or of the rows of the global batch that
-    start at ``offset`` (sampling, trust masks)."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_000_033 + offset + 1)
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of one step's data order (the same on every process)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033)
 
 
 @dataclass
 class MicroBatch:
-    """Rollouts of one micro-batch, their teacher scores, and the position of their first row in the step's
-    global batch (which seeds the micro-batch's trust masks)."""
+    """Rollouts of one micro-batch, their teacher scores, and the index of their first row in the step's
+    global batch (the rows' random streams)."""
 
     offset: int
     batch: RolloutBatch
@@ -150,16 +150,12 @@ class Trainer:
         cfg = self.cfg
         objective, phase_step, phase_steps = self._phase(step)
         prompts, start = self._prompts_for_step(step)
-        guidance = GuidanceConfig(enabled=objective is self.objective and cfg.guidance_enabled(),
-                                  guided_fraction=cfg.guidance.guided_fraction,
-                                  anneal_steps=cfg.guidance.anneal_steps)
-        trb = TRBConfig(eps0=cfg.trb.eps0, warmup_steps=cfg.trb.warmup_steps)
         self.student.eval()  # no dropout: behaviour log-probs and the loss forward see the same network
         micro = []
         for i in range(0, len(prompts), cfg.rollout.batch_size):
             request = RolloutRequest(objective.needs, phase_step, phase_steps, seed=cfg.train.seed, global_step=step,
-                                     first_row=start + i, guidance=guidance, trb=trb,
-                                     gkd_lambda=getattr(objective, "lmbda", 1.0))
+                                     first_row=start + i, total_rows=self.rows_per_step, guidance=cfg.guidance,
+                                     trb=cfg.trb, gkd_lambda=getattr(objective, "lmbda", 1.0))
             with torch.no_grad(), self.accelerator.autocast():  # sample in the precision of the loss forward
                 batch = self.sampler.sample(prompts[i:i + cfg.rollout.batch_size], request).to(self.device)
             for j in range(0, batch.batch_size, cfg.train.micro_batch_size):  # the teacher in its own dtype
@@ -183,7 +179,7 @@ class Trainer:
                 if reason is None:
                     inputs = TokenInputs(student_logits=logits, tokens=b.tokens, behavior_logprobs=b.behavior_logprobs,
                                          loss_mask=b.loss_mask, teacher_token_mask=b.teacher_token_mask,
-                                         generator=step_generator(self.cfg.train.seed, step, "cpu", m.offset),
+                                         trust_uniforms=self._trust_uniforms(step, m),
                                          progress=progress, **m.scores.as_kwargs())
                     try:
                         out = objective(inputs, num_tokens=n_tokens)
@@ -193,6 +189,12 @@ class Trainer:
                         reason = str(err)
                 self.accelerator.backward(loss)
         return parts, reason
+
+    def _trust_uniforms(self, step: int, m: MicroBatch) -> torch.Tensor:
+        """``[B, T]`` uniforms of the micro-batch's rows for sampled trust masks (row streams, ``"trust"``)."""
+        b, t = m.batch.tokens.shape
+        streams = RowStreams.of(self.cfg.train.seed, b, step=step, first_row=m.offset, total_rows=self.rows_per_step)
+        return streams.uniform("trust", t).to(self.device)
 
     def _all_processes(self, local: list) -> list:
         """The concatenation of every process's ``local`` list, in process order (on every process)."""
