@@ -75,6 +75,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge_lora(args: argparse.Namespace) -> int:
+    from tropd.lora import merge_checkpoint
+
+    merge_checkpoint(args.checkpoint, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="tropd", description="Trust Region On-Policy Distillation of language models.")
@@ -113,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "first/last tables per phase, from a run's metrics.jsonl", formatter_class=fmt)
     r.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
     r.set_defaults(func=_cmd_report)
+
+    m = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into its base student: a plain model folder "
+                                          "that AutoModelForCausalLM.from_pretrained loads", formatter_class=fmt)
+    m.add_argument("checkpoint", help="a checkpoint folder, or a run directory (its latest checkpoint)")
+    m.add_argument("--out", required=True, help="new (or empty) folder for the merged model and its tokenizer")
+    m.set_defaults(func=_cmd_merge_lora)
     return p
 
 

