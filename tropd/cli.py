@@ -75,6 +75,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_teacher(args: argparse.Namespace) -> int:
+    from tropd.teacher.remote import TOKEN_ENV
+
+    try:
+        from tropd.teacher.server import serve
+    except ImportError as err:
+        raise ValueError(f"{err}; install the server extra: pip install 'tropd[server]'") from None
+    serve(args.model, host=args.host, port=args.port, token=os.environ.get(TOKEN_ENV), device=args.device,
+          dtype=args.dtype, chunk_size=args.chunk_size, max_batch_rows=args.max_batch_rows)
+    return 0
+
+
 def _cmd_merge_lora(args: argparse.Namespace) -> int:
     from tropd.lora import merge_checkpoint
 
@@ -121,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
     r.set_defaults(func=_cmd_report)
 
+    s = sub.add_parser("serve-teacher", help="serve a frozen teacher over HTTP for trainers elsewhere "
+                                             "(model.teacher=http://HOST:PORT; docs/scaling.md)", formatter_class=fmt)
+    s.add_argument("model", help="HF model folder, .gguf file, or 'smollm2'")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; then set a "
+                                                       "token in TROPD_TEACHER_TOKEN)")
+    s.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start-up)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    s.add_argument("--chunk-size", type=int, default=512, help="response positions turned into logits at a time")
+    s.add_argument("--max-batch-rows", type=int, default=64, help="most rows merged from waiting requests into one "
+                                                                  "forward")
+    s.set_defaults(func=_cmd_serve_teacher)
+
     m = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into its base student: a plain model folder "
                                           "that AutoModelForCausalLM.from_pretrained loads", formatter_class=fmt)
     m.add_argument("checkpoint", help="a checkpoint folder, or a run directory (its latest checkpoint)")
@@ -148,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # `kill` / `timeout` stop like Ctrl-C (training saves first)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteTrainingError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteTrainingError, ConnectionError) as err:
         if debug:  # bad input or a run that cannot go on: one clear line, no traceback
             raise
         print(f"tropd {args.command}: error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, NonFiniteTrainingError) else 2
+        return 1 if isinstance(err, (NonFiniteTrainingError, ConnectionError)) else 2
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (e.g. while models load): nothing to save
         if debug:
             raise

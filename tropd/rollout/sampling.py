@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -101,8 +101,20 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_p: flo
     return truncate_logprobs(temperature_logprobs(logits, temperature), top_p, greedy=temperature == 0.0)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless module)."""
+@runtime_checkable
+class RowWriter(Protocol):
+    """A model that writes rows elsewhere (e.g. a teacher server, :class:`tropd.teacher.RemoteTeacher`):
+    ``write_rows(contexts, cfg, budgets [B], uniforms [B, max_new_tokens])`` returns what :func:`sample_rows`
+    would for an in-process model, drawing token t of row i with ``uniforms[i, t]``."""
+
+    def write_rows(self, contexts: list[list[int]], cfg: SamplingConfig, budgets: torch.Tensor,
+                   uniforms: torch.Tensor) -> list[RolloutRow]: ...
+
+
+def model_device(model: nn.Module | RowWriter) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless module or a :class:`RowWriter`)."""
+    if not isinstance(model, nn.Module):
+        return torch.device("cpu")
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -277,17 +289,21 @@ def plain_combine(cfg: SamplingConfig) -> Combine:
     return combine
 
 
-def sample_rows(model: nn.Module, contexts: Sequence[Sequence[int]], cfg: SamplingConfig,
+def sample_rows(model: nn.Module | RowWriter, contexts: Sequence[Sequence[int]], cfg: SamplingConfig,
                 budgets: torch.Tensor | int | None = None, streams: RowStreams | int | None = None,
                 purpose: str = "student") -> list[RolloutRow]:
     """Sample one response per context with ``model`` alone; one :class:`RolloutRow` per context, in order.
 
     ``budgets`` (default ``cfg.max_new_tokens``) may differ per row. Token t of row i uses value t of row i's
     ``purpose`` stream (``streams``: see :meth:`RowStreams.resolve`). Rows are untagged (student source).
+    A :class:`RowWriter` writes them itself with the same uniforms.
     """
-    ids, mask = left_pad(contexts, cfg.pad_token_id)
     budgets = cfg.max_new_tokens if budgets is None else budgets
     uniforms = RowStreams.resolve(streams, len(contexts)).uniform(purpose, cfg.max_new_tokens)
+    if isinstance(model, RowWriter):
+        budgets = torch.as_tensor(budgets, dtype=torch.long).expand(len(contexts))
+        return model.write_rows([list(c) for c in contexts], cfg, budgets, uniforms)
+    ids, mask = left_pad(contexts, cfg.pad_token_id)
     with inference_mode(model):
         out = decode([model], ids, mask, budgets, cfg, plain_combine(cfg), uniforms)
     return rows_from_decode(out)

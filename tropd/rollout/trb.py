@@ -168,6 +168,9 @@ def sample_trb(student: nn.Module, teacher: nn.Module, prompts: Sequence[Sequenc
     """
     device = model_device(student)
     streams = RowStreams.resolve(streams, len(prompts))
+    if eps > 0 and not isinstance(teacher, nn.Module):
+        raise ValueError("TRB blends the teacher's next-token distribution into every decoded token, so it needs "
+                         "the teacher in this process, not behind a teacher server")
     if eps <= 0:
         batch = sample(student, prompts, cfg, streams=streams)
         batch.info["trb_eps"] = 0.0

