@@ -3,8 +3,7 @@
 # suites, 8 problems x 2 samples each, answers of at most 128 tokens. These are benchmarks/eval_default.sh's
 # settings, so the scores must equal benchmarks/results/eval_teacher.json (CPU runs are deterministic); the
 # script says whether they do.
-# Measured (2 CPU cores shared with another job using one of them, load average 2.5): 4 min 05 s wall,
-# 310 s CPU; math 99 s, code 94 s, if 25 s, mcq 22 s. The old example (--n 4 --limit 16 --max-new-tokens 256)
+# Measured (2 CPU cores shared with a test job): 5 min 11 s wall; math 77 s, code 93 s, if 78 s, mcq 63 s. The old example (--n 4 --limit 16 --max-new-tokens 256)
 # took 263 s for math alone and had not finished code after 9 minutes: about 15 minutes in all.
 #   bash benchmarks/eval_example.sh [OUT_JSON]      (default: ${TMPDIR:-/tmp}/tropd_eval_example.json)
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""SPEC §6 invariants 1-5 and 7 (6, the TRB β budget, lives with tropd.rollout.trb)."""
+"""docs/method.md §6 invariants 1-5 and 7 (6, the TRB β budget, lives with tropd.rollout.trb)."""
 
 from __future__ import annotations
 

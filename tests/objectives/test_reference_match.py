@@ -170,7 +170,7 @@ def test_behavior_and_teacher_inputs_are_constants_for_the_student(cfg):
 
 @pytest.mark.parametrize("cfg", CORE_CONFIGS, ids=config_id)
 def test_no_gradient_reaches_teacher_inputs(cfg):
-    """SPEC §1: teacher quantities are detached; a teacher tensor with autograd history (self-distillation with
+    """docs/method.md §1: teacher quantities are detached; a teacher tensor with autograd history (self-distillation with
     shared weights, a teacher pass outside no_grad) must receive no gradient."""
     _, _, teacher, _, _ = _live_inputs(cfg)
     for k, t in teacher.items():
@@ -179,7 +179,7 @@ def test_no_gradient_reaches_teacher_inputs(cfg):
 
 @pytest.mark.parametrize("cfg", CORE_CONFIGS, ids=config_id)
 def test_bfloat16_logits_computed_in_float32(cfg):
-    """SPEC §2: terms are computed in float32 from log-softmax. bf16 student logits give exactly the float32
+    """docs/method.md §2: terms are computed in float32 from log-softmax. bf16 student logits give exactly the float32
     result of the same (upcast) logits; the gradient is that float32 gradient rounded to bf16."""
     name, kw, extra = cfg
     x = make_inputs(10, B=2, T=4, V=40, K=5)
@@ -199,7 +199,7 @@ def test_bfloat16_logits_computed_in_float32(cfg):
 
 
 def test_diagnostic_metrics():
-    """SPEC §7 diagnostics: student entropy, teacher top-k mass at student positions, reward median, and the
+    """docs/method.md §7 diagnostics: student entropy, teacher top-k mass at student positions, reward median, and the
     tropd loss split by region (trust + outlier + guidance = loss)."""
     x = make_inputs(14, B=4, T=6, V=10, K=4)
     out, _ = run_impl("tropd", {}, x)

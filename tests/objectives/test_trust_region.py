@@ -1,4 +1,4 @@
-"""SPEC §4.1: the trust region (acceptance probability, sampled mask) and its bounded-weight consequences."""
+"""docs/method.md §4.1: the trust region (acceptance probability, sampled mask) and its bounded-weight consequences."""
 
 from __future__ import annotations
 
