@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from tropd.objectives.head import LMHead
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B, L]`` position ids ``cumsum(mask) - 1`` (0 on left padding): positions count real tokens only."""
@@ -55,24 +57,44 @@ def response_hidden(
 
 
 def lm_head_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits ``[..., V]`` for final hidden states ``[..., H]``: the model's LM head and its logit post-processing.
+    """Logits ``[..., V]`` for final hidden states ``[..., H]``: the model's LM head and its logit post-processing
+    (soft-capping, scaling; :class:`tropd.objectives.head.LMHead`)."""
+    return LMHead.of(model)(hidden)
 
-    Post-processing reproduced (as in the models' own ``forward``): Gemma-style soft-capping
-    ``c · tanh(z / c)`` (``config.final_logit_softcapping``), Granite's ``z / logits_scaling`` and Cohere's
-    ``z · logit_scale``.
-    """
-    logits = model.get_output_embeddings()(hidden)
-    config = model.config.get_text_config()
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    scaling = getattr(config, "logits_scaling", None)
-    if scaling is not None:
-        logits = logits / scaling
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None:
-        logits = logits * scale
-    return logits
+
+def response_hidden_states(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int
+) -> torch.Tensor:
+    """``[B, T, H]`` final (post-norm) hidden states at the response positions, from one call of ``model`` itself
+    (so a DDP wrapper's hooks and accelerate's autocast run), with logits for a single position only: the input
+    of the fused loss (:class:`tropd.objectives.head.LMHead`). :func:`fused_head_supported` checks that this
+    model's last ``hidden_states`` entry is the post-norm state its LM head reads."""
+    _check_layout(input_ids, attention_mask, response_start)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    return out.hidden_states[-1][:, response_start - 1 : -1]
+
+
+@torch.no_grad()
+def fused_head_supported(model: PreTrainedModel) -> bool:
+    """Whether ``LMHead.of(model)(hidden_states[-1])`` reproduces the model's own logits (checked on 3 tokens)."""
+    ids = torch.tensor([[1, 2, 3]], device=next(model.parameters()).device)
+    training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=0)
+        if not out.hidden_states:
+            return False
+        mine = LMHead.of(model)(out.hidden_states[-1]).float()
+        return torch.allclose(mine, out.logits.float(), rtol=1e-4, atol=1e-4)
+    finally:
+        model.train(training)
 
 
 def response_logits(

@@ -97,6 +97,33 @@ def test_accumulation_matches_one_batch(tmp_path, teacher_dir):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_a_step_streams_micro_batches(tmp_path, teacher_dir):
+    """Each micro-batch is scored by the teacher only after the previous one's backward: one micro-batch of
+    teacher tensors and activations alive at a time."""
+    from tropd.teacher import InProcessTeacher
+    from tropd.train.run import build_models
+    from tropd.tasks.builtin import builtin_prompts
+    from tropd.tasks.encoding import encode_prompt
+
+    cfg = load_config(write_config(tmp_path, teacher_dir, train={"micro_batch_size": 1}))
+    student, teacher, tok = build_models(cfg)
+    events = []
+
+    class Recording(InProcessTeacher):
+        def score(self, batch, needs):
+            events.append("score")
+            return super().score(batch, needs)
+
+    head = student.get_output_embeddings().weight
+    head.register_post_accumulate_grad_hook(lambda p: events.append("backward"))
+    trainer = Trainer(cfg, student, Recording(teacher), tok, [encode_prompt(p, tok) for p in builtin_prompts("train")],
+                      tmp_path / "run")
+    objective, micro, progress = trainer.collect(step=1)
+    assert events == [] and len(micro) == 4  # rollouts first, nothing scored yet
+    trainer.accumulate(objective, micro, progress, step=1)
+    assert events == ["score", "backward"] * 4
+
+
 @pytest.mark.parametrize("override, message", [
     ("objective.name=nope", "objective.name='nope' is not registered"),
     ("objective.kwargs.top_kk=3", "objective.kwargs.top_kk is not a setting of 'tropd'"),
@@ -162,3 +189,19 @@ def test_train_on_user_file_with_graded_eval(tmp_path, teacher_dir):
     with pytest.raises(ValueError, match="bad.jsonl.*2"):
         train_from_config(load_config(write_config(tmp_path / "b", teacher_dir), [f"data.prompts={bad}"]),
                           console=lambda *_: None)
+
+
+@pytest.mark.parametrize("objective", ["tropd", "gkd"])
+def test_fused_loss_trains_like_the_logits_loss(tmp_path, teacher_dir, objective):
+    """objective.fused (hidden states + LM head, chunked) and objective.fused=false (full logits) end with the
+    same weights."""
+    kwargs = {"top_k": 8} if objective == "tropd" else {}
+    weights = {}
+    for fused in (True, False):
+        path = write_config(tmp_path / str(fused), teacher_dir, objective={"name": objective, "kwargs": kwargs,
+                                                                          "chunk_size": 5, "fused": fused},
+                            data={"eval_prompts": 0}, train={"steps": 3})
+        assert main(["train", "--config", str(path)]) == 0
+        weights[fused] = final_weights(tmp_path / str(fused) / "run")
+    for k in weights[True]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=0, atol=1e-5, msg=k)

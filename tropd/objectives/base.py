@@ -74,10 +74,10 @@ class Objective:
     # -- evaluation --------------------------------------------------------------------------------------
     def __call__(self, x: TokenInputs, num_tokens: float | int | torch.Tensor | None = None) -> ObjectiveOutput:
         x.require(self.name, *self.requires)
-        logits = check_inputs(x, num_tokens)  # NaN/inf, bad ids or num_tokens: NonFiniteInputError naming the input
+        student = check_inputs(x, num_tokens)  # NaN/inf, bad ids or num_tokens: NonFiniteInputError naming it
         t = terms.rowwise(
-            logits, x.loss_mask, self.side_inputs(x), self.row_fn,
-            ("s", "student_entropy", *self.row_terms), self.chunk_size,
+            student, x.loss_mask, self.side_inputs(x), self.row_fn,
+            ("s", "student_entropy", *self.row_terms), self.chunk_size, head=x.student_head,
         )
         dtype = t["s"].dtype
         m = x.loss_mask

@@ -51,6 +51,9 @@ FLOAT_INPUTS: tuple[tuple[str, bool, str], ...] = (
     ("student_logits", False,
      "the student's forward pass overflowed or produced NaN (learning rate too high? half precision? "
      "float32 is safest)"),
+    ("student_hidden", False,
+     "the student's forward pass overflowed or produced NaN (learning rate too high? half precision? "
+     "float32 is safest)"),
 )
 _ID_HINTS = {
     "tokens": "the response tokens index the student's logits, so they must be ids of the student's vocabulary",
@@ -142,15 +145,17 @@ def _check_scalars(x: TokenInputs, num_tokens) -> None:
 
 
 def check_inputs(x: TokenInputs, num_tokens=None) -> torch.Tensor:
-    """Check ``x`` and ``num_tokens`` (see the module docstring); returns the student logits to evaluate.
+    """Check ``x`` and ``num_tokens`` (see the module docstring); returns the student tensor to evaluate.
 
-    That is ``x.student_logits`` itself, or a copy whose padding rows holding NaN/inf are zeroed.
+    That is ``x.student`` (logits, or hidden states on the fused path) itself, or a copy whose padding rows
+    holding NaN/inf are zeroed.
     Raises ``ValueError`` for shapes, :class:`NonFiniteInputError` for values, naming the input.
     """
     x.check_shapes()
     _check_scalars(x, num_tokens)
     m = x.loss_mask
-    vocab = x.student_logits.shape[-1]
+    vocab = x.vocab_size
+    student_name = x._student_name
     verdicts: list[torch.Tensor] = []  # 0-dim bool tensors: True when the check passed
     pad_rows_ok = None
     for name, allow_neg_inf, _ in FLOAT_INPUTS:
@@ -161,12 +166,12 @@ def check_inputs(x: TokenInputs, num_tokens=None) -> torch.Tensor:
         if name in _FULL_VOCAB:
             # NaN and ±inf propagate into the row sum; a finite sum that overflows only sends us to the exact scan
             rows_ok = torch.isfinite(value.sum(-1, dtype=compute_dtype(value)))
-            if name == "student_logits":
-                pad_rows_ok = (rows_ok | m).all()
         else:
             rows_ok = ~_bad_values(value, allow_neg_inf)
             if rows_ok.dim() == 3:
                 rows_ok = rows_ok.all(-1)
+        if name == student_name:
+            pad_rows_ok = (rows_ok | m).all()
         verdicts.append((rows_ok | ~m).all())
     id_inputs = [("tokens", x.tokens)]
     if x.teacher_topk_ids is not None:
@@ -179,7 +184,7 @@ def check_inputs(x: TokenInputs, num_tokens=None) -> torch.Tensor:
     if pad_rows_ok is not None:
         verdicts.append(pad_rows_ok)
     if bool(torch.stack(verdicts).all()):  # the one host synchronisation of the common case
-        return x.student_logits
+        return x.student
 
     problems = [(name, _id_problem(x, name, vocab)) for name, _ in id_inputs]
     problems += [(spec[0], _float_problem(x, *spec)) for spec in FLOAT_INPUTS if getattr(x, spec[0]) is not None]
@@ -188,7 +193,7 @@ def check_inputs(x: TokenInputs, num_tokens=None) -> torch.Tensor:
         others = [name for name, _ in problems[1:]]
         also = f" (also rejected: {', '.join(others)})" if others else ""
         raise NonFiniteInputError(problems[0][1] + also)
-    logits = x.student_logits
+    logits = x.student
     pad_bad = ~torch.isfinite(logits.detach()).all(-1) & ~m
     if bool(pad_bad.any()):
         logits = logits.masked_fill(pad_bad[..., None], 0.0)

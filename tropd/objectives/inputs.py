@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from tropd.objectives.head import LMHead
+
 #: fields that hold one value per position (exactly ``[B,T]``) and fields that hold token ids.
 _PER_POSITION = ("tokens", "behavior_logprobs", "teacher_logprobs", "teacher_entropy", "loss_mask",
                  "teacher_token_mask", "trust_mask", "trust_uniforms")
@@ -21,8 +23,13 @@ _INTEGER = ("tokens", "teacher_topk_ids")
 class TokenInputs:
     """One scored batch of rollouts, aligned per response position.
 
+    The student is given either as logits, or as final hidden states and its LM head (the fused path: the
+    loss projects to the vocabulary chunk by chunk, so no ``[B,T,V]`` student tensor exists).
+
     Attributes:
         student_logits: ``[B,T,V]`` student logits at each response position; requires grad.
+        student_hidden: ``[B,T,H]`` final (post-norm) student hidden states instead of logits; requires grad.
+        student_head: the :class:`~tropd.objectives.head.LMHead` that maps ``student_hidden`` to logits.
         tokens: ``[B,T]`` int64 response tokens ``y_t``.
         behavior_logprobs: ``[B,T]`` ``b_t = log π_beh(y_t | h_t)``, recorded at rollout time (detached).
         teacher_logprobs: ``[B,T]`` ``q_t = log π_T(y_t | h_t)`` (detached).
@@ -40,8 +47,10 @@ class TokenInputs:
         progress: fraction of training done in ``[0, 1]`` (curriculum objectives such as reopold_2stage).
     """
 
-    student_logits: torch.Tensor
-    tokens: torch.Tensor
+    student_logits: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    student_hidden: torch.Tensor | None = None
+    student_head: LMHead | None = None
     behavior_logprobs: torch.Tensor | None = None
     teacher_logprobs: torch.Tensor | None = None
     teacher_topk_ids: torch.Tensor | None = None
@@ -56,9 +65,16 @@ class TokenInputs:
     progress: float | None = None
 
     def __post_init__(self) -> None:
-        logits = self.student_logits
+        if (self.student_logits is None) == (self.student_hidden is None):
+            raise ValueError("TokenInputs needs either student_logits, or student_hidden with student_head")
+        if self.student_hidden is not None and self.student_head is None:
+            raise ValueError("TokenInputs.student_hidden needs student_head (the LM head that makes its logits)")
+        if self.tokens is None:
+            raise ValueError("TokenInputs.tokens is required")
+        logits = self.student
         if logits.dim() != 3:
-            raise ValueError(f"TokenInputs.student_logits must be [B,T,V], got shape {tuple(logits.shape)}")
+            raise ValueError(f"TokenInputs.{self._student_name} must be [B,T,{'V' if self.student_hidden is None else 'H'}], "
+                             f"got shape {tuple(logits.shape)}")
         bt = tuple(logits.shape[:2])
         if self.loss_mask is None:
             self.loss_mask = torch.ones(bt, dtype=torch.bool, device=logits.device)
@@ -69,17 +85,17 @@ class TokenInputs:
         self.check_shapes()
 
     def check_shapes(self) -> None:
-        """Raise ``ValueError`` naming the first field whose shape or dtype does not fit ``student_logits``.
+        """Raise ``ValueError`` naming the first field whose shape or dtype does not fit the student's tensor.
 
         Run at construction and again by every objective call (fields may be reassigned in between).
         """
-        logits = self.student_logits
+        logits = self.student
         if logits.dim() != 3:
-            raise ValueError(f"TokenInputs.student_logits must be [B,T,V], got shape {tuple(logits.shape)}")
+            raise ValueError(f"TokenInputs.{self._student_name} must be 3-d [B,T,·], got shape {tuple(logits.shape)}")
         bt = tuple(logits.shape[:2])
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, torch.Tensor) or f.name == "student_logits":
+            if not isinstance(value, torch.Tensor) or f.name in ("student_logits", "student_hidden"):
                 continue
             if f.name in _PER_POSITION and tuple(value.shape) != bt:
                 raise ValueError(f"TokenInputs.{f.name} must be [B,T]={bt}, got {tuple(value.shape)}")
@@ -87,10 +103,10 @@ class TokenInputs:
                 raise ValueError(f"TokenInputs.{f.name} must start with [B,T]={bt}, got {tuple(value.shape)}")
             if f.name in _INTEGER and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
                 raise ValueError(f"TokenInputs.{f.name} must hold integer token ids, got dtype {value.dtype}")
-        if self.teacher_logits is not None and self.teacher_logits.shape[-1] != logits.shape[-1]:
+        if self.teacher_logits is not None and self.teacher_logits.shape[-1] != self.vocab_size:
             raise ValueError(
                 f"TokenInputs.teacher_logits has vocabulary {self.teacher_logits.shape[-1]}, "
-                f"student_logits has {logits.shape[-1]}: teacher and student must share a tokenizer"
+                f"the student {self.vocab_size}: teacher and student must share a tokenizer"
             )
         if self.teacher_logits is not None and self.teacher_logits.dim() != 3:
             raise ValueError(f"TokenInputs.teacher_logits must be [B,T,V], got {tuple(self.teacher_logits.shape)}")
@@ -106,6 +122,20 @@ class TokenInputs:
                     f"TokenInputs.teacher_topk_ids {tuple(ids.shape)} and teacher_topk_logprobs "
                     f"{tuple(lps.shape)} must have the same shape [B,T,K]"
                 )
+
+    @property
+    def student(self) -> torch.Tensor:
+        """The student's tensor: ``student_logits``, or ``student_hidden`` on the fused path."""
+        return self.student_logits if self.student_logits is not None else self.student_hidden
+
+    @property
+    def _student_name(self) -> str:
+        return "student_logits" if self.student_logits is not None else "student_hidden"
+
+    @property
+    def vocab_size(self) -> int:
+        """V, the size of the student's output distribution."""
+        return int(self.student_logits.shape[-1]) if self.student_logits is not None else self.student_head.vocab_size
 
     @property
     def student_mask(self) -> torch.Tensor:

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tropd.objectives.head import FUSED_CHUNK
+
 #: Upper bound on ``sg(s_t) − b_t`` inside the importance ratio, a guard against overflow when the behaviour
 #: policy gave a token far less mass than the current student (never reached on-policy, where it is 0).
 MAX_LOG_RATIO = 20.0
@@ -133,6 +135,7 @@ def rowwise(
     fn: RowFn,
     names: tuple[str, ...],
     chunk_size: int | None = None,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Evaluate ``fn(log_softmax(logits_rows), rows_rows)`` and return ``[B,T]`` tensors named ``names``.
 
@@ -141,13 +144,22 @@ def rowwise(
     Otherwise only loss-bearing positions are visited, ``chunk_size`` at a time, each chunk under activation
     checkpointing so that only one chunk's log-softmax is alive; positions outside ``mask`` get 0.
     Both paths give the same values and gradients.
+
+    Fused path: with ``head``, ``logits`` are hidden states ``[B,T,H]`` and each chunk's logits are
+    ``head(hidden_rows)``, made inside the checkpointed chunk (``chunk_size``, default
+    :data:`~tropd.objectives.head.FUSED_CHUNK`) and made again in backward: no ``[B·T, V]`` tensor exists, and
+    gradients reach the hidden states and the head's weight.
     """
     b, t, v = logits.shape
     flat = logits.reshape(b * t, v)
     flat_rows = {k: x.reshape(b * t, *x.shape[2:]) for k, x in rows.items()}
     keys = tuple(flat_rows)
+    if head is not None and chunk_size is None:
+        chunk_size = FUSED_CHUNK
 
     def run(logit_rows: torch.Tensor, *side: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if head is not None:
+            logit_rows = head(logit_rows)
         out = fn(log_softmax(logit_rows), dict(zip(keys, side)))
         return tuple(out[n] for n in names)
 
@@ -162,7 +174,7 @@ def rowwise(
         side = [x.index_select(0, idx) for x in flat_rows.values()]
         pieces.append(checkpoint(lambda f, *s, _i=idx: run(f.index_select(0, _i), *s), flat, *side,
                                  use_reentrant=False))
-    dtype = compute_dtype(logits)
+    dtype = compute_dtype(pieces[0][0]) if pieces else compute_dtype(logits)
     result = {}
     for j, n in enumerate(names):
         full = torch.zeros(b * t, dtype=dtype, device=logits.device)

@@ -83,7 +83,10 @@ class ModelConfig:
 class ObjectiveConfig:
     name: str = _f("tropd", "Registered objective name (tropd objectives lists them).")
     kwargs: dict = _f({}, "Keyword settings of the objective, e.g. {top_k: 64, trust_mode: sample}.")
-    chunk_size: int | None = _f(None, "Positions per chunk for the loss (bounds its [chunk, V] memory); null = all.")
+    chunk_size: int | None = _f(None, "Positions per chunk for the loss (bounds its [chunk, V] memory); null = all "
+                                      "(the fused path then uses 1024).")
+    fused: bool = _f(True, "Compute the loss from the student's final hidden states and LM head, chunk by chunk, "
+                           "recomputed in backward: no [B, T, V] student logits exist. false = from full logits.")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The training loop: prompts → rollouts → teacher scores → objective → AdamW step → metrics / checkpoint.
+"""The training loop: prompts → rollouts → (per micro-batch: teacher scores → objective → backward) → AdamW
+step → metrics / checkpoint.
 
 The trainer orchestrates only: sampling lives in ``tropd.rollout``, teacher scoring in ``tropd.teacher``,
 all loss math in ``tropd.objectives``, processes, wrapping and mixed precision in accelerate.
@@ -10,6 +11,10 @@ guidance, GKD sources, trust masks), so the result does not depend on the number
 are chunked (up to floating-point summation order). The loss is normalised by the global token count; only the
 main process writes logs, reports and checkpoints. A run stopped after step ``k`` and resumed from its
 checkpoint replays exactly.
+
+Streaming: a step's rollouts are drawn first (they fix the global token count); then each micro-batch is scored
+by the teacher, turned into a loss and backpropagated before the next is scored, so teacher tensors (full
+``[B, T, V]`` logits for gkd/trb) and activations of one micro-batch at a time are alive, whatever the step size.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +33,13 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from tropd.forward import response_logits
+from tropd.forward import fused_head_supported, response_hidden_states, response_logits
+from tropd.objectives.head import LMHead
 from tropd.objectives import TokenInputs, count_loss_tokens, data_parallel_scale, get_objective
 from tropd.objectives.errors import NonFiniteInputError
 from tropd.rollout import RolloutBatch, RowStreams, SamplingConfig, rollout_stats
 from tropd.rollout.sampler import KVCacheSampler, RolloutRequest, Sampler
-from tropd.teacher import InProcessTeacher, Teacher, TeacherScores
+from tropd.teacher import InProcessTeacher, Teacher
 from tropd.train.checkpoint import ResumeState, load_trainer_state, save_checkpoint
 from tropd.train.config import RunConfig
 from tropd.train.errors import NonFiniteTrainingError
@@ -49,12 +56,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 @dataclass
 class MicroBatch:
-    """Rollouts of one micro-batch, their teacher scores, and the index of their first row in the step's
-    global batch (the rows' random streams)."""
+    """Rollouts of one micro-batch and the index of their first row in the step's global batch (the rows'
+    random streams)."""
 
     offset: int
     batch: RolloutBatch
-    scores: TeacherScores
 
 
 def merge_metrics(parts: list[dict]) -> dict:
@@ -115,6 +121,10 @@ class Trainer:
         self.sft = get_objective("sft", chunk_size=cfg.objective.chunk_size)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=t.lr,
                                       betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.head = LMHead.of(student) if cfg.objective.fused and fused_head_supported(student) else None
+        if cfg.objective.fused and self.head is None:
+            warnings.warn("objective.fused: this model's last hidden_states entry is not what its LM head reads; "
+                          "the loss uses full logits instead", RuntimeWarning, stacklevel=2)
         self.model, self.optimizer = self.accelerator.prepare(student, optimizer)
         self.sampler = sampler or KVCacheSampler(student, getattr(teacher, "model", None),
                                                  sampling_config(cfg, tokenizer))
@@ -145,8 +155,8 @@ class Trainer:
         return rows[start:start + share], start
 
     def collect(self, step: int):
-        """This process's rollouts of step ``step`` (generated ``rollout.batch_size`` sequences at a time) and
-        their teacher scores, split into micro-batches. Returns ``(objective, [MicroBatch], progress)``."""
+        """This process's rollouts of step ``step`` (generated ``rollout.batch_size`` sequences at a time), split
+        into micro-batches. Returns ``(objective, [MicroBatch], progress)``."""
         cfg = self.cfg
         objective, phase_step, phase_steps = self._phase(step)
         prompts, start = self._prompts_for_step(step)
@@ -158,15 +168,15 @@ class Trainer:
                                      trb=cfg.trb, gkd_lambda=getattr(objective, "lmbda", 1.0))
             with torch.no_grad(), self.accelerator.autocast():  # sample in the precision of the loss forward
                 batch = self.sampler.sample(prompts[i:i + cfg.rollout.batch_size], request).to(self.device)
-            for j in range(0, batch.batch_size, cfg.train.micro_batch_size):  # the teacher in its own dtype
-                part = batch.rows(j, j + cfg.train.micro_batch_size)
-                micro.append(MicroBatch(start + i + j, part, self.teacher.score(part, objective.needs)))
+            for j in range(0, batch.batch_size, cfg.train.micro_batch_size):
+                micro.append(MicroBatch(start + i + j, batch.rows(j, j + cfg.train.micro_batch_size)))
         return objective, micro, phase_step / max(phase_steps, 1)
 
     def accumulate(self, objective, micro: list[MicroBatch], progress: float, step: int = 0) -> tuple[list[dict], str | None]:
-        """Backward every micro-batch with the step's global token count; returns their metrics, and the reason
-        when an objective refused its inputs (NaN/inf). Every process runs as many backward passes as the others
-        (a refused micro-batch backs a zero loss), so data-parallel gradient synchronisation stays in step."""
+        """Score, then backward, every micro-batch in turn with the step's global token count; returns their
+        metrics, and the reason when an objective refused its inputs (NaN/inf). Every process runs as many backward
+        passes as the others (a refused micro-batch backs a zero loss), so data-parallel gradient synchronisation
+        stays in step."""
         n_tokens = count_loss_tokens(m.batch.loss_mask for m in micro)
         scale = data_parallel_scale()
         parts, reason = [], None
@@ -174,15 +184,23 @@ class Trainer:
             sync = k == len(micro) - 1
             with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
                 b = m.batch
-                logits = response_logits(self.model, b.input_ids, b.attention_mask, b.response_start)
-                loss = logits.sum() * 0.0
-                if reason is None:
-                    inputs = TokenInputs(student_logits=logits, tokens=b.tokens, behavior_logprobs=b.behavior_logprobs,
+                # the teacher first (in its own dtype, no grad): its temporaries are gone before the student's exist
+                scores = self.teacher.score(b, objective.needs) if reason is None else None
+                if self.head is not None:  # the fused loss: hidden states in, the vocabulary projection chunked
+                    hidden = response_hidden_states(self.model, b.input_ids, b.attention_mask, b.response_start)
+                    student = {"student_hidden": hidden, "student_head": self.head}
+                else:
+                    hidden = response_logits(self.model, b.input_ids, b.attention_mask, b.response_start)
+                    student = {"student_logits": hidden}
+                loss = hidden.sum() * 0.0
+                if scores is not None:
+                    inputs = TokenInputs(**student, tokens=b.tokens, behavior_logprobs=b.behavior_logprobs,
                                          loss_mask=b.loss_mask, teacher_token_mask=b.teacher_token_mask,
                                          trust_uniforms=self._trust_uniforms(step, m),
-                                         progress=progress, **m.scores.as_kwargs())
+                                         progress=progress, **scores.as_kwargs())
                     try:
-                        out = objective(inputs, num_tokens=n_tokens)
+                        with self.accelerator.autocast():  # the head's projection in the forward's precision
+                            out = objective(inputs, num_tokens=n_tokens)
                         loss = out.loss * scale
                         parts.append(out.metrics)
                     except NonFiniteInputError as err:  # e.g. a teacher emitting NaN: skip the step
