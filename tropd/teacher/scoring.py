@@ -26,7 +26,8 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import PreTrainedModel
 
-from tropd.forward import lm_head_logits, response_hidden
+from tropd.forward import response_hidden
+from tropd.objectives.head import LMHead
 from tropd.objectives.registry import Needs
 
 
@@ -96,6 +97,17 @@ def score_with_teacher(
         return TeacherScores()
     device = next(teacher.parameters()).device
     hidden = response_hidden(teacher, input_ids.to(device), attention_mask.to(device), response_start)
+    return scores_from_hidden(hidden, LMHead.of(teacher), tokens.to(device), needs, chunk_size)
+
+
+@torch.no_grad()
+def scores_from_hidden(hidden: torch.Tensor, head: LMHead, tokens: torch.Tensor, needs: Needs,
+                       chunk_size: int = 512) -> TeacherScores:
+    """Teacher scores from its final hidden states ``[B, T, H]`` at the response positions and its LM head, chunk
+    by chunk over the ``B·T`` positions (the math of the module docstring); ``tokens`` ``[B, T]``."""
+    batch, steps = tokens.shape
+    device = hidden.device
+    want_topk = needs.teacher_topk
     flat_hidden = hidden.reshape(batch * steps, hidden.shape[-1])
     flat_tokens = tokens.to(device).reshape(batch * steps)
     n = flat_hidden.shape[0]
@@ -108,7 +120,7 @@ def score_with_teacher(
     full = None
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        logits = lm_head_logits(teacher, flat_hidden[rows]).float()
+        logits = head(flat_hidden[rows]).float()
         if full is None and needs.teacher_logits:
             full = torch.empty(n, logits.shape[-1], device=device)
         if full is not None:
