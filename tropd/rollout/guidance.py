@@ -4,8 +4,8 @@ Cap schedule (cosine from the full budget to 0 over ``T_anneal`` steps)::
 
     L_max(k) = ⌊ L_gen · ½ (1 + cos(π · k / T_anneal)) ⌋   for k < T_anneal,   0 for k ≥ T_anneal
 
-Per rollout i: ``U_i ~ Uniform[0, 1)`` (row i's ``"guidance_cap"`` stream), ``cap_i = ⌊U_i · L_max⌋``; a guided rollout keeps the first
-``l_i = min(cap_i, len(teacher response_i))`` tokens of a teacher sample (drawn with the same
+Per rollout i: ``U_i ~ Uniform[0, 1)`` (row i's ``"guidance_cap"`` stream), ``cap_i = ⌊U_i · L_max⌋``; a guided
+rollout keeps the first ``l_i = min(cap_i, len(teacher response_i))`` tokens of a teacher sample (drawn with the same
 :class:`~tropd.rollout.sampling.SamplingConfig` as the student's), and the student writes the rest of the
 length budget ``L_gen − l_i``. Prefix tokens are teacher positions (``teacher_token_mask``; behaviour log-prob =
 the teacher's sampling log-prob); the continuation is student-sampled.
