@@ -45,8 +45,18 @@ class Objective:
 
     # -- stage 1 ---------------------------------------------------------------------------------------
     def row_fn(self, lp: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-position terms from the student log-softmax ``lp`` ``[n,V]``; override to add more."""
-        return {"s": lp.gather(-1, rows["tokens"].unsqueeze(-1)).squeeze(-1), "student_entropy": terms.entropy(lp)}
+        """Per-position terms from the student log-softmax ``lp`` ``[n,V]``; override to add more.
+
+        One gather picks the sampled token's log-prob ``s`` and, when the teacher's top-k ids are given, the
+        student's log-probs at them (``student_topk``), so backward scatters into one ``[n,V]`` gradient."""
+        ids = rows["tokens"].unsqueeze(-1)
+        if "topk_ids" in rows:
+            ids = torch.cat([ids, rows["topk_ids"]], dim=-1)
+        picked = lp.gather(-1, ids)
+        out = {"s": picked[..., 0], "student_entropy": terms.entropy(lp)}
+        if "topk_ids" in rows:
+            out["student_topk"] = picked[..., 1:]
+        return out
 
     def side_inputs(self, x: TokenInputs) -> dict[str, torch.Tensor]:
         """Per-position tensors ``row_fn`` reads: teacher quantities detached, masked-out positions sanitised."""

@@ -140,7 +140,7 @@ class _TopKObjective(_K1Objective):
 
     def row_fn(self, lp, rows):
         out = super().row_fn(lp, rows)
-        out["fkl_topk"] = terms.fkl_topk(lp, rows["topk_ids"], rows["topk_logprobs"])
+        out["fkl_topk"] = terms.fkl_topk(out["student_topk"], rows["topk_logprobs"])
         return out
 
 
@@ -193,7 +193,7 @@ class JSD(_K1Objective):
 
     def row_fn(self, lp, rows):
         out = super().row_fn(lp, rows)
-        out["jsd_topk"] = terms.jsd_topk(lp, rows["topk_ids"], rows["topk_logprobs"], self.jsd_beta)
+        out["jsd_topk"] = terms.jsd_topk(out["student_topk"], rows["topk_logprobs"], self.jsd_beta)
         return out
 
     def student_loss(self, t, x):

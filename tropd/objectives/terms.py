@@ -36,11 +36,14 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def entropy(lp: torch.Tensor) -> torch.Tensor:
-    """``H = −Σ_v π(v) log π(v)`` per row, without gradient, in blocks of rows (no second full-size copy)."""
+    """``H = −Σ_v π(v) log π(v)`` per row, without gradient, in blocks of rows (no second full-size copy).
+
+    ``π log π`` is formed in place on ``exp(lp)``; where ``π = 0`` (``lp = −inf``) the product is NaN and
+    ``nansum`` drops it, i.e. ``0 · log 0 = 0`` (NaN log-probs never reach here: the input check rejects them).
+    """
     with torch.no_grad():
         flat = lp.reshape(-1, lp.shape[-1])
-        floor = torch.finfo(lp.dtype).min
-        out = [-(blk.exp() * blk.clamp(min=floor)).sum(-1) for blk in flat.split(ENTROPY_BLOCK)]
+        out = [torch.nansum(blk.exp().mul_(blk), dim=-1).neg_() for blk in flat.split(ENTROPY_BLOCK)]
         return torch.cat(out).reshape(lp.shape[:-1]) if out else lp.new_zeros(lp.shape[:-1])
 
 
@@ -60,16 +63,16 @@ def nll(s: torch.Tensor) -> torch.Tensor:
     return -s
 
 
-def fkl_topk(lp: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
+def fkl_topk(student_topk: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
     """``Σ_{v∈V_t} π_T(v)(log π_T(v) − log π_S(v))`` with unrenormalised teacher top-k probabilities.
 
-    ``lp`` is the full-vocabulary student log-softmax ``[..., V]``. Gradient w.r.t. the student logits is
-    ``m·π_S − π_T·1[V_t]`` (``m`` = teacher top-k mass): every entry lies in [−1, 1]. Zero-probability teacher
-    entries contribute exactly 0.
+    ``student_topk`` is the student's log-softmax at the teacher's top-k ids ``[..., K]``. Gradient w.r.t. the
+    student logits is ``m·π_S − π_T·1[V_t]`` (``m`` = teacher top-k mass): every entry lies in [−1, 1].
+    Zero-probability teacher entries contribute exactly 0.
     """
-    p_t = topk_logprobs.to(lp.dtype).exp()
-    lq = torch.where(p_t > 0, topk_logprobs.to(lp.dtype), torch.zeros_like(p_t))
-    return (p_t * (lq - lp.gather(-1, topk_ids))).sum(-1)
+    p_t = topk_logprobs.to(student_topk.dtype).exp()
+    lq = torch.where(p_t > 0, topk_logprobs.to(student_topk.dtype), torch.zeros_like(p_t))
+    return (p_t * (lq - student_topk)).sum(-1)
 
 
 def _kl(lp_p: torch.Tensor, lp_q: torch.Tensor) -> torch.Tensor:
@@ -118,12 +121,14 @@ def topk_support_rkl(lp_s: torch.Tensor, lp_t: torch.Tensor, support: int) -> to
     return _kl(sub_s, sub_t)
 
 
-def jsd_topk(lp: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, jsd_beta: float) -> torch.Tensor:
-    """Teacher-side JSD part ``Σ_{v∈V_t} π_T(v) log(π_T(v)/π_M(v))``, ``π_M = β_J π_T + (1−β_J) π_S``."""
-    lq = topk_logprobs.to(lp.dtype)
+def jsd_topk(student_topk: torch.Tensor, topk_logprobs: torch.Tensor, jsd_beta: float) -> torch.Tensor:
+    """Teacher-side JSD part ``Σ_{v∈V_t} π_T(v) log(π_T(v)/π_M(v))``, ``π_M = β_J π_T + (1−β_J) π_S``
+    (``student_topk``: the student's log-softmax at the teacher's top-k ids)."""
+    dtype = student_topk.dtype
+    lq = topk_logprobs.to(dtype)
     p_t = lq.exp()
-    lp_m = torch.logaddexp(lq + torch.log(torch.tensor(jsd_beta, dtype=lp.dtype)),
-                           lp.gather(-1, topk_ids) + torch.log(torch.tensor(1.0 - jsd_beta, dtype=lp.dtype)))
+    lp_m = torch.logaddexp(lq + torch.log(torch.tensor(jsd_beta, dtype=dtype)),
+                           student_topk + torch.log(torch.tensor(1.0 - jsd_beta, dtype=dtype)))
     lq = torch.where(p_t > 0, lq, torch.zeros_like(lq))
     return (p_t * (lq - lp_m)).sum(-1)
 

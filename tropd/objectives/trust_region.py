@@ -53,7 +53,7 @@ class TrOPD(Objective):
     def row_fn(self, lp, rows):
         out = super().row_fn(lp, rows)
         if self.outlier == "fkl":
-            out["fkl_topk"] = terms.fkl_topk(lp, rows["topk_ids"], rows["topk_logprobs"])
+            out["fkl_topk"] = terms.fkl_topk(out["student_topk"], rows["topk_logprobs"])
         return out
 
     def trust_weight(self, p_trust: torch.Tensor, x) -> torch.Tensor:
