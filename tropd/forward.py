@@ -69,16 +69,15 @@ def response_hidden_states(
     (so a DDP wrapper's hooks and accelerate's autocast run), with logits for a single position only: the input
     of the fused loss (:class:`tropd.objectives.head.LMHead`). :func:`fused_head_supported` checks that this
     model's last ``hidden_states`` entry is the post-norm state its LM head reads."""
-    _check_layout(input_ids, attention_mask, response_start)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        output_hidden_states=True,
-        logits_to_keep=1,
-    )
+    out = _call(model, input_ids, attention_mask, response_start, output_hidden_states=True, logits_to_keep=1)
     return out.hidden_states[-1][:, response_start - 1 : -1]
+
+
+def _call(model, input_ids, attention_mask, response_start, **kwargs):
+    """One call of ``model`` itself on the aligned layout (position ids from the mask, no cache)."""
+    _check_layout(input_ids, attention_mask, response_start)
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
 
 
 @torch.no_grad()
@@ -112,14 +111,8 @@ def response_logits(
     temporaries, e.g. soft-capping); the result is the same.
     """
     if chunk_size is None:
-        _check_layout(input_ids, attention_mask, response_start)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-            logits_to_keep=input_ids.shape[1] - response_start + 1,
-        )
+        out = _call(model, input_ids, attention_mask, response_start,
+                    logits_to_keep=input_ids.shape[1] - response_start + 1)
         return out.logits[:, :-1].float()
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
