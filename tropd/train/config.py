@@ -20,6 +20,7 @@ import yaml
 from tropd.objectives import get_objective, list_objectives, objective_keywords
 from tropd.rollout.guidance import GuidanceConfig
 from tropd.rollout.trb import TRBConfig
+from tropd.teacher.remote import is_url
 
 
 class ConfigError(ValueError):
@@ -174,7 +175,7 @@ class RunConfig:
         _check_device(m.device, m.teacher_dtype or m.dtype, m.mixed_precision)
         _check(self.model.student_layers is None or self.model.student_layers >= 1, "model.student_layers",
                "must be >= 1 or null")
-        if m.teacher.startswith(("http://", "https://")):
+        if is_url(m.teacher):
             _check(m.student is not None, "model.student", "must name the student when model.teacher is a server "
                    "(a student cannot be derived from a remote teacher)")
             _check(obj.needs.rollout != "trb_blend", "objective.name",

@@ -34,7 +34,6 @@ def resolve_device(name: str) -> torch.device:
 def build_accelerator(cfg: RunConfig):
     """The accelerate ``Accelerator`` of a run: processes (from ``accelerate launch``), device, mixed precision."""
     from accelerate import Accelerator
-
     from accelerate.utils import DistributedType
 
     device = resolve_device(cfg.model.device)
