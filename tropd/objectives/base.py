@@ -2,7 +2,7 @@
 
 An objective is evaluated in two stages:
 
-1. *row terms*: per-position quantities that need the student's full-vocabulary log-softmax (the sampled
+1. *row terms*: per-position quantities that need the student's full-vocabulary distribution (the sampled
    log-prob ``s_t``, its entropy, top-k forward KL, full-vocabulary divergences). :func:`terms.rowwise` computes
    them, chunked over positions when ``chunk_size`` is set.
 2. *combine*: cheap ``[B,T]`` arithmetic (rewards, masks, trust region) that yields per-token losses.
@@ -44,16 +44,16 @@ class Objective:
         self.chunk_size = chunk_size
 
     # -- stage 1 ---------------------------------------------------------------------------------------
-    def row_fn(self, lp: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-position terms from the student log-softmax ``lp`` ``[n,V]``; override to add more.
+    def row_fn(self, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-position terms from the student logits ``[n,V]``; override to add more.
 
-        One gather picks the sampled token's log-prob ``s`` and, when the teacher's top-k ids are given, the
-        student's log-probs at them (``student_topk``), so backward scatters into one ``[n,V]`` gradient."""
+        One fused pass (:func:`terms.log_softmax_gather`) gives the student entropy and the log-probs of the
+        sampled token (``s``) and, when the teacher's top-k ids are given, of those ids (``student_topk``)."""
         ids = rows["tokens"].unsqueeze(-1)
         if "topk_ids" in rows:
             ids = torch.cat([ids, rows["topk_ids"]], dim=-1)
-        picked = lp.gather(-1, ids)
-        out = {"s": picked[..., 0], "student_entropy": terms.entropy(lp)}
+        picked, entropy = terms.log_softmax_gather(logits, ids)
+        out = {"s": picked[..., 0], "student_entropy": entropy}
         if "topk_ids" in rows:
             out["student_topk"] = picked[..., 1:]
         return out

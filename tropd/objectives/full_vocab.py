@@ -21,8 +21,9 @@ class _FullVocab(Objective):
     def divergence(self, lp_s: torch.Tensor, lp_t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def row_fn(self, lp, rows):
-        out = super().row_fn(lp, rows)
+    def row_fn(self, logits, rows):
+        out = super().row_fn(logits, rows)
+        lp = terms.log_softmax(logits)
         out["divergence"] = self.divergence(lp, terms.log_softmax(rows["teacher_logits"]).to(lp.dtype))
         return out
 

@@ -138,8 +138,8 @@ class _TopKObjective(_K1Objective):
 
     row_terms = ("fkl_topk",)
 
-    def row_fn(self, lp, rows):
-        out = super().row_fn(lp, rows)
+    def row_fn(self, logits, rows):
+        out = super().row_fn(logits, rows)
         out["fkl_topk"] = terms.fkl_topk(out["student_topk"], rows["topk_logprobs"])
         return out
 
@@ -191,8 +191,8 @@ class JSD(_K1Objective):
         self.jsd_beta = float(jsd_beta)
         self.needs = Needs(teacher_topk=True, top_k=_validate_top_k("jsd", top_k))
 
-    def row_fn(self, lp, rows):
-        out = super().row_fn(lp, rows)
+    def row_fn(self, logits, rows):
+        out = super().row_fn(logits, rows)
         out["jsd_topk"] = terms.jsd_topk(out["student_topk"], rows["topk_logprobs"], self.jsd_beta)
         return out
 

@@ -1,10 +1,10 @@
 """Token-level terms (docs/method.md §2) and the row-wise evaluation of student log-softmax.
 
 Every term is computed in float32 (float64 when the inputs are float64) from log-softmax, never from
-softmax-then-log. Row functions take ``lp = log_softmax(student_logits)`` for ``n`` positions (``[n, V]``) and
-return ``[n]`` tensors; :func:`rowwise` evaluates them either over the whole batch at once (one full-size
-log-softmax) or chunk by chunk over loss-bearing positions with activation checkpointing (peak memory of one
-chunk), with identical values and gradients.
+softmax-then-log. Row functions take the student logits of ``n`` positions (``[n, V]``) and return ``[n]``
+tensors; :func:`rowwise` evaluates them either over the whole batch at once or chunk by chunk over loss-bearing
+positions with activation checkpointing (peak memory of one chunk), with identical values and gradients.
+:func:`log_softmax_gather` gives the log-probs an objective reads without a full-size log-softmax tensor.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from tropd.objectives.head import FUSED_CHUNK
 #: Upper bound on ``sg(s_t) − b_t`` inside the importance ratio, a guard against overflow when the behaviour
 #: policy gave a token far less mass than the current student (never reached on-policy, where it is 0).
 MAX_LOG_RATIO = 20.0
-#: Rows per block when computing entropies without gradient (bounds the temporary ``p = exp(lp)``).
-ENTROPY_BLOCK = 1024
+#: Rows per block of :func:`log_softmax_gather` (bounds its ``[rows, V]`` temporaries).
+ROW_BLOCK = 32
 
 RowFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -35,16 +35,59 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
 
 
-def entropy(lp: torch.Tensor) -> torch.Tensor:
-    """``H = −Σ_v π(v) log π(v)`` per row, without gradient, in blocks of rows (no second full-size copy).
+class _LogSoftmaxGather(torch.autograd.Function):
+    """``(log_softmax(z)[ids], H(softmax(z)))`` per row without a ``[n, V]`` log-softmax tensor.
 
-    ``π log π`` is formed in place on ``exp(lp)``; where ``π = 0`` (``lp = −inf``) the product is NaN and
-    ``nansum`` drops it, i.e. ``0 · log 0 = 0`` (NaN log-probs never reach here: the input check rejects them).
+    Forward, in blocks of :data:`ROW_BLOCK` rows with ``m = max_v z``, ``e = exp(z − m)``, ``S = Σ_v e``::
+
+        lse = m + log S,     picked = z[ids] − lse,     H = log S − Σ_v e (z − m) / S      (0 · (−inf) = 0)
+
+    Backward (``g`` = upstream gradient of ``picked``; the entropy carries none)::
+
+        ∂L/∂z = scatter_add(ids, g) − (Σ_k g_k) · exp(z − lse)
+
+    so the only saved tensors are the input itself and ``lse`` ``[n]``; a row whose logits are all ``−inf`` or hold
+    NaN/+inf gets a non-finite ``lse`` (the input checks reject such rows before a loss is formed).
     """
-    with torch.no_grad():
-        flat = lp.reshape(-1, lp.shape[-1])
-        out = [torch.nansum(blk.exp().mul_(blk), dim=-1).neg_() for blk in flat.split(ENTROPY_BLOCK)]
-        return torch.cat(out).reshape(lp.shape[:-1]) if out else lp.new_zeros(lp.shape[:-1])
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = compute_dtype(z)
+        lse, ent = [], []
+        for blk in z.detach().split(ROW_BLOCK):
+            blk = blk.to(dtype)
+            m = blk.amax(-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            d = blk - m
+            e = d.exp()
+            total = e.sum(-1)
+            log_total = total.log()
+            lse.append(m[:, 0] + log_total)
+            ent.append(log_total - torch.nansum(e.mul_(d), dim=-1) / total)
+        lse_t = torch.cat(lse) if lse else z.new_zeros(0, dtype=dtype)
+        ent_t = torch.cat(ent) if ent else z.new_zeros(0, dtype=dtype)
+        picked = z.detach().gather(-1, ids).to(dtype) - lse_t[:, None]
+        ctx.save_for_backward(z, ids, lse_t)
+        ctx.mark_non_differentiable(ent_t)
+        return picked, ent_t
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _g_ent: torch.Tensor) -> tuple[torch.Tensor, None]:
+        z, ids, lse = ctx.saved_tensors
+        g = g.to(lse.dtype)
+        weight = g.sum(-1, keepdim=True).neg_()
+        grad = torch.empty_like(z, dtype=lse.dtype)
+        for zb, lb, wb, out in zip(z.split(ROW_BLOCK), lse.split(ROW_BLOCK), weight.split(ROW_BLOCK),
+                                   grad.split(ROW_BLOCK)):
+            torch.sub(zb, lb[:, None], out=out).exp_().mul_(wb)
+        return grad.scatter_add_(-1, ids, g).to(z.dtype), None
+
+
+def log_softmax_gather(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log π(ids)`` ``[n, K]`` (differentiable) and the entropy ``H = −Σ_v π(v) log π(v)`` ``[n]`` (no gradient)
+    of ``π = softmax(logits)`` for ``logits`` ``[n, V]``, in the compute dtype, without forming the ``[n, V]``
+    log-softmax (see :class:`_LogSoftmaxGather`; equal to ``log_softmax(logits).gather(-1, ids)``)."""
+    return _LogSoftmaxGather.apply(logits, ids)
 
 
 def importance_ratio(s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -142,12 +185,11 @@ def rowwise(
     chunk_size: int | None = None,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Evaluate ``fn(log_softmax(logits_rows), rows_rows)`` and return ``[B,T]`` tensors named ``names``.
+    """Evaluate ``fn(logits_rows, rows_rows)`` and return ``[B,T]`` tensors named ``names``.
 
     ``rows`` holds per-position side inputs shaped ``[B,T,...]`` (token ids, teacher top-k, teacher logits).
-    With ``chunk_size=None`` the log-softmax is taken once over all ``B·T`` positions (the one full-size copy).
-    Otherwise only loss-bearing positions are visited, ``chunk_size`` at a time, each chunk under activation
-    checkpointing so that only one chunk's log-softmax is alive; positions outside ``mask`` get 0.
+    With ``chunk_size=None`` ``fn`` sees all ``B·T`` positions at once. Otherwise only loss-bearing positions are visited, ``chunk_size`` at a time, each chunk under activation
+    checkpointing so that only one chunk's intermediates are alive; positions outside ``mask`` get 0.
     Both paths give the same values and gradients.
 
     Fused path: with ``head``, ``logits`` are hidden states ``[B,T,H]`` and each chunk's logits are
@@ -165,7 +207,7 @@ def rowwise(
     def run(logit_rows: torch.Tensor, *side: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if head is not None:
             logit_rows = head(logit_rows)
-        out = fn(log_softmax(logit_rows), dict(zip(keys, side)))
+        out = fn(logit_rows, dict(zip(keys, side)))
         return tuple(out[n] for n in names)
 
     if chunk_size is None:

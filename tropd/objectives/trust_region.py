@@ -50,8 +50,8 @@ class TrOPD(Objective):
         self.needs = Needs(teacher_topk=uses_topk, top_k=_validate_top_k(self.name, top_k) if uses_topk else 0,
                            guidance=self.guidance)
 
-    def row_fn(self, lp, rows):
-        out = super().row_fn(lp, rows)
+    def row_fn(self, logits, rows):
+        out = super().row_fn(logits, rows)
         if self.outlier == "fkl":
             out["fkl_topk"] = terms.fkl_topk(out["student_topk"], rows["topk_logprobs"])
         return out
