@@ -19,8 +19,14 @@ from tropd.objectives.head import FUSED_CHUNK
 #: Upper bound on ``sg(s_t) − b_t`` inside the importance ratio, a guard against overflow when the behaviour
 #: policy gave a token far less mass than the current student (never reached on-policy, where it is 0).
 MAX_LOG_RATIO = 20.0
-#: Rows per block of :func:`log_softmax_gather` (bounds its ``[rows, V]`` temporaries).
-ROW_BLOCK = 32
+#: Elements per row block of :func:`log_softmax_gather`: its ``[rows, V]`` temporaries stay ~16 MB (cache-sized
+#: on CPU; few enough blocks on GPU).
+BLOCK_ELEMENTS = 1 << 22
+
+
+def row_block(vocab: int) -> int:
+    """Rows per block of :func:`log_softmax_gather` for a vocabulary of ``vocab``."""
+    return max(1, BLOCK_ELEMENTS // max(vocab, 1))
 
 RowFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -38,7 +44,7 @@ def log_softmax(logits: torch.Tensor) -> torch.Tensor:
 class _LogSoftmaxGather(torch.autograd.Function):
     """``(log_softmax(z)[ids], H(softmax(z)))`` per row without a ``[n, V]`` log-softmax tensor.
 
-    Forward, in blocks of :data:`ROW_BLOCK` rows with ``m = max_v z``, ``e = exp(z − m)``, ``S = Σ_v e``::
+    Forward, in blocks of :func:`row_block` rows with ``m = max_v z``, ``e = exp(z − m)``, ``S = Σ_v e``::
 
         lse = m + log S,     picked = z[ids] − lse,     H = log S − Σ_v e (z − m) / S      (0 · (−inf) = 0)
 
@@ -54,7 +60,8 @@ class _LogSoftmaxGather(torch.autograd.Function):
     def forward(ctx, z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = compute_dtype(z)
         lse, ent = [], []
-        for blk in z.detach().split(ROW_BLOCK):
+        rows = row_block(z.shape[-1])
+        for blk in z.detach().split(rows):
             blk = blk.to(dtype)
             m = blk.amax(-1, keepdim=True)
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -77,8 +84,8 @@ class _LogSoftmaxGather(torch.autograd.Function):
         g = g.to(lse.dtype)
         weight = g.sum(-1, keepdim=True).neg_()
         grad = torch.empty_like(z, dtype=lse.dtype)
-        for zb, lb, wb, out in zip(z.split(ROW_BLOCK), lse.split(ROW_BLOCK), weight.split(ROW_BLOCK),
-                                   grad.split(ROW_BLOCK)):
+        rows = row_block(z.shape[-1])
+        for zb, lb, wb, out in zip(z.split(rows), lse.split(rows), weight.split(rows), grad.split(rows)):
             torch.sub(zb, lb[:, None], out=out).exp_().mul_(wb)
         return grad.scatter_add_(-1, ids, g).to(z.dtype), None
 
