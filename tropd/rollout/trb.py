@@ -9,7 +9,8 @@ With ``f(β) = log Z(β)`` (a convex cumulant function, ``f(0) = 0``)::
     KL(μ_β ‖ π_S) = β·E_μβ[t − s] − f(β) = β f'(β) − f(β),   d/dβ KL = β·Var_μβ[t − s] ≥ 0,
 
 so the KL is non-decreasing in β, ``KL(μ_0‖π_S) = 0`` and ``KL(μ_1‖π_S) = KL(π_T‖π_S)``. The step's mixing
-weight is ``β* = max{β ∈ [0,1] : KL(μ_β‖π_S) ≤ ε}``, found per row by bisection in float64.
+weight is ``β* = max{β ∈ [0,1] : KL(μ_β‖π_S) ≤ ε}``, found per row by a safeguarded Newton search in float64
+(:func:`solve_beta`).
 
 Budget schedule: ``ε_k = ε_0 (1 − k/K)`` for ``k ≤ K``, then 0 (pure student rollouts; the teacher is not run).
 
@@ -49,7 +50,8 @@ class TRBConfig:
         "ε_0: the KL budget KL(μ_β‖π_S) per decoding step at the first training step (docs/method.md §4.3).")})
     warmup_steps: int = field(default=50, metadata={"help": (
         "K: training steps over which the budget decays linearly to 0 (then plain student rollouts).")})
-    iters: int = field(default=60, metadata={"help": "Bisection halvings for β* per decoded token (float64)."})
+    iters: int = field(default=16, metadata={"help": (
+        "Safeguarded Newton steps for β* per decoded token (float64; each one KL evaluation over the vocabulary).")})
 
     def __post_init__(self) -> None:
         if self.eps0 < 0:
@@ -113,36 +115,73 @@ FULL_BLEND_SLACK = 1e-12
 """Absolute tolerance (nats) on the ``KL(π_T‖π_S) ≤ ε`` test for β* = 1: float64 rounding of the two KL sums."""
 
 
+#: Newton aims at ``ε − min(δ, ε/2)`` with this δ (nats), so that its limit is feasible despite float64 rounding.
+NEWTON_SLACK = 1e-10
+
+
+def _kl_and_var(s_live: torch.Tensor, d: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(μ_β‖π_S)`` and ``Var_μβ[t − s]`` per row for ``0 < β < 1``: the KL's slope in β is ``β·Var``.
+
+    ``s_live`` is ``s`` where both ``s`` and ``t`` are finite and ``−inf`` elsewhere (μ_β is zero wherever
+    either model gives zero), ``d = t − s`` there and 0 elsewhere. With ``z = s + β d`` and
+    ``f(β) = logsumexp(z)`` (``f(0) = 0``): ``μ_β = exp(z − f)``, ``KL = β E_μ[d] − f``.
+    """
+    z = torch.addcmul(s_live, beta.unsqueeze(-1), d)
+    f = torch.logsumexp(z, dim=-1, keepdim=True)
+    mu = z.sub_(f).exp_()
+    md = mu.mul_(d)
+    mean = md.sum(-1)
+    second = md.mul_(d).sum(-1)
+    return beta * mean - f[..., 0], (second - mean.square()).clamp(min=0.0)
+
+
 def solve_beta(student_logp: torch.Tensor, teacher_logp: torch.Tensor, eps: torch.Tensor | float,
-               iters: int = 60) -> torch.Tensor:
+               iters: int = 16) -> torch.Tensor:
     """``β* = max{β ∈ [0,1] : KL(μ_β‖π_S) ≤ ε}`` per row, float64.
 
     Returns 1 where ``KL(π_T‖π_S) ≤ ε`` (``μ_1 = π_T``; compared with a float64 rounding slack of
-    :data:`FULL_BLEND_SLACK`, so a budget set to exactly that KL gives β* = 1). Otherwise bisects
-    ``[lo, hi] = [0, 1]`` ``iters`` times keeping ``KL(μ_lo) ≤ ε < KL(μ_hi)``, and returns ``lo`` (always
-    feasible: ``KL(μ_0) = 0 ≤ ε``). The KL is continuous and non-decreasing on [0, 1), so
-    ``ε − 2^-iters · max dKL/dβ ≤ KL(μ_β*) ≤ ε``: with ≥ 50 halvings the budget is met to float64 noise.
-    ``eps`` is a scalar or one budget per row (must be ≥ 0); ``ε = 0`` gives exactly 0 unless ``π_T = π_S``.
+    :data:`FULL_BLEND_SLACK`, so a budget set to exactly that KL gives β* = 1). Otherwise a safeguarded Newton
+    search (``iters`` evaluations of the KL and its slope ``β·Var_μβ[t − s]``) keeps a bracket
+    ``KL(μ_lo) ≤ ε < KL(μ_hi)`` from ``[0, 1]``: each step is Newton's when it lands inside the bracket and at
+    least halves the step before it, else bisection. It starts at ``β_0 = √(2ε / Var_πS[t − s])`` (the
+    small-β expansion ``KL ≈ β² Var/2``); Newton aims at ``ε − min(10⁻¹⁰, ε/2)``
+    (:data:`NEWTON_SLACK`) so that the point it converges to is feasible despite rounding. Returns ``lo``:
+    always feasible (``KL(μ_0) = 0 ≤ ε``); no host synchronisation. ``eps`` is a scalar or one budget
+    per row (must be ≥ 0); ``ε = 0`` gives exactly 0 unless ``π_T = π_S``.
     """
     s = torch.log_softmax(student_logp.double(), dim=-1)
     t = torch.log_softmax(teacher_logp.double(), dim=-1)
     s, t = torch.broadcast_tensors(s, t)
-    eps_t = torch.as_tensor(eps, dtype=torch.float64, device=s.device).expand(s.shape[:-1])
-    if bool((eps_t < 0).any()):
+    if isinstance(eps, torch.Tensor) and bool((eps < 0).any()) or not isinstance(eps, torch.Tensor) and eps < 0:
         raise ValueError("solve_beta: the KL budget eps must be >= 0")
+    eps_t = torch.as_tensor(eps, dtype=torch.float64, device=s.device).expand(s.shape[:-1])
+    live = torch.isfinite(s) & torch.isfinite(t)
+    s_live = s.masked_fill(~live, float("-inf"))
+    d = (t - s).masked_fill(~live, 0.0)
     full = _kl_blend(s, t, 1.0) <= eps_t + FULL_BLEND_SLACK
     lo = torch.zeros(s.shape[:-1], dtype=torch.float64, device=s.device)
     hi = torch.ones_like(lo)
+    mean0 = (s_live.exp() * d).sum(-1)
+    var0 = (s_live.exp() * d.square()).sum(-1) - mean0.square()  # Var_πS[t − s] (on the common support)
+    beta = torch.sqrt(2 * eps_t / var0).nan_to_num(0.5, 0.5, 0.5).clamp(1e-12, 0.5)
+    target = eps_t - torch.clamp(eps_t / 2, max=NEWTON_SLACK)
+    last = torch.ones_like(lo)  # size of the step before the current one
+    step = torch.ones_like(lo)
     for _ in range(int(iters)):
-        mid = 0.5 * (lo + hi)
-        ok = _kl_blend(s, t, mid) <= eps_t
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid)
+        kl, var = _kl_and_var(s_live, d, beta)
+        ok = kl <= eps_t
+        lo = torch.where(ok, torch.maximum(lo, beta), lo)
+        hi = torch.where(ok, hi, torch.minimum(hi, beta))
+        newton = beta - (kl - target) / (beta * var)
+        take = torch.isfinite(newton) & (newton > lo) & (newton < hi) & ((newton - beta).abs() <= 0.5 * last)
+        proposal = torch.where(take, newton, 0.5 * (lo + hi))
+        last, step = step, (proposal - beta).abs()
+        beta = proposal
     lo = torch.where(eps_t > 0, lo, torch.zeros_like(lo))  # ε = 0: only β = 0 (float noise aside) is feasible
     return torch.where(full, torch.ones_like(lo), lo)
 
 
-def trb_combine(cfg: SamplingConfig, eps: float, iters: int = 60) -> Combine:
+def trb_combine(cfg: SamplingConfig, eps: float, iters: int = 16) -> Combine:
     """Step hook for blended decoding: (student, teacher) logits -> (log μ_β* after top-p, β* per row)."""
 
     def combine(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +199,7 @@ def trb_combine(cfg: SamplingConfig, eps: float, iters: int = 60) -> Combine:
 
 
 def sample_trb(student: nn.Module, teacher: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
-               eps: float, iters: int = 60, streams: RowStreams | int | None = None) -> RolloutBatch:
+               eps: float, iters: int = 16, streams: RowStreams | int | None = None) -> RolloutBatch:
     """Rollouts drawn token by token from ``μ_β*`` (student and teacher run on the same tokens, each with its
     own KV cache). ``behavior_logprobs`` are log-probs under the blend; ``blend_beta`` holds β* per token and
     ``blend_beta_per_step`` its mean per step. ``eps ≤ 0`` is plain student sampling (the teacher is not run).
