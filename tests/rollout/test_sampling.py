@@ -193,6 +193,25 @@ def test_per_row_budgets(student, prompts):
     assert out.tokens[0].eq(PAD).all()
 
 
+@pytest.mark.parametrize("every", [3, 5, 64])
+def test_reading_the_stop_flag_less_often_changes_nothing(student, prompts, every):
+    """On an accelerator decode reads "all rows stopped?" every few tokens; the output must not depend on it."""
+    cfg = make_cfg(max_new_tokens=12, eos=MANY_EOS)
+    ids, mask = left_pad(prompts * 2, PAD)
+    u = torch.rand(len(prompts) * 2, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    budgets = torch.tensor([12, 3, 9, 12, 1, 12, 7, 12])
+
+    def run(stop_check_every):
+        with inference_mode(student):
+            return decode([student], ids, mask, budgets, cfg, lambda lg: (sampling_logprobs(lg[0]), None), u,
+                          stop_check_every=stop_check_every)
+
+    ref, out = run(1), run(every)
+    assert bool(ref.eos.any()) and int(ref.lengths.max()) < 12, "premise: every row stops before the budget"
+    for name in ("tokens", "logprobs", "lengths", "eos", "truncated"):
+        assert torch.equal(getattr(ref, name), getattr(out, name)), name
+
+
 def test_from_rows_and_stats():
     from tropd.rollout import RolloutRow
 

@@ -211,7 +211,7 @@ def draw(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def decode(models: Sequence[nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor,
            budgets: torch.Tensor | int, cfg: SamplingConfig, combine: Combine,
-           uniforms: torch.Tensor) -> DecodeOutput:
+           uniforms: torch.Tensor, stop_check_every: int | None = None) -> DecodeOutput:
     """Sample continuations of left-padded contexts, running every model in ``models`` on the same tokens.
 
     ``budgets`` gives each row's maximum number of new tokens (a row with budget 0 produces nothing). At each step
@@ -236,7 +236,8 @@ def decode(models: Sequence[nn.Module], input_ids: torch.Tensor, attention_mask:
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     eos = torch.zeros(b, dtype=torch.bool, device=device)
     finished = budgets <= 0
-    steps = 0
+    if stop_check_every is None:
+        stop_check_every = 1 if device.type == "cpu" else 8
     if t_max > 0:
         mask = attention_mask.to(device=device, dtype=torch.long)
         context = int(mask.shape[1])
@@ -264,12 +265,12 @@ def decode(models: Sequence[nn.Module], input_ids: torch.Tensor, attention_mask:
             hit = ~finished & torch.isin(tok, eos_ids)
             eos |= hit
             finished = finished | hit | (lengths >= budgets)
-            steps = t + 1
-            if bool(finished.all()):
+            if t + 1 == t_max or (t + 1) % stop_check_every == 0 and bool(finished.all()):
                 break
             step_mask = full_mask[:, :context + t + 1]
             logits = [lm.step(tok, step_mask, next_pos) for lm in lms]
             next_pos = next_pos + 1
+    steps = int(lengths.max()) if b else 0
     return DecodeOutput(
         tokens=tokens[:, :steps],
         logprobs=logprobs[:, :steps],
