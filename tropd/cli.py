@@ -49,6 +49,35 @@ def _print_summary(summary: dict) -> None:
         print(f"student sample after:  {after['sample'][:200]!r}")
 
 
+def _cmd_gym(args: argparse.Namespace) -> int:
+    import importlib
+    import platform
+    import time
+    from pathlib import Path
+
+    from tropd.gym.run import CORE, QUICK, GymSpec, run_gym, write_outputs
+
+    for module in args.plugin:  # e.g. a module whose @register adds the objective to compare
+        importlib.import_module(module)
+    spec = QUICK if args.quick else GymSpec()
+    if args.steps is not None:
+        from dataclasses import replace
+
+        spec = replace(spec, steps=args.steps, eval_every=max(1, min(spec.eval_every, args.steps)))
+    methods = list(dict.fromkeys([*CORE, *args.objective]))
+    levels = tuple(x for x in args.mismatch.split(",") if x)
+    workdir = Path(args.workdir)
+    start = time.perf_counter()
+    result = run_gym(spec, {m: args.seeds for m in methods}, levels, workdir, workers=args.workers)
+    meta = {"command": "tropd gym " + " ".join(args.argv), "duration": round(time.perf_counter() - start, 1),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"}
+    paths = write_outputs(result, Path(args.out or workdir), "gym", meta,
+                          compare=tuple(m for m in methods if m != "opd"))
+    print(paths["md"].read_text())
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def _cmd_objectives(args: argparse.Namespace) -> int:
     from tropd.objectives import describe_objectives, objective_keywords
 
@@ -124,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "false until all are done), so an interrupted eval keeps what finished")
     e.set_defaults(func=_cmd_eval)
 
+    g = sub.add_parser("gym", help="compare objectives on accuracy in the distillation gym: a teacher and students "
+                                   "trained from scratch on code-generated tasks (docs/gym.md)", formatter_class=fmt)
+    g.add_argument("--objective", action="append", default=[],
+                   help="objective to run besides the baselines opd and tropd (repeatable)")
+    g.add_argument("--mismatch", default="matched,alt,noisy",
+                   help="comma-separated starting students: matched (teacher's trace style), alt (another valid "
+                        "style), noisy (teacher traces with corrupted steps)")
+    g.add_argument("--seeds", type=int, default=3, help="seeds per (objective, mismatch)")
+    g.add_argument("--steps", type=int, default=None, help="training steps per run (default: the gym's 200; "
+                                                           "--quick: 4)")
+    g.add_argument("--workers", type=int, default=2, help="runs trained at once (one CPU thread each)")
+    g.add_argument("--workdir", default="runs/gym", help="run folders; a finished run is reused, so an "
+                                                         "interrupted command continues where it stopped")
+    g.add_argument("--out", default=None, help="folder for gym.{json,md,png} (default: --workdir)")
+    g.add_argument("--plugin", action="append", default=[], help="module to import first (registers objectives)")
+    g.add_argument("--quick", action="store_true", help="tiny models and 4 steps: checks the pipeline in seconds")
+    g.set_defaults(func=_cmd_gym)
+
     o = sub.add_parser("objectives", help="list the registered objectives", formatter_class=fmt)
     o.add_argument("-v", "--verbose", action="store_true", help="also show each objective's keywords")
     o.set_defaults(func=_cmd_objectives)
@@ -160,6 +207,7 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     if args.command == "train" and args.run_dir:
         args.overrides = [*args.overrides, f"train.output_dir={args.run_dir}"]
     if getattr(args, "override_config", False) and not args.resume:
