@@ -143,10 +143,10 @@ def trl_worker(args, workdir: Path) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from tropd.models import prepare_tokenizer, prune_layers
     from tropd.train.run import load_named_model
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     teacher_path, layers = _models(args.quick, workdir)
     teacher, tok = load_named_model(teacher_path)

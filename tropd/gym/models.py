@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
-from tropd.gym.tasks import Problem, family_of, make_completion, make_dataset
+from tropd.gym.tasks import Problem, family_of, make_dataset
 from tropd.gym.tokenizer import build_tokenizer
 from tropd.models import cache_dir
 
@@ -191,7 +190,3 @@ def trained_model(spec: DecoderSpec, plan: SFTPlan, root: Path | None = None,
 def model_info(folder: Path) -> dict:
     """The ``gym.json`` a cached model was saved with."""
     return json.loads((Path(folder) / "gym.json").read_text())
-
-
-def perplexity(losses: list[float]) -> float:
-    return math.exp(min(sum(losses) / max(len(losses), 1), 50.0))

@@ -25,10 +25,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from tropd.gym.models import DecoderSpec, SFTPlan, model_info, trained_model
 from tropd.models import quiet_progress_bars
