@@ -57,6 +57,10 @@ def _cmd_gym(args: argparse.Namespace) -> int:
 
     from tropd.gym.run import CORE, QUICK, GymSpec, run_gym, write_outputs
 
+    for flag in ("seeds", "steps", "workers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {value}")
     for module in args.plugin:  # e.g. a module whose @register adds the objective to compare
         importlib.import_module(module)
     spec = QUICK if args.quick else GymSpec()

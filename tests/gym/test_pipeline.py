@@ -117,3 +117,10 @@ def test_benchmark_script_quick(tmp_path, monkeypatch):
         (lv, m) for lv in ("matched", "alt") for m in ("opd", "tropd", "gkd")}
     assert {c["a"] for c in data["comparisons"]} == {"tropd", "gkd"}
     assert (tmp_path / "gym_quick.md").is_file() and (tmp_path / "gym_quick.png").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--seeds", "--steps", "--workers"])
+def test_cli_refuses_non_positive_counts_before_any_work(tmp_path, capsys, flag):
+    assert main(["gym", "--quick", flag, "0", "--workdir", str(tmp_path / "w")]) == 2
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -303,9 +303,13 @@ def write_outputs(result: dict, out: Path, stem: str, meta: dict, compare: tuple
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs, context = result["runs"], result["context"]
-    order = {(lv, m, s): i for i, (lv, m, s) in enumerate(
-        (lv, m, s) for lv in LEVELS for m in METHODS for s in range(100))}
-    runs = sorted(runs, key=lambda r: order.get((r["mismatch"], r["method"], r["seed"]), len(order)))
+    levels, methods = list(LEVELS), list(METHODS)
+
+    def rank(r: dict) -> tuple:  # level, then method in table order (others by name), then seed
+        return (levels.index(r["mismatch"]), methods.index(r["method"]) if r["method"] in methods else len(methods),
+                r["method"], r["seed"])
+
+    runs = sorted(runs, key=rank)
     summary = stats.summarise(runs, context)
     comps = [row for method in compare if method != baseline for row in stats.comparisons(runs, method, baseline)]
     paths = {kind: out / f"{stem}.{kind}" for kind in ("json", "md", "png")}
