@@ -65,6 +65,7 @@ def worker(kind: str, n: int, v: int, h: int, repeats: int) -> dict:
     topk_lp = torch.log_softmax(torch.randn(1, n, k, generator=g), -1) - 0.5
     b = -torch.rand(1, n, generator=g) * 3
     q = b + torch.randn(1, n, generator=g)
+    uniforms = torch.rand(1, n, generator=g)  # the trust-mask uniforms the trainer passes (row streams)
     if kind in FROM_LOGITS:
         logits = torch.randn(1, n, v, generator=g).requires_grad_(True)
         teacher = torch.randn(1, n, v, generator=g) if kind == "trl_gkd" else None
@@ -85,7 +86,7 @@ def worker(kind: str, n: int, v: int, h: int, repeats: int) -> dict:
         elif kind in ("opd", "tropd"):
             kw = {"top_k": k} if kind == "tropd" else {}
             x = TokenInputs(student_logits=logits, tokens=tokens, behavior_logprobs=b, teacher_logprobs=q,
-                            teacher_topk_ids=topk_ids, teacher_topk_logprobs=topk_lp)
+                            teacher_topk_ids=topk_ids, teacher_topk_logprobs=topk_lp, trust_uniforms=uniforms)
             loss = get_objective(kind, **kw)(x).loss
         elif kind == "trl_gkd":
             from trl.experimental.gkd.gkd_trainer import GKDTrainer
@@ -94,9 +95,10 @@ def worker(kind: str, n: int, v: int, h: int, repeats: int) -> dict:
         elif kind == "dense_naive_k1":
             loss = naive(hidden @ weight.T)
         elif kind == "tropd_fused":
-            x = TokenInputs(student_hidden=hidden[None], student_head=LMHead(lambda z: z @ weight.T, v),
+            head = LMHead(lambda z: z @ weight.T, v, params=(weight,))  # weight named: gradient formed in forward
+            x = TokenInputs(student_hidden=hidden[None], student_head=head,
                             tokens=tokens, behavior_logprobs=b, teacher_logprobs=q, teacher_topk_ids=topk_ids,
-                            teacher_topk_logprobs=topk_lp)
+                            teacher_topk_logprobs=topk_lp, trust_uniforms=uniforms)
             loss = get_objective("tropd", top_k=k)(x).loss
         elif kind == "trl_chunked":
             from trl.kernels.chunked_divergence import ChunkedDivergenceFunction

@@ -18,8 +18,9 @@ import math
 
 import torch
 
-from tropd.objectives import terms
+from tropd.objectives import fused, terms
 from tropd.objectives.checks import check_inputs
+from tropd.objectives.head import FUSED_CHUNK
 from tropd.objectives.inputs import ObjectiveOutput, TokenInputs
 from tropd.objectives.registry import Needs
 
@@ -81,32 +82,73 @@ class Objective:
         """
         raise NotImplementedError
 
+    def rows_independent(self, x: TokenInputs) -> bool:
+        """Whether :meth:`combine` at each position reads that position's row terms and inputs only (no batch
+        statistic such as an entropy quantile, no random draw over the batch). Then the fused path forms the
+        gradient chunk by chunk in the forward pass (:mod:`tropd.objectives.fused`); override to say no."""
+        return True
+
     # -- evaluation --------------------------------------------------------------------------------------
     def __call__(self, x: TokenInputs, num_tokens: float | int | torch.Tensor | None = None) -> ObjectiveOutput:
         x.require(self.name, *self.requires)
         student = check_inputs(x, num_tokens)  # NaN/inf, bad ids or num_tokens: NonFiniteInputError naming it
-        t = terms.rowwise(
-            student, x.loss_mask, self.side_inputs(x), self.row_fn,
-            ("s", "student_entropy", *self.row_terms), self.chunk_size, head=x.student_head,
-        )
-        dtype = t["s"].dtype
         m = x.loss_mask
-        zero = torch.zeros((), dtype=dtype, device=m.device)
+        n = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=m.device)
+        denom = n.to(terms.compute_dtype(student)).clamp(min=1.0)
+        names = ("s", "student_entropy", *self.row_terms)
+        if self._grad_in_forward(x):
+            loss, t = self._fused_loss(student, x, names, denom)
+            token_losses, parts = self._token_losses(t, x)
+        else:
+            t = terms.rowwise(student, m, self.side_inputs(x), self.row_fn, names, self.chunk_size,
+                              head=x.student_head)
+            token_losses, parts = self._token_losses(t, x)
+            loss = token_losses.sum() / denom
+        metrics = self._metrics(t, x, loss, parts, denom)
+        return ObjectiveOutput(loss=loss, token_losses=token_losses, metrics=metrics, num_tokens=float(n))
+
+    def _token_losses(self, t: dict[str, torch.Tensor], x: TokenInputs):
+        """``(token_losses, parts)`` from the row terms ``t``: the ``[B,T]`` inputs (sanitised at padding) and the
+        K1 reward join ``t`` in place, then :meth:`combine`; positions outside ``loss_mask`` get 0."""
+        m = x.loss_mask
+        zero = torch.zeros((), dtype=t["s"].dtype, device=m.device)
         for key in ("behavior_logprobs", "teacher_logprobs", "teacher_entropy"):
             value = getattr(x, key)
             if value is not None:  # sanitise padding so no NaN/Inf can leak through masked arithmetic
-                t[key] = torch.where(m, value.to(dtype).detach(), zero)
+                t[key] = torch.where(m, value.to(zero.dtype).detach(), zero)
         if "teacher_logprobs" in t and "behavior_logprobs" in t:
             t["reward"] = t["teacher_logprobs"] - t["behavior_logprobs"]
         token_losses, parts = self.combine(t, x)
-        token_losses = torch.where(m, token_losses, zero)
+        return torch.where(m, token_losses, zero), parts
 
-        n_local = m.sum()
-        n = n_local if num_tokens is None else torch.as_tensor(num_tokens, device=m.device)
-        denom = n.to(dtype).clamp(min=1.0)
-        loss = token_losses.sum() / denom
-        metrics = self._metrics(t, x, loss, parts, denom)
-        return ObjectiveOutput(loss=loss, token_losses=token_losses, metrics=metrics, num_tokens=float(n))
+    def _grad_in_forward(self, x: TokenInputs) -> bool:
+        """The fused path with the gradient formed in forward: hidden states and a head whose trainable tensors
+        are known, something to differentiate, loss positions, and a row-local :meth:`combine`."""
+        head = x.student_head
+        if head is None or not torch.is_grad_enabled() or not bool(x.loss_mask.any()):
+            return False
+        params = head.trainable()
+        return (params is not None and (x.student_hidden.requires_grad or any(p.requires_grad for p in params))
+                and self.rows_independent(x))
+
+    def _fused_loss(self, hidden: torch.Tensor, x: TokenInputs, names: tuple[str, ...], denom: torch.Tensor):
+        """``(loss, row terms [B,T] detached)`` by :func:`tropd.objectives.fused.loss_with_gradient`: each chunk's
+        row terms, :meth:`combine` on that chunk alone, its loss ``Σ ℓ / N`` differentiated right away."""
+        b, t_len, _ = hidden.shape
+        rows = {k: v.reshape(b * t_len, *v.shape[2:]) for k, v in self.side_inputs(x).items()}
+        index = x.loss_mask.reshape(-1).nonzero().squeeze(1)
+
+        def chunk_loss(logits: torch.Tensor, idx: torch.Tensor):
+            out = self.row_fn(logits, {k: v.index_select(0, idx) for k, v in rows.items()})
+            t = {n: out[n][None] for n in names}
+            values = torch.stack([t[n][0].detach() for n in names], dim=-1)
+            token_losses, _ = self._token_losses(t, x.take_rows(idx))
+            return token_losses.sum() / denom, values
+
+        loss, values = fused.loss_with_gradient(hidden.reshape(b * t_len, -1), x.student_head, index,
+                                                self.chunk_size or FUSED_CHUNK, chunk_loss)
+        full = torch.zeros(b * t_len, len(names), dtype=values.dtype, device=values.device).index_copy(0, index, values)
+        return loss, {n: full[:, j].reshape(b, t_len) for j, n in enumerate(names)}
 
     def _metrics(self, t, x: TokenInputs, loss, parts, denom) -> dict[str, float]:
         with torch.no_grad():

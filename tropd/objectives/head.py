@@ -22,13 +22,25 @@ FUSED_CHUNK = 1024
 @dataclass(frozen=True)
 class LMHead:
     """``hidden [n, H] -> logits [n, V]``: ``project`` (the output layer, e.g. an ``nn.Linear``) then the
-    post-processing of the module docstring. ``vocab_size`` is V."""
+    post-processing of the module docstring. ``vocab_size`` is V. ``params``: the tensors a plain-function
+    ``project`` reads that may take gradients (an ``nn.Module``'s are found by itself); with them known, the loss
+    forms its gradient in the forward pass (:mod:`tropd.objectives.fused`)."""
 
     project: Callable[[torch.Tensor], torch.Tensor]
     vocab_size: int
     softcap: float | None = None
     divide_by: float | None = None
     multiply_by: float | None = None
+    params: tuple[torch.Tensor, ...] = ()
+
+    def trainable(self) -> tuple[torch.Tensor, ...] | None:
+        """The tensors ``project`` reads that may take gradients: ``params`` if given, else the parameters of an
+        ``nn.Module`` ``project``; ``None`` when unknown (a plain function without ``params``)."""
+        if self.params:
+            return tuple(self.params)
+        if isinstance(self.project, torch.nn.Module):
+            return tuple(self.project.parameters())
+        return None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         z = self.project(hidden)

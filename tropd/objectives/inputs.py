@@ -142,6 +142,18 @@ class TokenInputs:
         """Loss-bearing positions sampled by the student (not teacher-written)."""
         return self.loss_mask & ~self.teacher_token_mask
 
+    def take_rows(self, index: torch.Tensor) -> TokenInputs:
+        """The positions ``index`` of the flattened ``[B·T]`` grid as a ``[1, n]`` batch: every per-position field
+        taken at those rows, everything else (head, generator, progress) kept."""
+        b, t = self.tokens.shape
+
+        def take(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            return value.reshape(b * t, *value.shape[2:]).index_select(0, index)[None]
+
+        return TokenInputs(**{f.name: take(getattr(self, f.name)) for f in fields(self)})
+
     def require(self, objective: str, *names: str) -> None:
         """Raise a clear error naming every input ``objective`` needs but did not get."""
         missing = [n for n in names if getattr(self, n) is None]

@@ -97,6 +97,9 @@ class EntropyOPD(_K1Objective):
         self.entropy_top_frac = float(entropy_top_frac)
         self.needs = Needs()
 
+    def rows_independent(self, x) -> bool:
+        return False  # the entropy quantile is a statistic of the whole batch
+
     def student_loss(self, t, x):
         keep = top_entropy_mask(t["student_entropy"], x.student_mask, self.entropy_top_frac)
         loss = terms.pg_k1(t["reward"], t["s"], t["behavior_logprobs"])
@@ -123,6 +126,9 @@ class REOPOLD2Stage(_K1Objective):
         if x.progress is None:
             raise ValueError("objective 'reopold_2stage' needs TokenInputs.progress (or the keyword stage=1|2)")
         return 1 if x.progress < 0.5 else 2
+
+    def rows_independent(self, x) -> bool:
+        return self.current_stage(x) == 1  # stage 2 masks by the batch's entropy quantile
 
     def student_loss(self, t, x):
         loss = terms.pg_k1(t["reward"], t["s"], t["behavior_logprobs"])

@@ -56,6 +56,10 @@ class TrOPD(Objective):
             out["fkl_topk"] = terms.fkl_topk(out["student_topk"], rows["topk_logprobs"])
         return out
 
+    def rows_independent(self, x) -> bool:
+        # a Bernoulli draw over the batch depends on the batch's layout; given uniforms or a mask do not
+        return self.trust_mode == "expected" or x.trust_mask is not None or x.trust_uniforms is not None
+
     def trust_weight(self, p_trust: torch.Tensor, x) -> torch.Tensor:
         """``M_t`` (the given ``trust_mask``, else ``[U_t < P_trust]`` with the given ``trust_uniforms``, else a
         Bernoulli draw with ``generator``) or ``P_trust`` under ``trust_mode="expected"``."""
