@@ -68,9 +68,10 @@ def test_single_eos_id_and_truncation(student, prompts):
     assert b.response_lengths[b.truncated].eq(5).all()
 
 
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5)])
-def test_behavior_logprobs_equal_fresh_forward(student, prompts, temperature, top_p):
-    cfg = make_cfg(max_new_tokens=10, eos=(EOS,), temperature=temperature, top_p=top_p)
+def test_behavior_logprobs_equal_fresh_forward(student, prompts, temperature, top_p, kv_cache):
+    cfg = make_cfg(max_new_tokens=10, eos=(EOS,), temperature=temperature, top_p=top_p, kv_cache=kv_cache)
     b = sample(student, prompts, cfg, streams=7)
     for i, prompt in enumerate(prompts):
         resp = row_response(b, i)
@@ -147,8 +148,9 @@ def _sample_without_cache(model, prompts, cfg, seed):
     return torch.stack(toks, 1), torch.stack(lps, 1)
 
 
-def test_kv_cache_decode_equals_no_cache(student, prompts):
-    cfg = make_cfg(max_new_tokens=9, eos=(), temperature=0.9, top_p=0.95)
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_kv_cache_decode_equals_no_cache(student, prompts, kv_cache):
+    cfg = make_cfg(max_new_tokens=9, eos=(), temperature=0.9, top_p=0.95, kv_cache=kv_cache)
     b = sample(student, prompts, cfg, streams=11)
     tokens, lps = _sample_without_cache(student, prompts, cfg, 11)
     assert torch.equal(b.tokens, tokens)
@@ -232,13 +234,14 @@ def test_from_rows_and_stats():
     assert b.position_ids()[1].tolist() == [0, 1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
-def test_sliding_window_models_match_fresh_forward(arch):
+def test_sliding_window_models_match_fresh_forward(arch, kv_cache):
     """Left padding + KV cache on models with sliding-window layers (window 4 < context length)."""
     helpers = pytest.importorskip("tests.helpers")
     model = helpers.TINY_MODELS[arch](seed=2)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18, 19, 20, 21]]
-    cfg = make_cfg(max_new_tokens=8, eos=())
+    cfg = make_cfg(max_new_tokens=8, eos=(), kv_cache=kv_cache)
     b = sample(model, prompts, cfg, streams=4)
     for i, prompt in enumerate(prompts):
         resp = row_response(b, i)
@@ -261,6 +264,11 @@ def test_stats_aggregate_micro_batches():
     assert s["guided_share"] == 0.5 and s["guidance_len_mean"] == 1.0 and s["generated_tokens"] == 8
     assert s["teacher_generated_tokens"] == 7 and s["guidance_cap"] == 6
     assert rollout_stats(a)["generated_tokens"] == 2
+
+
+def test_unknown_kv_cache_is_refused():
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        make_cfg(kv_cache="paged")
 
 
 def test_inverse_cdf_draw_follows_the_distribution_and_never_draws_a_zero():

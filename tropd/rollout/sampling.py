@@ -26,10 +26,14 @@ from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from tropd.rollout.batch import RolloutBatch, RolloutRow, left_pad, position_ids_from_mask
 from tropd.rollout.streams import RowStreams
+
+
+#: KV-cache kinds of :class:`SamplingConfig`.
+KV_CACHES = ("dynamic", "static")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +47,9 @@ class SamplingConfig:
         temperature: τ, logits are divided by τ before the softmax; 0 means greedy decoding.
         top_p: nucleus mass p in (0, 1]: keep the most probable tokens, in order, while the mass before each is
             < p (so the smallest prefix with mass ≥ p), then renormalise. 1 disables it.
+        kv_cache: ``"dynamic"`` (transformers' ``DynamicCache``, grown token by token) or ``"static"``
+            (``StaticCache`` preallocated for context + budget and written in place: no reallocation per token,
+            fixed shapes; benchmarks/decode.py). Same distribution; float rounding may differ.
     """
 
     max_new_tokens: int
@@ -50,6 +57,7 @@ class SamplingConfig:
     pad_token_id: int
     temperature: float = 1.0
     top_p: float = 1.0
+    kv_cache: str = "dynamic"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -58,6 +66,8 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"SamplingConfig.kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
         object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
 
     @property
@@ -135,16 +145,19 @@ def inference_mode(*models: nn.Module) -> Iterator[None]:
 
 
 class CachedLM:
-    """A causal LM with its own ``DynamicCache``: prefill once, then one token per step.
+    """A causal LM with its own KV cache: prefill once, then one token per step.
 
-    Both calls return float32 logits ``[B, V]`` for the next token, on ``out_device``.
+    The cache is a ``DynamicCache``, or a ``StaticCache`` of ``static_length`` positions when that is given. Both
+    calls return float32 logits ``[B, V]`` for the next token, on ``out_device``.
     """
 
-    def __init__(self, model: nn.Module, out_device: torch.device | None = None) -> None:
+    def __init__(self, model: nn.Module, out_device: torch.device | None = None,
+                 static_length: int | None = None) -> None:
         self.model = model
         self.device = model_device(model)
         self.out_device = out_device or self.device
-        self.cache = DynamicCache(config=model.config)
+        self.cache = (DynamicCache(config=model.config) if static_length is None
+                      else StaticCache(config=model.config, max_cache_len=static_length))
         # transformers renamed `past_key_values` to `cache` (5.x); pass it under the name this model's forward takes
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model's
         params = inspect.signature(inner.forward).parameters
@@ -244,7 +257,8 @@ def decode(models: Sequence[nn.Module], input_ids: torch.Tensor, attention_mask:
         # the whole mask, preallocated: the cache plus the new token are always a prefix of it
         full_mask = torch.cat([mask, torch.ones((b, t_max), dtype=torch.long, device=device)], dim=1)
         ids = input_ids.to(device)
-        lms = [CachedLM(m, out_device=device) for m in models]
+        static_length = context + t_max if cfg.kv_cache == "static" else None
+        lms = [CachedLM(m, out_device=device, static_length=static_length) for m in models]
         logits = [lm.prefill(ids, mask) for lm in lms]
         next_pos = mask.sum(-1)
         eos_ids = torch.tensor(cfg.eos_token_ids or (-1,), dtype=torch.long, device=device)

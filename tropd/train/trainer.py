@@ -86,7 +86,7 @@ def sampling_config(cfg: RunConfig, tokenizer) -> SamplingConfig:
     r = cfg.rollout
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return SamplingConfig(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                          eos_token_ids=tuple(eos), pad_token_id=tokenizer.pad_token_id)
+                          eos_token_ids=tuple(eos), pad_token_id=tokenizer.pad_token_id, kv_cache=r.kv_cache)
 
 
 class Trainer:

@@ -1,0 +1,161 @@
+"""Decoding: tropd's KV-cache sampler with its dynamic cache, a static (preallocated) cache, and either under
+``torch.compile``. Answers whether those would speed up rollouts here.
+
+    python benchmarks/decode.py            # SmolLM2-135M's 11-layer student (as benchmarks/step.py)
+    python benchmarks/decode.py --quick    # a tiny random model: checks the script in seconds
+
+Setting: the student of ``benchmarks/step.py`` (SmolLM2-135M-Instruct with 11 of its 30 layers, float32), 4 prompts
+× 64 new tokens (EOS disabled, so every variant decodes the same number of tokens), temperature 1, through
+``tropd.rollout.sampling.sample_rows`` with fixed row streams. Variants:
+
+- ``dynamic``: tropd's sampler as it is (transformers' ``DynamicCache``, grown by concatenation each token);
+- ``static``: the same loop with transformers' ``StaticCache`` sized for prompt + budget, written in place
+  (``rollout.kv_cache: static``);
+- ``dynamic_compiled`` / ``static_compiled``: the model's forward under ``torch.compile`` (default mode).
+
+Each variant runs in a fresh process: one warm-up call (which compiles, timed separately), then the median of
+``--repeats`` calls. The table gives tokens/s, the ratio to ``dynamic``, and how the samples compare with
+``dynamic``'s: the same uniforms draw the same tokens until float rounding moves a draw across a token
+boundary, so it reports the rows that came out identical and the largest behaviour log-prob difference on the
+tokens before each row's first difference. Writes ``<out>/decode.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("dynamic", "static", "dynamic_compiled", "static_compiled")
+PROMPTS = [
+    "Explain in two sentences why the sky is blue.",
+    "Write a short poem about a cat that likes rain.",
+    "What are three good habits for staying healthy?",
+    "Describe how a bicycle works to a ten-year-old.",
+]
+
+
+def worker(variant: str, args) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from tropd.models import prepare_tokenizer, prune_layers
+    from tropd.rollout.sampling import SamplingConfig, sample_rows
+    from tropd.rollout.streams import RowStreams
+    from tropd.train.run import load_named_model
+
+    torch.manual_seed(0)
+    if args.quick:
+        from tests.helpers import tiny_llama, tiny_tokenizer
+
+        model, tok = tiny_llama(vocab_size=96, hidden=48, layers=2, seed=7), tiny_tokenizer(96)
+        contexts = [[1 + (7 * i + j) % 90 for j in range(5 + i)] for i in range(4)]
+    else:
+        teacher, tok = load_named_model("smollm2")
+        model = prune_layers(teacher, 11).float()
+        del teacher
+        prepare_tokenizer(tok)
+        contexts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False) for p in PROMPTS]
+    model.eval()
+    cfg = SamplingConfig(max_new_tokens=args.tokens, eos_token_ids=(), pad_token_id=tok.pad_token_id or 0,
+                         kv_cache="static" if variant.startswith("static") else "dynamic")
+    if variant.endswith("compiled"):
+        model.forward = torch.compile(model.forward)
+
+    def run():
+        start = time.perf_counter()
+        rows = sample_rows(model, contexts, cfg, streams=RowStreams.of(0, len(contexts)))
+        return time.perf_counter() - start, [(r.tokens.tolist(), r.behavior_logprobs.tolist()) for r in rows]
+
+    first, output = run()
+    times = [run()[0] for _ in range(args.repeats)]
+    n = sum(len(t) for t, _ in output)
+    seconds = statistics.median(times)
+    return {"seconds": seconds, "first_call": first, "tokens": n, "tokens_per_s": n / seconds, "output": output}
+
+
+def compare(output: list, reference: list) -> dict:
+    """Rows identical to ``reference``'s, and the largest |Δ log-prob| before each row's first differing token."""
+    same, delta = 0, 0.0
+    for (toks, lps), (ref_toks, ref_lps) in zip(output, reference):
+        shared = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), min(len(toks), len(ref_toks)))
+        same += toks == ref_toks
+        delta = max([delta] + [abs(a - b) for a, b in zip(lps[:shared], ref_lps[:shared])])
+    return {"rows_identical": same, "rows": len(reference), "max_logprob_diff": delta}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a tiny random model (seconds): checks the script")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (median)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for decode.{json,md}")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return 0
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "dynamic" not in variants:
+        p.error(f"--variants must include 'dynamic' and come from {', '.join(VARIANTS)}; got {args.variants}")
+
+    import torch
+
+    results = {}
+    for variant in variants:
+        cmd = [sys.executable, __file__, "--worker", variant, "--tokens", str(args.tokens),
+               "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            results[variant] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        else:
+            results[variant] = json.loads(lines[-1])
+        print(variant, {k: v for k, v in results[variant].items() if k != "output"}, flush=True)
+    base = results["dynamic"]
+    if "error" in base:
+        print(f"the dynamic-cache baseline failed: {base['error']}", file=sys.stderr)
+        return 1
+    reference = base["output"]
+    for r in results.values():
+        if "error" not in r:
+            r.update(compare(r.pop("output"), reference))
+            r["vs_dynamic"] = base["seconds"] / r["seconds"]
+
+    load = os.getloadavg()[0]
+    setting = (f"`python benchmarks/decode.py{' --quick' if args.quick else ''}` on {platform.machine()}, "
+               f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load {load:.2f} at the end. "
+               f"4 prompts x {args.tokens} new tokens, float32; median of {args.repeats} calls after a warm-up "
+               "call, each variant in a fresh process.")
+    lines = ["# Decoding: dynamic vs static KV cache, with and without torch.compile", "", setting, "",
+             "| variant | s per call | tokens/s | speed vs dynamic | first call s | rows identical to dynamic | "
+             "max abs log-prob diff before a row differs |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | | | |")
+        else:
+            lines.append(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {r['vs_dynamic']:.2f}x | "
+                         f"{r['first_call']:.1f} | {r['rows_identical']}/{r['rows']} | {r['max_logprob_diff']:.1e} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "decode_quick" if args.quick else "decode"
+    (out / f"{stem}.json").write_text(json.dumps({"setting": setting, "results": results}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

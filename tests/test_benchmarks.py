@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end in their --quick mode (tiny sizes, tiny random models), so that a change in
+tropd, TRL or transformers that breaks one shows in CI instead of at the next measurement."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_quick_runs_every_kernel(tmp_path):
+    assert _script("speed").main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "speed_quick.json").read_text())["results"]
+    speed = _script("speed")
+    for kernel in speed.FROM_LOGITS + speed.FROM_HIDDEN:
+        assert "seconds" in row[kernel], (kernel, row[kernel])
+
+
+def test_step_quick_times_tropd_and_trl(tmp_path):
+    assert _script("step").main(["--quick", "--steps", "2", "--tokens", "8", "--kinds", "trl_gkd,opd",
+                                 "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "step_quick.json").read_text())["results"]
+    for kind in ("trl_gkd", "opd"):
+        assert results[kind].get("total", 0) > 0, (kind, results[kind])
+    assert results["opd"]["sampling"] > 0 and results["opd"]["backward"] > 0
+
+
+def test_decode_quick_static_cache_samples_what_the_dynamic_one_does(tmp_path):
+    assert _script("decode").main(["--quick", "--variants", "dynamic,static", "--repeats", "1",
+                                   "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "decode_quick.json").read_text())["results"]
+    assert results["dynamic"]["tokens"] == 4 * 64
+    assert results["static"]["max_logprob_diff"] < 1e-4 and results["static"]["rows_identical"] >= 1
