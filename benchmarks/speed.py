@@ -135,7 +135,7 @@ def run_one(kind: str, n: int, v: int, h: int, repeats: int, memory_gb: float) -
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the script")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per kernel at N < 8192 (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per kernel at N < 8192 (median; the machine is noisy)")
     p.add_argument("--memory-gb", type=float, default=20.0, help="address-space limit of each kernel's process")
     p.add_argument("--kernels", default=",".join(FROM_LOGITS + FROM_HIDDEN), help="comma-separated kernels")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for speed.{json,md}")
@@ -165,8 +165,9 @@ def main(argv=None) -> int:
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"load {os.getloadavg()[0]:.2f} at the end")
     lines = [f"# Loss kernels, forward + backward, float32 ({'--quick' if args.quick else 'full'})", "",
-             f"`python benchmarks/speed.py{' --quick' if args.quick else ''}` on {machine}. Each cell: seconds "
-             "(median) / extra peak memory; ratios against the naive floor of the same input.", ""]
+             f"`python benchmarks/speed.py{' --quick' if args.quick else ''} --repeats {args.repeats}` on {machine}. "
+             f"Each cell: seconds (median of {args.repeats} runs; 1 run at N = 8192) / extra peak memory; ratios "
+             "against the naive floor of the same input.", ""]
     for row in results:
         lines += [f"## N = {row['N']}, V = {row['V']} (H = {row['H']})", "", "| kernel | seconds | extra GB | ratio |",
                   "|---|---|---|---|"]

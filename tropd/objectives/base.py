@@ -96,13 +96,14 @@ class Objective:
         n = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=m.device)
         denom = n.to(terms.compute_dtype(student)).clamp(min=1.0)
         names = ("s", "student_entropy", *self.row_terms)
-        if self._grad_in_forward(x):
+        loss = None
+        if self._grad_in_forward(x):  # the loss carries the gradient; t holds the detached row terms
             loss, t = self._fused_loss(student, x, names, denom)
-            token_losses, parts = self._token_losses(t, x)
         else:
             t = terms.rowwise(student, m, self.side_inputs(x), self.row_fn, names, self.chunk_size,
                               head=x.student_head)
-            token_losses, parts = self._token_losses(t, x)
+        token_losses, parts = self._token_losses(t, x)
+        if loss is None:
             loss = token_losses.sum() / denom
         metrics = self._metrics(t, x, loss, parts, denom)
         return ObjectiveOutput(loss=loss, token_losses=token_losses, metrics=metrics, num_tokens=float(n))

@@ -167,6 +167,8 @@ class ObjectiveOutput:
 
     ``loss = token_losses.sum() / num_tokens``: the token mean over loss-bearing positions, where
     ``num_tokens`` is this batch's count unless a global count was passed (accumulation / data parallel).
+    Differentiate ``loss``: on the fused path with the gradient formed in forward (:mod:`tropd.objectives.fused`)
+    ``token_losses`` are values only.
     """
 
     loss: torch.Tensor

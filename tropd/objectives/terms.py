@@ -199,7 +199,8 @@ def rowwise(
     checkpointing so that only one chunk's intermediates are alive; positions outside ``mask`` get 0.
     Both paths give the same values and gradients.
 
-    Fused path: with ``head``, ``logits`` are hidden states ``[B,T,H]`` and each chunk's logits are
+    Fused path, two-pass form (objectives use :mod:`tropd.objectives.fused`, one pass, whenever their loss is
+    row-local): with ``head``, ``logits`` are hidden states ``[B,T,H]`` and each chunk's logits are
     ``head(hidden_rows)``, made inside the checkpointed chunk (``chunk_size``, default
     :data:`~tropd.objectives.head.FUSED_CHUNK`) and made again in backward: no ``[B·T, V]`` tensor exists, and
     gradients reach the hidden states and the head's weight.

@@ -100,8 +100,8 @@ class RolloutConfig:
     batch_size: int = _f(64, "Sequences generated together (KV-cached decoding); independent of the "
                              "loss micro-batch, so changing micro_batch_size never changes the samples.")
     kv_cache: str = _f("dynamic", "KV cache of the decode loop: 'dynamic' (grown per token) or 'static' "
-                                  "(preallocated, written in place: 1.18x faster decoding on CPU in "
-                                  "benchmarks/decode.py; same distribution, other float rounding).")
+                                  "(preallocated, written in place, fixed shapes; same distribution, other float "
+                                  "rounding; on CPU no faster within noise: docs/performance.md).")
 
 
 @dataclass
