@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import warnings
 
 
@@ -220,9 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     from tropd.train.errors import NonFiniteTrainingError
 
     debug = bool(os.environ.get("TROPD_DEBUG"))
+    # both are process-wide: set for this command, put back after it (main() may run inside a larger program)
+    previous_format = warnings.formatwarning
     if not debug:  # warnings as one plain line each, not file:line plus source
         warnings.formatwarning = lambda message, category, *_: f"tropd {args.command}: warning: {message}\n"
-    signal.signal(signal.SIGTERM, _terminate)  # `kill` / `timeout` stop like Ctrl-C (training saves first)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    # `kill` / `timeout` stop like Ctrl-C (training saves first)
+    previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteTrainingError, ConnectionError) as err:
@@ -238,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `tropd train --help-config | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.formatwarning = previous_format
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_sigterm is None else previous_sigterm)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -251,6 +253,14 @@ def test_help_config_shows_what_a_plain_run_uses(capsys):
     assert main(["train", "--help-config", "train.steps=7"]) == 2  # a cross-field error names both sources
     assert "default.yaml with command-line overrides train.steps=7: train.sft_warmup_steps must be in [0, " \
            "train.steps=7)" in capsys.readouterr().err
+
+
+def test_main_puts_the_process_wide_settings_back(capsys):
+    """`tropd.cli.main` inside a larger program leaves its SIGTERM handler and warnings format as it found them."""
+    before_format, before_sigterm = warnings.formatwarning, signal.getsignal(signal.SIGTERM)
+    assert main(["train", "--help-config"]) == 0
+    assert main(["train", "--help-config", "train.steps=7"]) == 2  # the error path too
+    assert warnings.formatwarning is before_format and signal.getsignal(signal.SIGTERM) == before_sigterm
 
 
 def test_help_config_into_a_closed_pipe_exits_quietly():
