@@ -123,7 +123,8 @@ def test_gradient_formed_in_forward_projects_each_chunk_once():
     in_forward = len(calls)
     out.loss.backward()
     n = int(x.loss_mask.sum())
-    assert in_forward == len(calls) == -(-n // 8) and max(calls) <= 8
+    assert calls[0] == 1  # a one-row probe of the head's graph (fused.reads_only), then one call per chunk
+    assert in_forward == len(calls) == 1 + -(-n // 8) and max(calls) <= 8
     assert not any(len(s) >= 2 and s[-1] == 50 and s[0] > 8 for s in saved)
     assert h.grad is not None and w.grad is not None and h.grad.abs().sum() > 0 and w.grad.abs().sum() > 0
 
@@ -179,3 +180,45 @@ def test_frozen_head_no_grad_and_one_backward_only():
                           num_tokens=9)
     assert not quiet.loss.requires_grad
     torch.testing.assert_close(quiet.loss, ref.loss.detach(), rtol=1e-6, atol=1e-12)
+
+
+class _ViewHead(torch.nn.Module):
+    """Reads its weight from a tensor ``.parameters()`` does not list (as FSDP1's flat-parameter views do)."""
+
+    def __init__(self, flat: torch.Tensor, v: int):
+        super().__init__()
+        self.flat, self.v = flat, v
+
+    def forward(self, z):
+        return z @ self.flat.view(self.v, -1).T
+
+
+def test_a_head_reading_unlisted_tensors_keeps_their_gradient():
+    """The one-pass loss hands gradients only to the tensors it knows; a head that reads others keeps the
+    two-pass path, so they get theirs (equal to the logits path)."""
+    x = make_inputs(6, B=3, T=5, V=11)
+    hidden, weight = _leaves(4, 3, 5, 11)
+    grads = []
+    for fused in (False, True):
+        h, flat = hidden.clone().requires_grad_(True), weight.reshape(-1).clone().requires_grad_(True)
+        head = LMHead(_ViewHead(flat, 11), 11)
+        assert head.trainable() == ()
+        student = {"student_logits": None, "student_hidden": h, "student_head": head} if fused else \
+            {"student_logits": head(h)}
+        get_objective("opd")(dataclasses.replace(x, **student)).loss.backward()
+        grads.append((h.grad, flat.grad))
+    (gh0, gw0), (gh1, gw1) = grads
+    assert gw1 is not None
+    torch.testing.assert_close(gh1, gh0, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-6, atol=1e-12)
+
+
+def test_take_rows_reads_non_contiguous_fields():
+    x = make_inputs(7, B=3, T=6, V=9)
+    x = dataclasses.replace(x, student_logits=x.student_logits.transpose(0, 1).contiguous().transpose(0, 1))
+    assert not x.student_logits.is_contiguous()
+    index = torch.tensor([0, 4, 7, 17])
+    part = x.take_rows(index)
+    assert torch.equal(part.student_logits[0], x.student_logits.reshape(18, 9)[index])
+    assert torch.equal(part.tokens[0], x.tokens.reshape(-1)[index])
+    assert torch.equal(part.loss_mask[0], x.loss_mask.reshape(-1)[index])

@@ -124,13 +124,15 @@ class Objective:
 
     def _grad_in_forward(self, x: TokenInputs) -> bool:
         """The fused path with the gradient formed in forward: hidden states and a head whose trainable tensors
-        are known, something to differentiate, loss positions, and a row-local :meth:`combine`."""
+        are known (and are all it reads, :func:`fused.reads_only`), something to differentiate, loss positions, and
+        a row-local :meth:`combine`."""
         head = x.student_head
         if head is None or not torch.is_grad_enabled() or not bool(x.loss_mask.any()):
             return False
         params = head.trainable()
-        return (params is not None and (x.student_hidden.requires_grad or any(p.requires_grad for p in params))
-                and self.rows_independent(x))
+        hidden = x.student_hidden
+        return (params is not None and (hidden.requires_grad or any(p.requires_grad for p in params))
+                and self.rows_independent(x) and fused.reads_only(head, params, hidden[0, :1]))
 
     def _fused_loss(self, hidden: torch.Tensor, x: TokenInputs, names: tuple[str, ...], denom: torch.Tensor):
         """``(loss, row terms [B,T] detached)`` by :func:`tropd.objectives.fused.loss_with_gradient`: each chunk's

@@ -70,6 +70,27 @@ class _LossWithGradient(torch.autograd.Function):
         return (None, grad_h, *scaled)
 
 
+def reads_only(head: LMHead, params: tuple[torch.Tensor, ...], row: torch.Tensor) -> bool:
+    """Whether every tensor that takes a gradient through ``head`` is one of ``params``: ``head`` is applied to one
+    detached ``row`` ``[1, H]`` and its autograd graph walked to the leaves. A tensor read but not listed (FSDP1's
+    flat-parameter views, a weight kept as a plain attribute) would get no gradient from the one-pass loss, whose
+    backward hands gradients only to ``hidden`` and ``params``; the caller then keeps the two-pass path."""
+    with torch.enable_grad():
+        z = head(row.detach())
+    listed = {id(p) for p in params}
+    seen, stack = set(), [z.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        leaf = getattr(fn, "variable", None)  # AccumulateGrad: a leaf that takes a gradient
+        if leaf is not None and id(leaf) not in listed:
+            return False
+        stack.extend(f for f, _ in fn.next_functions)
+    return True
+
+
 def loss_with_gradient(hidden: torch.Tensor, head: LMHead, index: torch.Tensor, chunk_size: int,
                        chunk_loss: ChunkLoss) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Σ_chunks loss_c, per-row values [len(index), k])`` over the rows ``index`` of ``hidden`` ``[M, H]``,

@@ -145,12 +145,11 @@ class TokenInputs:
     def take_rows(self, index: torch.Tensor) -> TokenInputs:
         """The positions ``index`` of the flattened ``[B·T]`` grid as a ``[1, n]`` batch: every per-position field
         taken at those rows, everything else (head, generator, progress) kept."""
-        b, t = self.tokens.shape
+        t = self.tokens.shape[1]
+        rows, cols = index // t, index % t  # indexing [B,T] directly: no copy of a non-contiguous field
 
         def take(value):
-            if not isinstance(value, torch.Tensor):
-                return value
-            return value.reshape(b * t, *value.shape[2:]).index_select(0, index)[None]
+            return value[rows, cols][None] if isinstance(value, torch.Tensor) else value
 
         return TokenInputs(**{f.name: take(getattr(self, f.name)) for f in fields(self)})
 
