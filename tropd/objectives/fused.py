@@ -4,14 +4,14 @@ For a loss that is a sum of per-position terms, ``L = Σ_i ℓ_i(z_i) / N`` with
 reading only its own row (the objective's ``rows_independent``), the gradient of one chunk ``c`` of positions is
 known as soon as its logits are::
 
-    ∂L/∂h_c = (∂ℓ_c/∂z_c) W / N,      ∂L/∂W += (∂ℓ_c/∂z_c)ᵀ h_c / N      (through any post-processing of the head)
+    ∂L/∂h_c = (∂ℓ_c/∂z_c) W / N,      ∂L/∂W += (∂ℓ_c/∂z_c)ᵀ h_c / N
 
-so :func:`loss_with_gradient` projects each chunk once, differentiates the chunk's loss locally (autograd on
-``[chunk, V]`` tensors) and accumulates ``∂L/∂h`` ``[N, H]`` and ``∂L/∂θ`` for the head's parameters ``θ``
-(one weight-sized buffer). Backward only scales these by the upstream gradient: 3 matrix products per chunk
-(projection, ``∂L/∂h``, ``∂L/∂W``) instead of 4 for projecting again in backward
-(:func:`tropd.objectives.terms.rowwise` with ``head``), and the row terms are evaluated once instead of twice.
-No ``[N, V]`` tensor exists. The result is first-order only (no double backward).
+(through the head's post-processing too), so :func:`loss_with_gradient` projects each chunk once,
+differentiates the chunk's loss locally (autograd on ``[chunk, V]`` tensors) and accumulates ``∂L/∂h``
+``[N, H]`` and ``∂L/∂θ`` for the head's parameters ``θ`` (one weight-sized buffer). Backward only scales these
+by the upstream gradient: 3 matrix products per chunk (projection, ``∂L/∂h``, ``∂L/∂W``) instead of 4 for
+projecting again in backward (:func:`tropd.objectives.terms.rowwise` with ``head``), and the row terms are
+evaluated once instead of twice. No ``[N, V]`` tensor exists. The result is first-order only (no double backward).
 """
 
 from __future__ import annotations
