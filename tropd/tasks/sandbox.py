@@ -415,6 +415,38 @@ def _kill_group(proc: subprocess.Popen, settle_s: float = 2.0) -> None:
         time.sleep(0.01)
 
 
+def _processes_in(workdir: str) -> list[int]:
+    """Live (not zombie) host processes whose working directory lies in ``workdir``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            if cwd != workdir and not cwd.startswith(workdir + os.sep):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def _settle_workdir(workdir: str, settle_s: float = 2.0) -> None:
+    """Wait (bounded) until no process runs in ``workdir``, SIGKILLing stragglers. The program's own session
+    (bwrap ``--new-session``) is outside the worker's process group: the kernel kills it when the PID namespace's
+    init dies, but not at once, and without a PID namespace only this finds it."""
+    deadline = time.monotonic() + settle_s
+    while (alive := _processes_in(workdir)) and time.monotonic() < deadline:
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
 def _start(cmd: list[str], job: dict, out, err, cwd: str, env: dict, fds: tuple[int, int]) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd, env=env,
                             start_new_session=True, close_fds=True, pass_fds=fds)
@@ -483,6 +515,7 @@ def _run(program: str, tests: str, setup: str | None, entry_point: str | None, c
     finally:
         for fd in pipe_fds:
             os.close(fd)
+        _settle_workdir(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
 
     rc = judge.returncode
