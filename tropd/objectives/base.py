@@ -143,9 +143,8 @@ class Objective:
 
         def chunk_loss(logits: torch.Tensor, idx: torch.Tensor):
             out = self.row_fn(logits, {k: v.index_select(0, idx) for k, v in rows.items()})
-            t = {n: out[n][None] for n in names}
-            values = torch.stack([t[n][0].detach() for n in names], dim=-1)
-            token_losses, _ = self._token_losses(t, x.take_rows(idx))
+            values = torch.stack([out[n].detach() for n in names], dim=-1)
+            token_losses, _ = self._token_losses({n: out[n][None] for n in names}, x.take_rows(idx))
             return token_losses.sum() / denom, values
 
         loss, values = fused.loss_with_gradient(hidden.reshape(b * t_len, -1), x.student_head, index,
