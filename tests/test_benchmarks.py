@@ -40,3 +40,13 @@ def test_decode_quick_static_cache_samples_what_the_dynamic_one_does(tmp_path):
     results = json.loads((tmp_path / "decode_quick.json").read_text())["results"]
     assert results["dynamic"]["tokens"] == 4 * 64
     assert results["static"]["max_logprob_diff"] < 1e-4 and results["static"]["rows_identical"] >= 1
+
+
+def test_activations_quick_shows_checkpointing_keeps_one_hidden_state_per_layer(tmp_path):
+    assert _script("activations").main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "activations_quick.json").read_text())["results"]
+    hidden_fp32 = 32 * 4  # the tiny model's float32 hidden state, bytes per token
+    for precision in ("float32", "bf16 autocast"):
+        plain = results[f"{precision}, plain"]["bytes_per_token_per_layer"]
+        kept = results[f"{precision}, gradient checkpointing"]["bytes_per_token_per_layer"]
+        assert kept == hidden_fp32 and plain > 5 * kept, (precision, plain, kept)

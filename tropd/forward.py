@@ -17,6 +17,9 @@ of them to logits, so callers can take ``log_softmax`` chunk by chunk and never 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from transformers import PreTrainedModel
 
@@ -76,8 +79,54 @@ def response_hidden_states(
 def _call(model, input_ids, attention_mask, response_start, **kwargs):
     """One call of ``model`` itself on the aligned layout (position ids from the mask, no cache)."""
     _check_layout(input_ids, attention_mask, response_start)
-    return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
+    with checkpointing_in_eval_mode(model):
+        return model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
+
+
+@contextlib.contextmanager
+def checkpointing_in_eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Let HF gradient checkpointing (:func:`enable_gradient_checkpointing`) work in eval mode: transformers
+    checkpoints a decoder layer only when the layer is in training mode, and tropd runs the loss forward in eval
+    mode (no dropout: it must be the network that sampled). Within, the layers with checkpointing on are marked
+    training, they alone (their submodules, dropout included, stay in eval); with grad enabled, each then keeps
+    only its input and recomputes its activations in backward (:func:`enable_gradient_checkpointing`)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    marked = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and not m.training]
+    for m in marked:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in marked:
+            m.training = False
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Turn on HF gradient checkpointing (non-reentrant) for the loss forward: activations of ``model`` are kept at
+    decoder-layer boundaries only and recomputed in backward. Raises ValueError if a decoder layer of this model
+    applies dropout of its own once marked training (the loss forward would no longer be the sampling network)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x; the older name before
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.tensor([[1, 2, 3, 4]], device=next(model.parameters()).device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = model(input_ids=ids, use_cache=False).logits
+            with checkpointing_in_eval_mode(model):
+                marked = model(input_ids=ids, use_cache=False).logits
+    finally:
+        model.train(training)
+    if not torch.equal(plain, marked):
+        raise ValueError(f"model.gradient_checkpointing: {type(model).__name__}'s decoder layers change their output "
+                         "in training mode (dropout of their own), which the loss forward must not; set "
+                         "model.gradient_checkpointing=false")
 
 
 @torch.no_grad()

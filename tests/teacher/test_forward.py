@@ -87,3 +87,41 @@ def test_layout_errors():
         response_logits(model, ids, mask[:, 1:], P)
     with pytest.raises(ValueError, match="chunk_size"):
         response_logits(model, ids, mask, P, chunk_size=0)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
+def test_gradient_checkpointing_recomputes_layers_in_eval_mode_with_the_same_gradients(arch):
+    """HF checkpoints a layer only in training mode; tropd's loss forward runs in eval mode and still checkpoints
+    (each decoder layer runs again in backward) with the gradients of the plain forward."""
+    from tropd.forward import enable_gradient_checkpointing, response_hidden_states
+
+    ids, mask, P = padded_batch()
+    grads, calls = {}, {}
+    for on in (False, True):
+        model = TINY_MODELS[arch](vocab_size=64).double()
+        if on:
+            enable_gradient_checkpointing(model)
+        model.eval()
+        count = [0]  # calls of a layer's MLP: HF checkpoints the layer's forward, inside its hooks
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        hidden = response_hidden_states(model, ids, mask, P)
+        (hidden ** 2).sum().backward()
+        grads[on] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        calls[on] = count[0]
+        assert not any(m.training for m in model.modules())  # eval mode is left as it was
+    assert calls == {False: 1, True: 2}  # recomputed in backward
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_gradient_checkpointing_refuses_layers_that_drop_out_in_training_mode():
+    from tropd.forward import enable_gradient_checkpointing
+
+    model = TINY_MODELS["llama"](vocab_size=64)
+    for layer in model.model.layers:  # a layer applying dropout of its own once marked training
+        forward = layer.forward
+        layer.forward = lambda *a, _f=forward, _l=layer, **k: (
+            torch.nn.functional.dropout(_f(*a, **k), p=0.5, training=_l.training))
+    with pytest.raises(ValueError, match="model.gradient_checkpointing: LlamaForCausalLM's decoder layers change"):
+        enable_gradient_checkpointing(model)

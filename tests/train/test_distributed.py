@@ -1,10 +1,12 @@
 """Data parallel on this CPU (gloo): `accelerate launch --num_processes 2 -m tropd train` ends with the same
-student as one process, resumes exactly, and mixed precision keeps float32 master weights (tiny models)."""
+student as one process, plain (DDP) or sharded (FSDP2, model.fsdp), resumes exactly, and mixed precision keeps
+float32 master weights (tiny models)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +26,17 @@ def _env() -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
 
-def tropd(args: list[str], processes: int = 1, mode: str = "--multi_gpu", rc: int = 0) -> subprocess.CompletedProcess:
+#: the shipped 8-GPU accelerate config; with --num_processes 2 and model.device=cpu it runs 2 gloo processes here
+EIGHT_GPUS = Path(__file__).resolve().parents[2] / "tropd" / "configs" / "accelerate" / "8gpu.yaml"
+
+
+def tropd(args: list[str], processes: int = 1, mode: tuple[str, ...] = ("--multi_gpu",),
+          rc: int = 0) -> subprocess.CompletedProcess:
     """``python -m tropd ARGS``, or the same under ``accelerate launch`` with ``processes`` CPU processes."""
     if processes == 1:
         cmd = [sys.executable, "-m", "tropd", *args]
     else:  # --multi_gpu selects accelerate's torchrun launcher; model.device=cpu makes it gloo DDP on the CPU
-        cmd = [str(ACCELERATE), "launch", mode, "--num_processes", str(processes), "--num_machines", "1",
+        cmd = [str(ACCELERATE), "launch", *mode, "--num_processes", str(processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "tropd", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
     assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,6 +53,27 @@ def config(teacher_dir, tmp_path_factory) -> Path:
                         train={"steps": 4, "prompts_per_step": 4, "micro_batch_size": 2, "save_every": 2})
 
 
+@pytest.fixture(scope="module")
+def one_process(config, tmp_path_factory) -> Path:
+    """The config's run in one plain process: what every multi-process layout must reproduce."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    tropd(["train", "--config", str(config), "--run-dir", str(run)])
+    return run
+
+
+def trainer_state(run: Path) -> dict:
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+
+
+def rewind_to_step_2(run: Path) -> None:
+    """Make a finished 4-step run look as if it had stopped right after its step-2 checkpoint."""
+    ckpts = run / "checkpoints"
+    (ckpts / "latest").write_text("step-000002\n")
+    shutil.rmtree(ckpts / "step-000004")
+    (run / "summary.json").unlink()
+
+
 def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
@@ -53,15 +81,14 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
 
 
-def test_two_processes_end_with_the_weights_of_one(config, tmp_path):
-    tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "one")])
+def test_two_processes_end_with_the_weights_of_one(config, one_process, tmp_path):
     tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "two")], processes=2)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2
-    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    assert_same_weights(one_process, tmp_path / "two")
     start = load_file(next((tmp_path / "two" / "checkpoints").glob("step-000002")) / "model.safetensors")
     assert any(not torch.equal(start[k], final_weights(tmp_path / "two")[k]) for k in start)  # it trained
     steps = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(x) for x in (one_process / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(one, steps):  # the logged step metrics are global, not one process's
         assert a["rollout/generated_tokens"] == b["rollout/generated_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
@@ -72,12 +99,7 @@ def test_resume_under_two_processes_is_exact(config, tmp_path):
     run = tmp_path / "run"
     tropd(["train", "--config", str(config), "--run-dir", str(run)], processes=2)
     expected = {k: v.clone() for k, v in final_weights(run).items()}
-    ckpts = run / "checkpoints"
-    (ckpts / "latest").write_text("step-000002\n")  # as if the run had stopped after step 2
-    for p in (ckpts / "step-000004").iterdir():
-        p.unlink()
-    (ckpts / "step-000004").rmdir()
-    (run / "summary.json").unlink()
+    rewind_to_step_2(run)
     tropd(["train", "--run-dir", str(run), "--resume"], processes=2)
     got = final_weights(run)
     for k in expected:
@@ -105,9 +127,48 @@ def test_bf16_autocast_keeps_float32_master_weights(teacher_dir, tmp_path):
     assert 0.5 < bf16.norm() / fp32.norm() < 2.0
 
 
-def test_fsdp_is_refused_not_silently_replaced(config, tmp_path):
-    """accelerate on CPU would quietly run DDP for an FSDP launch; tropd says it does not support FSDP yet."""
+def test_fsdp_two_processes_end_with_the_weights_and_optimizer_state_of_one(config, one_process, tmp_path):
+    """model.fsdp shards the student over the processes (weights, gradients, AdamW moments): the run still ends
+    where one plain process does, and its checkpoint has the single-process layout."""
+    run = tmp_path / "fsdp"
+    proc = tropd(["train", "--config", str(config), "--run-dir", str(run), "model.fsdp=true",
+                  "model.gradient_checkpointing=true"], processes=2,
+                 mode=("--config_file", str(EIGHT_GPUS)))
+    assert "sharded over 2 processes (FSDP2)" in proc.stdout
+    assert "view tensor" not in proc.stderr  # torch's warning about outputs tropd never writes into
+    assert_same_weights(one_process, run)
+    mine, ref = trainer_state(run)["optimizer"], trainer_state(one_process)["optimizer"]
+    assert mine["param_groups"] == ref["param_groups"] and mine["state"].keys() == ref["state"].keys()
+    for index, moments in ref["state"].items():
+        for name, value in moments.items():
+            assert type(mine["state"][index][name]) is torch.Tensor  # gathered, not a DTensor shard
+            torch.testing.assert_close(mine["state"][index][name], value, rtol=0, atol=1e-6)
+
+
+def test_fsdp_resume_is_exact_and_its_checkpoints_resume_unsharded(config, tmp_path):
+    run = tmp_path / "run"
+    tropd(["train", "--config", str(config), "--run-dir", str(run), "model.fsdp=true"], processes=2)
+    expected = {k: v.clone() for k, v in final_weights(run).items()}
+    rewind_to_step_2(run)
+    tropd(["train", "--run-dir", str(run), "--resume"], processes=2)  # sharded again, from the gathered checkpoint
+    for k, v in final_weights(run).items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=k)
+    rewind_to_step_2(run)
+    tropd(["train", "--run-dir", str(run), "--resume", "model.fsdp=false"])  # one process, no sharding
+    for k, v in final_weights(run).items():
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_fsdp_with_lora_is_refused(config, tmp_path):
+    proc = tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "r"), "model.fsdp=true",
+                  "model.lora.r=4"], rc=2)
+    assert "model.fsdp cannot be combined with model.lora" in proc.stderr
+
+
+def test_accelerate_fsdp_launch_is_refused_not_silently_replaced(config, tmp_path):
+    """accelerate on CPU would quietly run DDP for an FSDP launch; tropd points at model.fsdp instead."""
     proc = tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "fsdp")], processes=2,
-                 mode="--use_fsdp", rc=1)
-    assert "accelerate is configured for FSDP, which tropd does not support yet" in proc.stderr
+                 mode=("--use_fsdp",), rc=1)
+    assert "accelerate is configured for FSDP, which tropd does not run" in proc.stderr
+    assert "model.fsdp=true" in proc.stderr
     assert not (tmp_path / "fsdp" / "checkpoints").exists()

@@ -63,16 +63,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, config_yaml: str, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep`` checkpoints."""
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, config_yaml: str, keep: int = 2,
+                    states: tuple[dict, dict] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep`` checkpoints.
+    ``states``: the model's and the optimizer's state dicts when they are not those of ``model`` and ``optimizer``
+    themselves (a sharded student's, gathered: :func:`tropd.train.sharding.gathered_state`)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    weights, optimizer_state = states if states is not None else ({}, optimizer.state_dict())
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights else {}))
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / STATE_FILE)
+    torch.save({"step": step, "optimizer": optimizer_state, "rng": rng_state()}, tmp / STATE_FILE)
     (tmp / "config.yaml").write_text(config_yaml)
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. interrupted right after a periodic save)
@@ -142,12 +146,14 @@ def latest_checkpoint(run_dir: Path) -> ResumeState | None:
     return None
 
 
-def load_trainer_state(path: Path, optimizer) -> int:
+def load_trainer_state(path: Path, optimizer, shard=None) -> int:
     """Restore optimizer and RNG states from a checkpoint folder; returns its step. The optimizer keeps the
-    hyper-parameters it was built with (lr, betas, weight decay): a resume with changed settings uses them."""
+    hyper-parameters it was built with (lr, betas, weight decay): a resume with changed settings uses them.
+    ``shard(state, optimizer)`` cuts the saved (full) optimizer state to a sharded optimizer's
+    (:func:`tropd.train.sharding.shard_optimizer_state`)."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(shard(state["optimizer"], optimizer) if shard else state["optimizer"])
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
     set_rng_state(state["rng"])

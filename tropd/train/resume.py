@@ -21,8 +21,10 @@ from tropd.train.checkpoint import ResumeState, clean_partial_saves, latest_chec
 from tropd.train.config import ConfigError, RunConfig
 
 CONFIG_FILE = "config.yaml"
-#: Keys that may differ on resume: where the run lives, and whether a progress bar is drawn.
-UNCHECKED_KEYS = ("train.output_dir", "train.progress")
+#: Keys that may differ on resume: where the run lives, whether a progress bar is drawn, and how the student's
+#: memory is laid out (sharded over the processes or not, activations recomputed or not: like the number of
+#: processes, neither changes a result, and checkpoints have one layout).
+UNCHECKED_KEYS = ("train.output_dir", "train.progress", "model.fsdp", "model.gradient_checkpointing")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tropd.eval.distill import DistillEval
+from tropd.forward import enable_gradient_checkpointing
 from tropd.models import (check_compatible, check_models_compatible, load_causal_lm, logits_vocab_size,
                           prepare_tokenizer, prune_layers, quiet_progress_bars, smollm2_gguf_path)
 from tropd.rollout.sampler import KVCacheSampler, Sampler
@@ -20,6 +21,7 @@ from tropd.teacher.remote import RemoteTeacher, is_url
 from tropd.train.config import ConfigError, RunConfig
 from tropd.train.prompts import prompts_for
 from tropd.train.resume import open_run, write_run_config
+from tropd.train.sharding import shard_student
 from tropd.train.trainer import Trainer, sampling_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,25 +33,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_REFUSE_SHARDING = ("accelerate is configured for {}, which tropd does not run (its sampler must gather the student's "
+                    "weights to decode, see docs/scaling.md): launch plain data parallel (accelerate launch "
+                    "--multi_gpu) and set model.fsdp=true to shard the student with FSDP2")
+
+
+def check_launch(cfg: RunConfig, environ=os.environ) -> None:
+    """Refuse what ``accelerate launch`` asks for (in ``environ``) that accelerate would quietly replace: FSDP or
+    DeepSpeed (plain DDP on CPU; tropd shards with ``model.fsdp``), and a mixed precision other than
+    ``model.mixed_precision`` (tropd's setting would win)."""
+    asked = [name for name in ("FSDP", "DEEPSPEED")
+             if environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true", "yes")]
+    if asked:
+        raise ValueError(_REFUSE_SHARDING.format(asked[0]))
+    launched = environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched not in ("no", cfg.model.mixed_precision):
+        raise ValueError(f"accelerate launch asks for mixed precision {launched}, but model.mixed_precision="
+                         f"{cfg.model.mixed_precision}: tropd takes it from model.mixed_precision; set "
+                         f"model.mixed_precision={launched}, or launch with --mixed_precision no")
+
+
 def build_accelerator(cfg: RunConfig):
     """The accelerate ``Accelerator`` of a run: processes (from ``accelerate launch``), device, mixed precision."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    check_launch(cfg)
     device = resolve_device(cfg.model.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    # accelerate on CPU silently runs plain DDP when FSDP or DeepSpeed is asked for: refuse both everywhere
-    asked = [name for name in ("FSDP", "DEEPSPEED")
-             if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true", "yes")]
-    refuse = ("accelerate is configured for {}, which tropd does not support yet (its sampler decodes with the "
-              "student's own module, see docs/scaling.md): launch plain data parallel (accelerate launch "
-              "--multi_gpu) or use model.lora")
-    if asked:
-        raise ValueError(refuse.format(asked[0]))
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.model.mixed_precision)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ValueError(refuse.format(accelerator.distributed_type.value))
+        raise ValueError(_REFUSE_SHARDING.format(accelerator.distributed_type.value))
     return accelerator
 
 
@@ -160,6 +175,10 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     quiet_progress_bars()
     t0 = time.perf_counter()
     student, teacher, tok = build_models(cfg, found.path if found else None, accelerator.device)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
+    if cfg.model.fsdp and accelerator.num_processes > 1:
+        shard_student(student, accelerator.device)
     console(f"run directory: {run_dir.resolve()}")
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     lora = f", {trainable / 1e6:.2f}M of them in LoRA adapters (r={cfg.model.lora.r})" if cfg.model.lora.r else ""
@@ -167,8 +186,10 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     about_teacher = (teacher.describe() if isinstance(teacher, RemoteTeacher) else
                      f"{teacher.config.num_hidden_layers} layers, "
                      f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params{shared}")
+    sharded = "" if not cfg.model.fsdp else (f", sharded over {accelerator.num_processes} processes (FSDP2)"
+                                             if accelerator.num_processes > 1 else " (model.fsdp: one process, unsharded)")
     console(f"teacher: {about_teacher}; student: {student.config.num_hidden_layers} layers, "
-            f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params{lora} "
+            f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params{lora}{sharded} "
             f"(loaded in {time.perf_counter() - t0:.0f}s)")
 
     limit = prompt_token_limit(cfg, student, teacher)

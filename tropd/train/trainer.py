@@ -43,6 +43,7 @@ from tropd.teacher import InProcessTeacher, Teacher
 from tropd.train.checkpoint import ResumeState, load_trainer_state, save_checkpoint
 from tropd.train.config import RunConfig
 from tropd.train.errors import NonFiniteTrainingError
+from tropd.train.sharding import full_weights, gathered_state, is_sharded, shard_optimizer_state
 from tropd.train.tracking import MetricsLog
 
 EvalFn = Callable[[torch.nn.Module], dict]
@@ -125,11 +126,15 @@ class Trainer:
         if cfg.objective.fused and self.head is None:
             warnings.warn("objective.fused: this model's last hidden_states entry is not what its LM head reads; "
                           "the loss uses full logits instead", RuntimeWarning, stacklevel=2)
-        self.model, self.optimizer = self.accelerator.prepare(student, optimizer)
+        if is_sharded(student):  # FSDP2 (model.fsdp) is already distributed: accelerate takes the optimizer only
+            self.model, self.optimizer = student, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(student, optimizer)
         self.sampler = sampler or KVCacheSampler(student, getattr(teacher, "model", None),
                                                  sampling_config(cfg, tokenizer))
         self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        self.start_step = load_trainer_state(resume.path, self.optimizer) if resume is not None else 0
+        shard = shard_optimizer_state if is_sharded(student) else None
+        self.start_step = load_trainer_state(resume.path, self.optimizer, shard) if resume is not None else 0
         self._stop_requested = False
         self._nonfinite_in_a_row = 0
 
@@ -162,14 +167,15 @@ class Trainer:
         prompts, start = self._prompts_for_step(step)
         self.student.eval()  # no dropout: behaviour log-probs and the loss forward see the same network
         micro = []
-        for i in range(0, len(prompts), cfg.rollout.batch_size):
-            request = RolloutRequest(objective.needs, phase_step, phase_steps, seed=cfg.train.seed, global_step=step,
-                                     first_row=start + i, total_rows=self.rows_per_step, guidance=cfg.guidance,
-                                     trb=cfg.trb, gkd_lambda=getattr(objective, "lmbda", 1.0))
-            with torch.no_grad(), self.accelerator.autocast():  # sample in the precision of the loss forward
+        # a sharded student decodes with gathered weights: processes decode different numbers of tokens
+        with full_weights(self.student), torch.no_grad(), self.accelerator.autocast():  # the loss forward's precision
+            for i in range(0, len(prompts), cfg.rollout.batch_size):
+                request = RolloutRequest(objective.needs, phase_step, phase_steps, seed=cfg.train.seed,
+                                         global_step=step, first_row=start + i, total_rows=self.rows_per_step,
+                                         guidance=cfg.guidance, trb=cfg.trb, gkd_lambda=getattr(objective, "lmbda", 1.0))
                 batch = self.sampler.sample(prompts[i:i + cfg.rollout.batch_size], request).to(self.device)
-            for j in range(0, batch.batch_size, cfg.train.micro_batch_size):
-                micro.append(MicroBatch(start + i + j, batch.rows(j, j + cfg.train.micro_batch_size)))
+                for j in range(0, batch.batch_size, cfg.train.micro_batch_size):
+                    micro.append(MicroBatch(start + i + j, batch.rows(j, j + cfg.train.micro_batch_size)))
         return objective, micro, phase_step / max(phase_steps, 1)
 
     def accumulate(self, objective, micro: list[MicroBatch], progress: float, step: int = 0) -> tuple[list[dict], str | None]:
@@ -278,19 +284,23 @@ class Trainer:
     def save(self, step: int) -> Path:
         """Checkpoint ``step`` (written by the main process; every process returns its path)."""
         path = self.run_dir / "checkpoints" / f"step-{step:06d}"
+        states = gathered_state(self.student, self.optimizer, self.is_main) if is_sharded(self.student) else None
         if self.is_main:
             path = save_checkpoint(self.run_dir, step, self.student, self.tokenizer, self.optimizer,
-                                   self.config_yaml, keep=self.cfg.train.keep_checkpoints)
+                                   self.config_yaml, keep=self.cfg.train.keep_checkpoints, states=states)
         self.accelerator.wait_for_everyone()
         return path
 
     def evaluate(self, step: int, log: MetricsLog | None) -> dict:
         """The held-out evaluation (main process only; the others wait)."""
+        if self.eval_fn is None:  # the same on every process
+            return {}
         result = {}
-        if self.eval_fn is not None and self.is_main:
-            result = self.eval_fn(self.student)
-            log.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
-        self.accelerator.wait_for_everyone()
+        with full_weights(self.student):  # a sharded student is gathered on every process, evaluated on one
+            if self.is_main:
+                result = self.eval_fn(self.student)
+                log.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+            self.accelerator.wait_for_everyone()
         return result
 
     def train(self) -> dict:
