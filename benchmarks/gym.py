@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds of every other method per mismatch level")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated mismatch levels")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of every method (default: GymSpec's 1e-4)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: GymSpec's 200)")
+    p.add_argument("--stem", default=None, help="output name (default: gym, or gym_quick with --quick)")
     p.add_argument("--workers", type=int, default=2, help="runs at once (one CPU thread each)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "gym-benchmark"), help="run folders (resumable)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for gym.{json,md,png}")
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = ["opd", "tropd", "gkd"] if args.quick else args.methods.split(",")
     seeds = {m: (1 if args.quick else args.core_seeds if m in CORE else args.seeds) for m in methods}
     levels = ("matched", "alt") if args.quick else tuple(args.levels.split(","))
-    spec = QUICK if args.quick else GymSpec()
+    spec = (QUICK if args.quick else GymSpec()).with_budget(steps=args.steps, lr=args.lr)
     start = time.perf_counter()
     result = run_gym(spec, seeds, levels, Path(args.workdir) / ("quick" if args.quick else "full"),
                      workers=args.workers)
@@ -48,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"command": "python benchmarks/gym.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "duration": round(time.perf_counter() - start, 1),
+            "budget": f"{spec.steps} steps, lr {spec.lr:g}",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                        f"load {os.getloadavg()[0]:.2f} at the end"}
     compare = tuple(m for m in methods if m != "opd")
-    paths = write_outputs(result, Path(args.out), "gym_quick" if args.quick else "gym", meta, compare=compare)
+    stem = args.stem or ("gym_quick" if args.quick else "gym")
+    paths = write_outputs(result, Path(args.out), stem, meta, compare=compare)
     print(paths["md"].read_text())
     return 0
 

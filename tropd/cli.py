@@ -62,20 +62,18 @@ def _cmd_gym(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be >= 1, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be a positive learning rate, got {args.lr}")
     for module in args.plugin:  # e.g. a module whose @register adds the objective to compare
         importlib.import_module(module)
-    spec = QUICK if args.quick else GymSpec()
-    if args.steps is not None:
-        from dataclasses import replace
-
-        spec = replace(spec, steps=args.steps, eval_every=max(1, min(spec.eval_every, args.steps)))
+    spec = (QUICK if args.quick else GymSpec()).with_budget(steps=args.steps, lr=args.lr)
     methods = list(dict.fromkeys([*CORE, *args.objective]))
     levels = tuple(x for x in args.mismatch.split(",") if x)
     workdir = Path(args.workdir)
     start = time.perf_counter()
     result = run_gym(spec, {m: args.seeds for m in methods}, levels, workdir, workers=args.workers)
     meta = {"command": "tropd gym " + " ".join(args.argv), "duration": round(time.perf_counter() - start, 1),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"}
+            "budget": f"{spec.steps} steps, lr {spec.lr:g}", "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"}
     paths = write_outputs(result, Path(args.out or workdir), "gym", meta,
                           compare=tuple(m for m in methods if m != "opd"))
     print(paths["md"].read_text())
@@ -168,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=int, default=3, help="seeds per (objective, mismatch)")
     g.add_argument("--steps", type=int, default=None, help="training steps per run (default: the gym's 200; "
                                                            "--quick: 4)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate of every method (default: the gym's 1e-4)")
     g.add_argument("--workers", type=int, default=2, help="runs trained at once (one CPU thread each)")
     g.add_argument("--workdir", default="runs/gym", help="run folders; a finished run is reused, so an "
                                                          "interrupted command continues where it stopped")

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tropd.cli import main
 from tropd.gym import models as gym_models
@@ -94,11 +95,14 @@ def test_cli_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
     code = main(["gym", "--quick", "--mismatch", "noisy", "--seeds", "1", "--workers", "1", "--objective", "fkl",
-                 "--workdir", str(tmp_path / "w")])
+                 "--lr", "5e-4", "--workdir", str(tmp_path / "w")])
     out = capsys.readouterr().out
     assert code == 0
     assert "fkl" in out and "opd" in out and "tropd" in out
     assert (Path(tmp_path / "w") / "gym.md").is_file() and (tmp_path / "w" / "gym.png").is_file()
+    assert "**budget**: 1 steps, lr 0.0005" in (tmp_path / "w" / "gym.md").read_text()
+    configs = list((tmp_path / "w").glob("*/noisy/opd-seed0/config.yaml"))
+    assert len(configs) == 1 and yaml.safe_load(configs[0].read_text())["train"]["lr"] == 5e-4
 
 
 def test_benchmark_script_quick(tmp_path, monkeypatch):
@@ -123,4 +127,11 @@ def test_benchmark_script_quick(tmp_path, monkeypatch):
 def test_cli_refuses_non_positive_counts_before_any_work(tmp_path, capsys, flag):
     assert main(["gym", "--quick", flag, "0", "--workdir", str(tmp_path / "w")]) == 2
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("lr", ["0", "-1e-4"])
+def test_cli_refuses_a_non_positive_lr_before_any_work(tmp_path, capsys, lr):
+    assert main(["gym", "--quick", f"--lr={lr}", "--workdir", str(tmp_path / "w")]) == 2
+    assert f"--lr must be a positive learning rate, got {float(lr)}" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()

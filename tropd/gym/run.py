@@ -85,6 +85,14 @@ class GymSpec:
     eval_every: int = 25
     top_k: int = 16
 
+    def with_budget(self, steps: int | None = None, lr: float | None = None) -> GymSpec:
+        """This spec with another number of steps per run (evaluations at most every ``steps``) and/or learning
+        rate; None keeps the spec's."""
+        from dataclasses import replace
+
+        spec = self if lr is None else replace(self, lr=lr)
+        return spec if steps is None else replace(spec, steps=steps, eval_every=max(1, min(spec.eval_every, steps)))
+
     def key(self) -> str:
         """Content hash of the spec: run folders live under it, so a changed budget never reuses old runs."""
         blob = json.dumps(asdict(self), sort_keys=True, default=str)
