@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.func(args)
+    except BrokenPipeError:  # e.g. `tropd train --help-config | head`: the reader left; say nothing more (first:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # it is a ConnectionError too)
+        return 0
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteTrainingError, ConnectionError) as err:
         if debug:  # bad input or a run that cannot go on: one clear line, no traceback
             raise
@@ -239,9 +242,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"\ntropd {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `tropd train --help-config | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     finally:
         warnings.formatwarning = previous_format
         if in_main_thread:

@@ -30,14 +30,15 @@ def _env() -> dict:
 EIGHT_GPUS = Path(__file__).resolve().parents[2] / "tropd" / "configs" / "accelerate" / "8gpu.yaml"
 
 
-def tropd(args: list[str], processes: int = 1, mode: tuple[str, ...] = ("--multi_gpu",),
-          rc: int = 0) -> subprocess.CompletedProcess:
-    """``python -m tropd ARGS``, or the same under ``accelerate launch`` with ``processes`` CPU processes."""
+def tropd(args: list[str], processes: int = 1, mode: tuple[str, ...] = ("--multi_gpu",), rc: int = 0,
+          program: tuple[str, ...] = ("-m", "tropd")) -> subprocess.CompletedProcess:
+    """``python -m tropd ARGS`` (or ``python PROGRAM ARGS``), or the same under ``accelerate launch`` with
+    ``processes`` CPU processes."""
     if processes == 1:
-        cmd = [sys.executable, "-m", "tropd", *args]
+        cmd = [sys.executable, *program, *args]
     else:  # --multi_gpu selects accelerate's torchrun launcher; model.device=cpu makes it gloo DDP on the CPU
         cmd = [str(ACCELERATE), "launch", *mode, "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "tropd", *args]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *program, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
     assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -172,3 +173,50 @@ def test_accelerate_fsdp_launch_is_refused_not_silently_replaced(config, tmp_pat
     assert "accelerate is configured for FSDP, which tropd does not run" in proc.stderr
     assert "model.fsdp=true" in proc.stderr
     assert not (tmp_path / "fsdp" / "checkpoints").exists()
+
+
+def first_step(run: Path) -> dict:
+    return next(json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x)
+
+
+def test_fsdp_runs_the_loss_forward_in_the_mixed_precision_of_ddp(config, tmp_path):
+    """Sharded, the student is not wrapped by DDP, yet its forwards still run under the bf16 autocast a DDP student
+    gets: the first step (same weights, same rows per process) scores identically."""
+    args = ["train", "--config", str(config), "model.mixed_precision=bf16", "train.steps=1"]
+    tropd([*args[:3], "--run-dir", str(tmp_path / "ddp"), *args[3:]], processes=2)
+    tropd([*args[:3], "--run-dir", str(tmp_path / "fsdp"), *args[3:], "model.fsdp=true"], processes=2)
+    ddp, fsdp = first_step(tmp_path / "ddp"), first_step(tmp_path / "fsdp")
+    for key in ("loss", "student_entropy", "k1_rkl"):  # a float32 loss forward would differ by ~1e-3
+        assert fsdp[key] == pytest.approx(ddp[key], rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_a_micro_batch_refused_on_one_process_skips_the_step_on_all(config, tmp_path, layout):
+    """Only process 1's objective refuses its inputs (NaN): every process still backs as many gradients (the LM
+    head's too, under the fused loss), so gradient synchronisation neither hangs nor mismatches."""
+    run = tmp_path / "run"
+    tropd([str(config), f"train.output_dir={run}", "train.steps=3", "train.save_every=0",
+           f"model.fsdp={str(layout == 'fsdp').lower()}"], processes=2,
+          program=(str(Path(__file__).with_name("refuse_on_one_process.py")),))
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"nonfinite"' in x]
+    assert [s["nonfinite"] for s in steps] == [0, 1, 0]
+    assert "behavior_logprobs" in steps[1]["nonfinite_reason"]
+
+
+def test_fsdp_checkpoint_keeps_tied_embeddings_tied(tmp_path):
+    """A tied LM head is one tensor saved under one name, as a single process saves it."""
+    from tests.helpers import tiny_llama, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    teacher = tiny_llama(vocab_size=64, hidden=32, layers=4, seed=1)
+    teacher.config.tie_word_embeddings = True
+    teacher.tie_weights()
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer(64).save_pretrained(tmp_path / "teacher")
+    config = write_config(tmp_path, tmp_path / "teacher", data={"eval_prompts": 0}, train={"steps": 1})
+    tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "model.fsdp=true"], processes=2)
+    saved = final_weights(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    AutoModelForCausalLM.from_pretrained(ckpt).save_pretrained(tmp_path / "resaved")
+    assert saved.keys() == load_file(tmp_path / "resaved" / "model.safetensors").keys()
+    assert "lm_head.weight" not in saved

@@ -208,7 +208,7 @@ def test_a_teacher_emitting_nan_stops_the_run_naming_the_input(tmp_path, teacher
 @pytest.mark.parametrize("override, message", [
     ("model.dtype=bfloat16", "model.dtype=bfloat16 would train the student's weights in bfloat16"),
     ("model.teacher_dtype=float16", "model.teacher_dtype=float16 is not supported on CPU"),
-    ("model.mixed_precision=fp16", "model.mixed_precision=fp16 is not supported on CPU"),
+    ("model.mixed_precision=fp16", "model.mixed_precision=fp16 is not supported: fp16 needs loss scaling"),
     ("model.device=cuda", "model.device=cuda is not on this machine"),
     ("model.device=tpu9", "model.device=tpu9 is not"),
     ("rollout.temperature=inf", "rollout.temperature=inf has the wrong type; expected a finite number"),

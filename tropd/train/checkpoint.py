@@ -151,7 +151,8 @@ def load_trainer_state(path: Path, optimizer, shard=None) -> int:
     hyper-parameters it was built with (lr, betas, weight decay): a resume with changed settings uses them.
     ``shard(state, optimizer)`` cuts the saved (full) optimizer state to a sharded optimizer's
     (:func:`tropd.train.sharding.shard_optimizer_state`)."""
-    state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    # sharded: every process reads the file; memory-mapped, each keeps only its shards
+    state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False, mmap=shard is not None)
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(shard(state["optimizer"], optimizer) if shard else state["optimizer"])
     for group, own in zip(optimizer.param_groups, settings):

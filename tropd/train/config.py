@@ -70,7 +70,7 @@ class ModelConfig:
                                "compute set mixed_precision instead).")
     teacher_dtype: str | None = _f(None, "dtype of the frozen teacher: float32 | bfloat16 | float16; null = "
                                          "model.dtype. bfloat16 halves its memory on a GPU.")
-    mixed_precision: str = _f("no", "no | bf16 | fp16: forward/backward of the student under autocast (accelerate), "
+    mixed_precision: str = _f("no", "no | bf16: forward/backward of the student under autocast (accelerate), "
                                     "weights and optimizer state staying float32; the loss math is float32 always.")
     device: str = _f("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps; a device this "
                              "machine lacks is refused at start-up.")
@@ -184,8 +184,12 @@ class RunConfig:
                               "model.mixed_precision=bf16 (and model.teacher_dtype=bfloat16)", "model.dtype")
         _check(m.teacher_dtype in (None, "float32", "bfloat16", "float16"), "model.teacher_dtype",
                "must be float32, bfloat16, float16 or null")
-        _check(m.mixed_precision in ("no", "bf16", "fp16"), "model.mixed_precision", "must be no, bf16 or fp16")
-        _check_device(m.device, m.teacher_dtype or m.dtype, m.mixed_precision)
+        if m.mixed_precision == "fp16":
+            raise ConfigError("model.mixed_precision=fp16 is not supported: fp16 needs loss scaling, whose routine "
+                              "overflow steps tropd's non-finite-step guard would count as failures; use bf16 (the "
+                              "same memory, no scaling)", "model.mixed_precision")
+        _check(m.mixed_precision in ("no", "bf16"), "model.mixed_precision", "must be no or bf16")
+        _check_device(m.device, m.teacher_dtype or m.dtype)
         _check(self.model.student_layers is None or self.model.student_layers >= 1, "model.student_layers",
                "must be >= 1 or null")
         if is_url(m.teacher):
@@ -259,12 +263,12 @@ def _check(ok: bool, key: str, what: str) -> None:
         raise ConfigError(f"{key} {what}", key)
 
 
-def _check_device(name: str, dtype: str, mixed_precision: str) -> None:
-    """``model.device`` names a device this machine has, and the teacher's dtype and the mixed precision run on it."""
+def _check_device(name: str, dtype: str) -> None:
+    """``model.device`` names a device this machine has, and the teacher's dtype runs on it."""
     import torch
 
     def refuse(key: str, why: str):
-        value = {"model.device": name, "model.teacher_dtype": dtype, "model.mixed_precision": mixed_precision}[key]
+        value = {"model.device": name, "model.teacher_dtype": dtype}[key]
         raise ConfigError(f"{key}={value} {why}", key)
 
     kind = "cuda" if name == "auto" and torch.cuda.is_available() else "cpu"
@@ -285,8 +289,6 @@ def _check_device(name: str, dtype: str, mixed_precision: str) -> None:
     if kind == "cpu" and dtype == "float16":
         refuse("model.teacher_dtype", "is not supported on CPU (half-precision kernels are missing or slow there); "
                                       "use float32")
-    if kind == "cpu" and mixed_precision == "fp16":
-        refuse("model.mixed_precision", "is not supported on CPU; use bf16 or no")
 
 
 # -- loading ----------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def shard_student(model: nn.Module, device: torch.device) -> nn.Module:
     # slices the model's outputs, never writes into them
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    for layer in layers:
+    for layer in reversed(layers):  # innermost first, should the listed classes nest
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
@@ -99,7 +99,13 @@ def gathered_state(model: nn.Module, optimizer: torch.optim.Optimizer, main: boo
     calls it."""
     for unit in _units(model):  # the root stays gathered after a forward without backward
         unit.reshard()
-    weights = {name: _gather(value, main) for name, value in model.state_dict().items()}
+    weights, whole = {}, {}
+    for name, value in model.state_dict().items():  # tied weights (one storage, two names) gathered once, shared
+        local = value.to_local() if hasattr(value, "to_local") else value
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(value.shape))
+        if key not in whole:
+            whole[key] = _gather(value, main)
+        weights[name] = whole[key]
     state = optimizer.state_dict()
     moments = {index: {k: _gather(v, main) for k, v in entry.items()} for index, entry in state["state"].items()}
     return (weights, {**state, "state": moments}) if main else ({}, {})

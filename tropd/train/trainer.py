@@ -126,8 +126,9 @@ class Trainer:
         if cfg.objective.fused and self.head is None:
             warnings.warn("objective.fused: this model's last hidden_states entry is not what its LM head reads; "
                           "the loss uses full logits instead", RuntimeWarning, stacklevel=2)
-        if is_sharded(student):  # FSDP2 (model.fsdp) is already distributed: accelerate takes the optimizer only
-            self.model, self.optimizer = student, self.accelerator.prepare(optimizer)
+        if is_sharded(student):  # FSDP2 (model.fsdp) shards and syncs itself: accelerate adds mixed precision only
+            self.model = self.accelerator.prepare_model(student, evaluation_mode=True)
+            self.optimizer = self.accelerator.prepare(optimizer)
         else:
             self.model, self.optimizer = self.accelerator.prepare(student, optimizer)
         self.sampler = sampler or KVCacheSampler(student, getattr(teacher, "model", None),
@@ -198,7 +199,10 @@ class Trainer:
                 else:
                     hidden = response_logits(self.model, b.input_ids, b.attention_mask, b.response_start)
                     student = {"student_logits": hidden}
-                loss = hidden.sum() * 0.0
+                # a zero that reaches every trainable tensor, the head's included: processes whose micro-batch
+                # is refused, or has no loss position, still produce every gradient the others synchronise
+                zero = (self.head(hidden[:, :1]) if self.head is not None else hidden).sum() * 0.0
+                loss = zero
                 if scores is not None:
                     inputs = TokenInputs(**student, tokens=b.tokens, behavior_logprobs=b.behavior_logprobs,
                                          loss_mask=b.loss_mask, teacher_token_mask=b.teacher_token_mask,
@@ -207,7 +211,7 @@ class Trainer:
                     try:
                         with self.accelerator.autocast():  # the head's projection in the forward's precision
                             out = objective(inputs, num_tokens=n_tokens)
-                        loss = out.loss * scale
+                        loss = out.loss * scale + zero
                         parts.append(out.metrics)
                     except NonFiniteInputError as err:  # e.g. a teacher emitting NaN: skip the step
                         reason = str(err)
@@ -293,11 +297,9 @@ class Trainer:
 
     def evaluate(self, step: int, log: MetricsLog | None) -> dict:
         """The held-out evaluation (main process only; the others wait)."""
-        if self.eval_fn is None:  # the same on every process
-            return {}
         result = {}
-        with full_weights(self.student):  # a sharded student is gathered on every process, evaluated on one
-            if self.is_main:
+        with full_weights(self.student):  # a sharded student: gathered on every process, evaluated on one
+            if self.eval_fn is not None and self.is_main:
                 result = self.eval_fn(self.student)
                 log.log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
             self.accelerator.wait_for_everyone()
