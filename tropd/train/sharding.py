@@ -41,7 +41,7 @@ def shard_student(model: nn.Module, device: torch.device) -> nn.Module:
     return it. Raises ValueError for a model whose decoder-layer class is unknown (no ``_no_split_modules``)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    FSDPModule, fully_shard = _fsdp()
+    fully_shard = _fsdp()[1]
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
@@ -99,13 +99,13 @@ def gathered_state(model: nn.Module, optimizer: torch.optim.Optimizer, main: boo
     calls it."""
     for unit in _units(model):  # the root stays gathered after a forward without backward
         unit.reshard()
-    weights, whole = {}, {}
-    for name, value in model.state_dict().items():  # tied weights (one storage, two names) gathered once, shared
-        local = value.to_local() if hasattr(value, "to_local") else value
-        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(value.shape))
-        if key not in whole:
-            whole[key] = _gather(value, main)
-        weights[name] = whole[key]
+    first = {}  # tied weights (one parameter under two names) are gathered once and saved as one tensor
+    named = model.named_parameters(remove_duplicate=False)
+    alias = {name: first.setdefault(id(param), name) for name, param in named}
+    weights = {}
+    for name, value in model.state_dict().items():
+        owner = alias.get(name, name)
+        weights[name] = weights[owner] if owner in weights else _gather(value, main)
     state = optimizer.state_dict()
     moments = {index: {k: _gather(v, main) for k, v in entry.items()} for index, entry in state["state"].items()}
     return (weights, {**state, "state": moments}) if main else ({}, {})
