@@ -75,8 +75,8 @@ class ModelConfig:
     device: str = _f("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps; a device this "
                              "machine lacks is refused at start-up.")
     gradient_checkpointing: bool = _f(False, "Keep the loss forward's activations at decoder-layer boundaries only "
-                                             "and recompute them in backward (HF gradient checkpointing): about a "
-                                             "third more compute for a fraction of the activation memory.")
+                                             "and recompute them in backward (HF gradient checkpointing): 3-5% of the "
+                                             "activation memory for 1.4-1.5x the loss pass's time (docs/performance.md).")
     fsdp: bool = _f(False, "Under a multi-process launch, shard the student's weights, gradients and AdamW state "
                            "over the processes (FSDP2, one unit per decoder layer; sampling gathers the full weights "
                            "on each process: docs/scaling.md). One process: nothing to shard, the run is unchanged.")
