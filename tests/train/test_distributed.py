@@ -128,13 +128,20 @@ def test_bf16_autocast_keeps_float32_master_weights(teacher_dir, tmp_path):
     assert 0.5 < bf16.norm() / fp32.norm() < 2.0
 
 
-def test_fsdp_two_processes_end_with_the_weights_and_optimizer_state_of_one(config, one_process, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_run(config, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The config's run sharded over 2 processes (with gradient checkpointing), launched through the shipped
+    8-GPU accelerate config; tests that change it work on a copy."""
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    proc = tropd(["train", "--config", str(config), "--run-dir", str(run), "model.fsdp=true",
+                  "model.gradient_checkpointing=true"], processes=2, mode=("--config_file", str(EIGHT_GPUS)))
+    return run, proc
+
+
+def test_fsdp_two_processes_end_with_the_weights_and_optimizer_state_of_one(fsdp_run, one_process):
     """model.fsdp shards the student over the processes (weights, gradients, AdamW moments): the run still ends
     where one plain process does, and its checkpoint has the single-process layout."""
-    run = tmp_path / "fsdp"
-    proc = tropd(["train", "--config", str(config), "--run-dir", str(run), "model.fsdp=true",
-                  "model.gradient_checkpointing=true"], processes=2,
-                 mode=("--config_file", str(EIGHT_GPUS)))
+    run, proc = fsdp_run
     assert "sharded over 2 processes (FSDP2)" in proc.stdout
     assert "view tensor" not in proc.stderr  # torch's warning about outputs tropd never writes into
     assert_same_weights(one_process, run)
@@ -146,9 +153,9 @@ def test_fsdp_two_processes_end_with_the_weights_and_optimizer_state_of_one(conf
             torch.testing.assert_close(mine["state"][index][name], value, rtol=0, atol=1e-6)
 
 
-def test_fsdp_resume_is_exact_and_its_checkpoints_resume_unsharded(config, tmp_path):
+def test_fsdp_resume_is_exact_and_its_checkpoints_resume_unsharded(fsdp_run, tmp_path):
     run = tmp_path / "run"
-    tropd(["train", "--config", str(config), "--run-dir", str(run), "model.fsdp=true"], processes=2)
+    shutil.copytree(fsdp_run[0], run)
     expected = {k: v.clone() for k, v in final_weights(run).items()}
     rewind_to_step_2(run)
     tropd(["train", "--run-dir", str(run), "--resume"], processes=2)  # sharded again, from the gathered checkpoint
