@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import struct
@@ -329,13 +330,15 @@ def test_evenly_spaced_layers():
 
 def _cached_step_logits(model, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """Logits of every position, computed with a KV cache: the prompt at once, then one token per call."""
+    from transformers import DynamicCache
+
+    # the cache keyword this model's forward takes (transformers 5.x renamed `past_key_values` to `cache`)
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(ids[:, :prompt_len], use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
+        logits = [model(ids[:, :prompt_len], use_cache=True, **{kw: cache}).logits]
         for i in range(prompt_len, ids.shape[1]):
-            out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
-            logits.append(out.logits)
-            cache = out.past_key_values
+            logits.append(model(ids[:, i : i + 1], use_cache=True, **{kw: cache}).logits)
     return torch.cat(logits, dim=1)
 
 
