@@ -1,59 +1,134 @@
-"""The distillation gym's full experiment: does TrOPD beat OPD on accuracy and stability under mismatch?
+"""The distillation gym's experiments: does on-policy distillation lift a matched student here, and does TrOPD
+beat OPD along a continuous teacher-student mismatch?
 
-    python benchmarks/gym.py            # full protocol (docs/gym.md): 3 mismatch levels, every method
+    python benchmarks/gym.py            # the full experiment (docs/gym.md): every method at every knob value
+    python benchmarks/gym.py --sweep    # the learning-rate sweep on the validation split behind GymSpec.lrs
     python benchmarks/gym.py --quick    # tiny models, 4 steps: checks the pipeline end to end (seconds)
 
-A teacher (Llama decoder trained from scratch, cached) and three starting students (``matched``, ``alt``,
-``noisy``; see ``tropd/gym/run.py``) are built once; then every method trains from each start with the same
-budget: ``opd`` and ``tropd`` with ``--core-seeds`` seeds (run first), the other methods with ``--seeds``.
-Finished runs are kept under ``--workdir``: an interrupted invocation continues where it stopped.
-Writes ``<out>/gym.{json,md,png}`` (``gym_quick.*`` with ``--quick``).
+A teacher (Llama decoder trained from scratch, cached) and one starting student per value of the mismatch knob
+(the share of alt-style traces in the student's SFT data; ``tropd/gym/run.py``) are built once; then every method
+trains from each start with the same budget and its own learning rate (``GymSpec.lrs``): ``opd`` and ``tropd``
+with ``--core-seeds`` seeds (run first), the other methods with ``--seeds``. Finished runs are kept under
+``--workdir``: an interrupted invocation continues where it stopped. Writes ``<out>/<stem>.{json,md,png}``
+(``gym``, ``gym_sweep`` or ``gym_quick``).
+
+``--sweep`` trains every method at each of ``--sweep-lrs`` on the knob values ``--sweep-mismatch``, one seed,
+evaluated on the validation split (never the held-out problems), and prints each method's best rate by mean
+final validation accuracy over those knob values: the rates ``GymSpec.lrs`` holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def best_rates(runs: list[dict]) -> dict[str, tuple[float, float]]:
+    """``{method: (lr, mean final accuracy)}``: per method, the learning rate whose runs end with the highest mean
+    final accuracy over the knob values swept (ties: the smaller rate)."""
+    from tropd.gym.stats import final_accuracy, mean_ci
+
+    by: dict[tuple[str, float], list[float]] = {}
+    for run in runs:
+        by.setdefault((run["method"], run["lr"]), []).append(final_accuracy(run))
+    best: dict[str, tuple[float, float]] = {}
+    for (method, lr), accs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        mean = mean_ci(accs)[0]
+        if method not in best or (not math.isnan(mean) and mean > best[method][1]):
+            best[method] = (lr, mean)
+    return best
+
+
+def sweep_table(runs: list[dict], best: dict, meta: dict) -> str:
+    from tropd.gym.stats import final_accuracy, level_name
+
+    rates = sorted({r["lr"] for r in runs})
+    levels = sorted({r["mismatch"] for r in runs})
+    cell = {(r["method"], r["lr"], r["mismatch"]): final_accuracy(r) for r in runs}
+    lines = ["# Gym learning-rate sweep (validation split)", "", f"- **command**: `{meta['command']}`",
+             f"- **machine**: {meta['machine']}", f"- **duration**: {meta['duration'] / 60:.0f} min", "",
+             "Final accuracy (%) on the validation problems, one seed, per learning rate and knob value; the chosen "
+             "rate (best mean over the knob values) in bold.", "",
+             "| method | " + " | ".join(f"lr {lr:g}: " + ", ".join(f"m={level_name(m)}" for m in levels)
+                                       for lr in rates) + " | chosen |",
+             "|---|" + "---|" * len(rates) + "---|"]
+    for method in dict.fromkeys(r["method"] for r in runs):
+        parts = []
+        for lr in rates:
+            text = ", ".join(f"{100 * cell[(method, lr, m)]:.1f}" if (method, lr, m) in cell else "–" for m in levels)
+            parts.append(f"**{text}**" if best[method][0] == lr else text)
+        lines.append(f"| {method} | " + " | ".join(parts) + f" | {best[method][0]:g} |")
+    chosen = ", ".join(f'("{m}", {lr:g})' for m, (lr, _) in best.items())
+    return "\n".join(lines + ["", f"`GymSpec.lrs = ({chosen},)`", ""])
+
+
 def main(argv: list[str] | None = None) -> int:
-    from tropd.gym.run import CORE, LEVELS, METHODS, QUICK, GymSpec, run_gym, write_outputs
+    from tropd.gym.run import CORE, EXPERIMENT, MISMATCH, QUICK, GymSpec, check_mismatch, run_gym, write_outputs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, 4 steps, opd/tropd/gkd, one seed")
-    p.add_argument("--core-seeds", type=int, default=5, help="seeds of opd and tropd per mismatch level")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of every other method per mismatch level")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
-    p.add_argument("--levels", default=",".join(LEVELS), help="comma-separated mismatch levels")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of every method (default: GymSpec's 1e-4)")
+    p.add_argument("--sweep", action="store_true", help="the learning-rate sweep on the validation split")
+    p.add_argument("--core-seeds", type=int, default=5, help="seeds of opd and tropd per knob value")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of every other method per knob value")
+    p.add_argument("--methods", default=",".join(EXPERIMENT), help="comma-separated methods")
+    p.add_argument("--mismatch", default=",".join(f"{m:g}" for m in MISMATCH), help="comma-separated knob values")
+    p.add_argument("--sweep-lrs", default="3e-5,1e-4,3e-4", help="--sweep: learning rates tried per method")
+    p.add_argument("--sweep-mismatch", default="0,1", help="--sweep: knob values the rates are chosen on")
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: GymSpec.lrs)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: GymSpec's 200)")
-    p.add_argument("--stem", default=None, help="output name (default: gym, or gym_quick with --quick)")
+    p.add_argument("--stem", default=None, help="output name (default: gym, gym_sweep or gym_quick)")
     p.add_argument("--workers", type=int, default=2, help="runs at once (one CPU thread each)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "gym-benchmark"), help="run folders (resumable)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for gym.{json,md,png}")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the outputs")
     args = p.parse_args(argv)
 
     methods = ["opd", "tropd", "gkd"] if args.quick else args.methods.split(",")
-    seeds = {m: (1 if args.quick else args.core_seeds if m in CORE else args.seeds) for m in methods}
-    levels = ("matched", "alt") if args.quick else tuple(args.levels.split(","))
     spec = (QUICK if args.quick else GymSpec()).with_budget(steps=args.steps, lr=args.lr)
+    workdir = Path(args.workdir) / ("quick" if args.quick else "full")
     start = time.perf_counter()
-    result = run_gym(spec, seeds, levels, Path(args.workdir) / ("quick" if args.quick else "full"),
-                     workers=args.workers)
+    command = "python benchmarks/gym.py " + " ".join(sys.argv[1:] if argv is None else argv)
     import torch
 
-    meta = {"command": "python benchmarks/gym.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "duration": round(time.perf_counter() - start, 1),
-            "budget": f"{spec.steps} steps, lr {spec.lr:g}",
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                       f"load {os.getloadavg()[0]:.2f} at the end"}
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"{args.workers} runs at a time")
+    if args.sweep:
+        runs, context = [], None
+        for lr in (float(x) for x in args.sweep_lrs.split(",")):
+            result = run_gym(replace(spec, lr=lr, lrs=()), {m: 1 for m in methods},
+                             check_mismatch(args.sweep_mismatch.split(",")), workdir, workers=args.workers,
+                             split="valid")
+            runs += result["runs"]
+            context = result["context"]
+        best = best_rates(runs)
+        meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1)}
+        text = sweep_table(runs, best, meta)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = args.stem or "gym_sweep"
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "context": context, "chosen": best,
+                                                      "runs": runs}, indent=1) + "\n")
+        print(text)
+        return 0
+
+    mismatches = (0.0, 1.0) if args.quick else check_mismatch(args.mismatch.split(","))
+    seeds = {m: (1 if args.quick else args.core_seeds if m in CORE else args.seeds) for m in methods}
+    result = run_gym(spec, seeds, mismatches, workdir, workers=args.workers)
+    lrs = ", ".join(f"{m} {spec.lr_of(m):g}" for m in methods)
+    meta = {"command": command, "duration": round(time.perf_counter() - start, 1),
+            "budget": f"{spec.steps} steps of {spec.prompts_per_step} prompts x {spec.rollouts_per_prompt} "
+                      f"rollouts; learning rates: {lrs}",
+            "machine": machine + f", load {os.getloadavg()[0]:.2f} at the end"}
     compare = tuple(m for m in methods if m != "opd")
     stem = args.stem or ("gym_quick" if args.quick else "gym")
     paths = write_outputs(result, Path(args.out), stem, meta, compare=compare)

@@ -56,7 +56,7 @@ def _cmd_gym(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from tropd.gym.run import CORE, QUICK, GymSpec, run_gym, write_outputs
+    from tropd.gym.run import CORE, QUICK, GymSpec, check_mismatch, run_gym, write_outputs
 
     for flag in ("seeds", "steps", "workers"):
         value = getattr(args, flag)
@@ -64,16 +64,23 @@ def _cmd_gym(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag} must be >= 1, got {value}")
     if args.lr is not None and not args.lr > 0:
         raise ValueError(f"--lr must be a positive learning rate, got {args.lr}")
+    mismatches = check_mismatch(x for x in args.mismatch.split(",") if x.strip())
+    if not mismatches:
+        raise ValueError("--mismatch needs at least one value in [0, 1], e.g. --mismatch 0,0.5,1")
     for module in args.plugin:  # e.g. a module whose @register adds the objective to compare
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"--plugin {module}: cannot import it ({err}); give an importable module name") from None
     spec = (QUICK if args.quick else GymSpec()).with_budget(steps=args.steps, lr=args.lr)
     methods = list(dict.fromkeys([*CORE, *args.objective]))
-    levels = tuple(x for x in args.mismatch.split(",") if x)
     workdir = Path(args.workdir)
     start = time.perf_counter()
-    result = run_gym(spec, {m: args.seeds for m in methods}, levels, workdir, workers=args.workers)
+    result = run_gym(spec, {m: args.seeds for m in methods}, mismatches, workdir, workers=args.workers)
+    lrs = ", ".join(f"{m} {spec.lr_of(m):g}" for m in methods)
     meta = {"command": "tropd gym " + " ".join(args.argv), "duration": round(time.perf_counter() - start, 1),
-            "budget": f"{spec.steps} steps, lr {spec.lr:g}", "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"}
+            "budget": f"{spec.steps} steps; learning rates: {lrs}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"}
     paths = write_outputs(result, Path(args.out or workdir), "gym", meta,
                           compare=tuple(m for m in methods if m != "opd"))
     print(paths["md"].read_text())
@@ -160,17 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "trained from scratch on code-generated tasks (docs/gym.md)", formatter_class=fmt)
     g.add_argument("--objective", action="append", default=[],
                    help="objective to run besides the baselines opd and tropd (repeatable)")
-    g.add_argument("--mismatch", default="matched,alt,noisy",
-                   help="comma-separated starting students: matched (teacher's trace style), alt (another valid "
-                        "style), noisy (teacher traces with corrupted steps)")
+    g.add_argument("--mismatch", default="0,0.5,1",
+                   help="comma-separated values of the mismatch knob: the share (0 to 1) of the starting student's "
+                        "SFT traces written in another valid style than the teacher's (0 = the teacher's style)")
     g.add_argument("--seeds", type=int, default=3, help="seeds per (objective, mismatch)")
-    g.add_argument("--steps", type=int, default=None, help="training steps per run (default: the gym's 200; "
-                                                           "--quick: 4)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate of every method (default: the gym's 1e-4)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="training steps per run (default: %(default)s, i.e. the gym's 200; 4 with --quick)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="one learning rate for every method (default: %(default)s, i.e. each method's rate from "
+                        "the gym's validation sweep, docs/gym.md, and 1e-4 for objectives it did not sweep)")
     g.add_argument("--workers", type=int, default=2, help="runs trained at once (one CPU thread each)")
     g.add_argument("--workdir", default="runs/gym", help="run folders; a finished run is reused, so an "
                                                          "interrupted command continues where it stopped")
-    g.add_argument("--out", default=None, help="folder for gym.{json,md,png} (default: --workdir)")
+    g.add_argument("--out", default=None, help="folder for gym.{json,md,png} (default: %(default)s, i.e. --workdir)")
     g.add_argument("--plugin", action="append", default=[], help="module to import first (registers objectives)")
     g.add_argument("--quick", action="store_true", help="tiny models and 4 steps: checks the pipeline in seconds")
     g.set_defaults(func=_cmd_gym)

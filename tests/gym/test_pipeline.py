@@ -1,6 +1,6 @@
 """The gym end to end on tiny models: models are trained once and cached by content, runs write records the
 statistics read, an interrupted experiment continues from its finished runs, outputs are written, bad method
-or level names fail before any training, and `tropd gym --quick` works from the command line."""
+names or knob values fail before any training, and `tropd gym --quick` works from the command line."""
 
 from __future__ import annotations
 
@@ -22,9 +22,53 @@ SPEC = replace(gym_run.QUICK, steps=2, eval_every=1, heldout=12, teacher_steps=1
 
 def test_encode_example_puts_loss_on_completion_and_eos_only():
     tok = build_tokenizer()
-    ids, n_prompt = encode_example(tok, "12+34=", "2+4=6 #### 46")
+    ids, n_prompt, labels = encode_example(tok, "12+34=", "2+4=6 #### 46")
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
     assert tok.decode(ids[1:n_prompt]) == "12+34=" and tok.decode(ids[n_prompt:-1]) == "2+4=6 #### 46"
+    assert labels == ids[n_prompt:]
+
+
+def test_recovery_examples_read_a_corrupted_trace_and_learn_the_clean_one():
+    """With ``recovery``, the input holds corrupted steps while every label is the clean trace's token: the model
+    learns the right next step after a wrong one; each revisit draws other corruptions."""
+    from tropd.gym.models import target
+    from tropd.gym.tasks import completion, make_dataset
+
+    plan = SFTPlan(("add", "modchain", "sort"), recovery=0.5, seed=3)
+    tok = build_tokenizer()
+    problems = make_dataset(list(plan.families), "train", 30, seed=0)
+    corrupted = 0
+    for p in problems:
+        seen, clean = target(p, plan, 0)
+        assert clean == completion(p) and len(seen) == len(clean)
+        ids, n_prompt, labels = encode_example(tok, p.prompt, seen, clean)
+        assert tok.decode(labels[:-1]) == clean and tok.decode(ids[n_prompt:-1]) == seen
+        corrupted += seen != clean
+        assert {target(p, plan, d)[0] for d in range(6)} != {seen} or seen == clean
+    assert corrupted > 10
+    plain = SFTPlan(("add",), seed=3)
+    assert all(target(p, plain, 0) == (completion(p),) * 2 for p in problems if p.family == "add")
+
+
+def test_alt_share_is_per_problem_and_nested():
+    from tropd.gym.models import target
+    from tropd.gym.tasks import completion, make_dataset
+
+    problems = make_dataset(["add", "modchain", "sort"], "train", 300, seed=0)
+
+    def alt(share):
+        return {p.key for p in problems if target(p, SFTPlan(("add",), alt_share=share, seed=1), 0)[1]
+                == completion(p, "alt")}
+
+    quarter, half, everything = alt(0.25), alt(0.5), alt(1.0)
+    assert alt(0.0) == set() and len(everything) == 300
+    assert quarter <= half <= everything and 50 < len(quarter) < 100 and 120 < len(half) < 180
+
+
+@pytest.mark.parametrize("field", ["alt_share", "recovery", "noise"])
+def test_plan_shares_outside_0_1_are_refused(field):
+    with pytest.raises(ValueError, match=f"SFTPlan.{field} must be a number in"):
+        SFTPlan(("add",), **{field: 1.5})
 
 
 def test_trained_model_is_cached_by_content_and_deterministic(tmp_path, monkeypatch):
@@ -45,82 +89,129 @@ def test_trained_model_is_cached_by_content_and_deterministic(tmp_path, monkeypa
     assert not list(tmp_path.glob(".*tmp*")), "no temporary folder may be left behind"
 
 
-def test_bad_names_fail_before_training(tmp_path):
-    with pytest.raises(ValueError, match="unknown gym method 'nope'"):
-        gym_run.run_gym(SPEC, {"nope": 1}, ("matched",), tmp_path, workers=1, cache=tmp_path / "cache")
-    with pytest.raises(ValueError, match="unknown mismatch level 'far'"):
-        gym_run.run_gym(SPEC, {"opd": 1}, ("far",), tmp_path, workers=1, cache=tmp_path / "cache")
+@pytest.mark.parametrize("seeds, mismatch, error", [
+    ({"nope": 1}, (0.0,), "unknown gym method 'nope'"),
+    ({"opd": 1}, ("far",), r"mismatch 'far' is not a share in \[0, 1\]"),
+    ({"opd": 1}, (1.5,), r"mismatch 1.5 is not a share in \[0, 1\]"),
+    ({"opd": 1}, (float("nan"),), r"mismatch nan is not a share"),
+])
+def test_bad_names_and_knob_values_fail_before_training(tmp_path, seeds, mismatch, error):
+    with pytest.raises(ValueError, match=error):
+        gym_run.run_gym(SPEC, seeds, mismatch, tmp_path, workers=1, cache=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+def test_spec_key_ignores_learning_rates_and_runs_name_their_own():
+    tuned = replace(SPEC, lrs=(("opd", 3e-5),))
+    assert tuned.key() == SPEC.key() and tuned.lr_of("opd") == 3e-5 and tuned.lr_of("tropd") == SPEC.lr
+    assert tuned.with_budget(lr=2e-4).lr_of("opd") == 2e-4, "one --lr replaces every method's rate"
+    job = gym_run.RunJob(tuned, 0.25, "opd", 1, "t", "s", "/w", "p")
+    assert gym_run.run_folder(job).parts[-2:] == ("mismatch-0.25", "opd-lr3e-05-seed1")
+    assert gym_run.run_folder(replace(job, split="valid")).name == "opd-lr3e-05-seed1-valid"
 
 
 def test_run_records_outputs_and_resume(tmp_path, monkeypatch):
     cache, work = tmp_path / "cache", tmp_path / "work"
-    result = gym_run.run_gym(SPEC, {"opd": 1, "tropd": 1}, ("matched", "alt"), work, workers=1, cache=cache,
+    result = gym_run.run_gym(SPEC, {"opd": 1, "tropd": 1}, (0.0, 1.0), work, workers=1, cache=cache,
                              log=lambda *_: None)
     runs = result["runs"]
     assert sorted((r["mismatch"], r["method"]) for r in runs) == [
-        ("alt", "opd"), ("alt", "tropd"), ("matched", "opd"), ("matched", "tropd")]
+        (0.0, "opd"), (0.0, "tropd"), (1.0, "opd"), (1.0, "tropd")]
     for r in runs:
         assert r["eval_steps"] == [0, 1, 2] and len(r["accuracy"]) == 3 and r["steps"] == 2
         assert all(0.0 <= a <= 1.0 for a in r["accuracy"]) and len(r["grad_norm"]) == 2
-        assert set(r["family_accuracy"]) == set(SPEC.families)
-        assert not (work / SPEC.key() / r["mismatch"] / f"{r['method']}-seed0" / "checkpoints").exists()
+        assert set(r["family_accuracy"]) == set(SPEC.families) and r["lr"] == SPEC.lr and r["split"] == "heldout"
+        folder = work / SPEC.key() / f"mismatch-{r['mismatch']:g}" / f"{r['method']}-lr{SPEC.lr:g}-seed0"
+        assert (folder / "record.json").is_file() and not (folder / "checkpoints").exists()
     ctx = result["context"]
-    assert set(ctx["mismatch_start"]) == {"matched", "alt"} and 0.0 <= ctx["teacher_accuracy"] <= 1.0
-    # every run starts from its level's student: the step-0 evaluation equals the cached start's
+    assert set(ctx["mismatch_start"]) == {"0", "1"} and 0.0 <= ctx["teacher_accuracy"] <= 1.0
+    # every run starts from its knob value's student: the step-0 evaluation equals the cached start's
     for r in runs:
-        assert r["accuracy"][0] == pytest.approx(ctx["mismatch_start"][r["mismatch"]]["accuracy"])
+        assert r["accuracy"][0] == pytest.approx(ctx["mismatch_start"][f"{r['mismatch']:g}"]["accuracy"])
 
     paths = gym_run.write_outputs(result, tmp_path / "out", "gym", {"command": "test", "duration": 1.0})
     data = json.loads(paths["json"].read_text())
-    assert {row["mismatch"] for row in data["comparisons"]} == {"matched", "alt"}
-    assert "tropd" in paths["md"].read_text() and paths["png"].stat().st_size > 1000
+    assert {row["mismatch"] for row in data["comparisons"]} == {0.0, 1.0}
+    text = paths["md"].read_text()
+    assert "tropd" in text and "## Final accuracy along the mismatch knob" in text and "## Mismatch 1" in text
+    assert paths["png"].stat().st_size > 1000
 
     # an interrupted experiment: one record lost -> only that run trains again
-    (work / SPEC.key() / "alt" / "tropd-seed0" / "record.json").unlink()
+    (work / SPEC.key() / "mismatch-1" / f"tropd-lr{SPEC.lr:g}-seed0" / "record.json").unlink()
     trained = []
     from tropd.train import run as train_run
 
     original = train_run.train_from_config
     monkeypatch.setattr(train_run, "train_from_config", lambda cfg, **k: trained.append(cfg) or original(cfg, **k))
-    again = gym_run.run_gym(SPEC, {"opd": 1, "tropd": 1}, ("matched", "alt"), work, workers=1, cache=cache,
+    again = gym_run.run_gym(SPEC, {"opd": 1, "tropd": 1}, (0.0, 1.0), work, workers=1, cache=cache,
                             log=lambda *_: None)
     assert len(trained) == 1 and trained[0].objective.name == "tropd"
-    redone = next(r for r in again["runs"] if (r["mismatch"], r["method"]) == ("alt", "tropd"))
-    before = next(r for r in runs if (r["mismatch"], r["method"]) == ("alt", "tropd"))
+    redone = next(r for r in again["runs"] if (r["mismatch"], r["method"]) == (1.0, "tropd"))
+    before = next(r for r in runs if (r["mismatch"], r["method"]) == (1.0, "tropd"))
     assert redone["accuracy"] == before["accuracy"] and redone["grad_norm"] == before["grad_norm"]
+
+
+def test_validation_runs_evaluate_on_the_validation_split(tmp_path):
+    result = gym_run.run_gym(SPEC, {"opd": 1}, (0.0,), tmp_path / "w", workers=1, cache=tmp_path / "cache",
+                             log=lambda *_: None, split="valid")
+    (run,) = result["runs"]
+    assert run["split"] == "valid" and result["context"]["eval_problems"] == SPEC.valid
+    held = {p.key for p in gym_run.eval_problems(SPEC, "heldout")}
+    assert not held & {p.key for p in gym_run.eval_problems(SPEC, "valid")}
 
 
 def test_cli_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
-    code = main(["gym", "--quick", "--mismatch", "noisy", "--seeds", "1", "--workers", "1", "--objective", "fkl",
+    code = main(["gym", "--quick", "--mismatch", "0.25", "--seeds", "1", "--workers", "1", "--objective", "fkl",
                  "--lr", "5e-4", "--workdir", str(tmp_path / "w")])
     out = capsys.readouterr().out
     assert code == 0
     assert "fkl" in out and "opd" in out and "tropd" in out
     assert (Path(tmp_path / "w") / "gym.md").is_file() and (tmp_path / "w" / "gym.png").is_file()
-    assert "**budget**: 1 steps, lr 0.0005" in (tmp_path / "w" / "gym.md").read_text()
-    configs = list((tmp_path / "w").glob("*/noisy/opd-seed0/config.yaml"))
+    assert "**budget**: 1 steps; learning rates: opd 0.0005, tropd 0.0005, fkl 0.0005" in (
+        tmp_path / "w" / "gym.md").read_text()
+    configs = list((tmp_path / "w").glob("*/mismatch-0.25/opd-lr0.0005-seed0/config.yaml"))
     assert len(configs) == 1 and yaml.safe_load(configs[0].read_text())["train"]["lr"] == 5e-4
 
 
 def test_benchmark_script_quick(tmp_path, monkeypatch):
     """`python benchmarks/gym.py --quick` (run in CI) writes gym_quick.{json,md,png} with every method and level."""
+    bench = _benchmark()
+    monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
+    assert bench.main(["--quick", "--workers", "1", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gym_quick.json").read_text())
+    assert {(r["mismatch"], r["method"]) for r in data["runs"]} == {
+        (m, method) for m in (0.0, 1.0) for method in ("opd", "tropd", "gkd")}
+    assert {c["a"] for c in data["comparisons"]} == {"tropd", "gkd"}
+    assert (tmp_path / "gym_quick.md").is_file() and (tmp_path / "gym_quick.png").is_file()
+
+
+def test_benchmark_sweep_picks_each_methods_best_rate_on_validation(tmp_path, monkeypatch):
+    bench = _benchmark()
+    monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
+    assert bench.main(["--quick", "--sweep", "--sweep-lrs", "1e-4,1e-3", "--sweep-mismatch", "0", "--workers", "1",
+                       "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gym_sweep.json").read_text())
+    assert {(r["method"], r["lr"], r["split"]) for r in data["runs"]} == {
+        (m, lr, "valid") for m in ("opd", "tropd", "gkd") for lr in (1e-4, 1e-3)}
+    assert set(data["chosen"]) == {"opd", "tropd", "gkd"}
+    assert "GymSpec.lrs = (" in (tmp_path / "gym_sweep.md").read_text()
+    runs = [{"method": "a", "lr": lr, "mismatch": m, "accuracy": [0.1, acc]}
+            for lr, m, acc in ((1e-4, 0, 0.5), (1e-4, 1, 0.1), (3e-4, 0, 0.4), (3e-4, 1, 0.3))]
+    assert bench.best_rates(runs) == {"a": (3e-4, pytest.approx(0.35))}
+
+
+def _benchmark():
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "gym.py"
     module_spec = importlib.util.spec_from_file_location("gym_benchmark", path)
     bench = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(bench)
-    monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
-    assert bench.main(["--quick", "--workers", "1", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "gym_quick.json").read_text())
-    assert {(r["mismatch"], r["method"]) for r in data["runs"]} == {
-        (lv, m) for lv in ("matched", "alt") for m in ("opd", "tropd", "gkd")}
-    assert {c["a"] for c in data["comparisons"]} == {"tropd", "gkd"}
-    assert (tmp_path / "gym_quick.md").is_file() and (tmp_path / "gym_quick.png").is_file()
+    return bench
 
 
 @pytest.mark.parametrize("flag", ["--seeds", "--steps", "--workers"])
@@ -135,3 +226,15 @@ def test_cli_refuses_a_non_positive_lr_before_any_work(tmp_path, capsys, lr):
     assert main(["gym", "--quick", f"--lr={lr}", "--workdir", str(tmp_path / "w")]) == 2
     assert f"--lr must be a positive learning rate, got {float(lr)}" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("value", ["1.5", "x", "-0.1"])
+def test_cli_refuses_a_knob_value_outside_0_1_before_any_work(tmp_path, capsys, value):
+    assert main(["gym", "--quick", f"--mismatch={value}", "--workdir", str(tmp_path / "w")]) == 2
+    assert "is not a share in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_refuses_a_missing_plugin_in_one_line(tmp_path, capsys):
+    assert main(["gym", "--quick", "--plugin", "no_such_module_xyz", "--workdir", str(tmp_path / "w")]) == 2
+    assert "--plugin no_such_module_xyz: cannot import it" in capsys.readouterr().err

@@ -245,15 +245,36 @@ def test_write_markdown(tmp_path):
     write_markdown(summary, comparisons(runs), CONTEXT, path, meta)
     text = path.read_text()
     for needle in ("tropd", "opd", "gkd", "python -m tropd gym --quick", "2-core CPU", "2 min 5 s", "97.0",
-                   "## Mismatch: teacher", "## Mismatch: alt", "![held-out accuracy over training](acc.png)",
+                   "## Mismatch teacher", "## Mismatch alt", "![held-out accuracy over training](acc.png)",
                    COLLAPSE_RULE, "| gkd | 1 | 41.3 |", "70.0 ± 24.8", "40.0 ± 24.8", "+30.0 ± 24.8", "1/3"):
         assert needle in text, needle
-    teacher_table = text.split("## Mismatch: teacher")[1].split("## Mismatch: alt")[0]
+    teacher_table = text.split("## Mismatch teacher")[1].split("## Mismatch alt")[0]
     rows = [ln for ln in teacher_table.splitlines() if ln.startswith("| ") and "method" not in ln]
     order = [ln.split("|")[1].strip() for ln in rows]
     assert order == ["tropd", "opd", "gkd"]  # best final accuracy first
     comp_section = text.split("## Paired comparison")[1]
     assert "| teacher | tropd − opd | final_accuracy | 3 | +10.0 |" in comp_section and "0.250" in comp_section
+
+
+def test_knob_table_and_plot_for_numeric_mismatch(tmp_path):
+    """With the knob's numeric values the report has one row per method across the values (final accuracy and
+    gain), the context's starts are found by the value's name, and the plot puts the values on a numeric axis."""
+    runs = [_healthy(mismatch=m, method=meth, seed=s, eval_steps=[0, 50],
+                     accuracy=[0.5 - m / 4, 0.5 - m / 4 + (0.2 if meth == "opd" else 0.1) - 0.01 * s])
+            for m in (0.0, 0.4, 1.0) for meth in ("opd", "tropd") for s in range(3)]
+    context = {**CONTEXT, "mismatch_start": {"0": {"accuracy": 0.5}, "0.4": {"accuracy": 0.4},
+                                             "1": {"accuracy": 0.25}}}
+    assert stats.start_accuracy({**runs[0], "eval_steps": [50]}, context) == 0.5
+    summary = summarise(runs, context)
+    path = tmp_path / "r.md"
+    write_markdown(summary, comparisons(runs), context, path, {})
+    text = path.read_text()
+    knob = text.split("## Final accuracy along the mismatch knob")[1].split("## Mismatch 0")[0]
+    assert "| method | mismatch 0 | mismatch 0.4 | mismatch 1 |" in knob
+    assert "| opd | 69.0 ± 2.5 (+19.0 ± 2.5) | 59.0 ± 2.5 (+19.0 ± 2.5) | 44.0 ± 2.5 (+19.0 ± 2.5) |" in knob
+    assert "## Mismatch 0.4" in text and "| 0.4 | tropd − opd |" in text
+    plot(runs, tmp_path / "k.png", context)
+    assert _is_png(tmp_path / "k.png")
 
 
 def test_write_markdown_without_comparisons(tmp_path):

@@ -63,19 +63,21 @@ def test_problems_deterministic_distinct_and_prefix_stable(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_splits_disjoint_and_labelled(name):
     fam = get_family(name)
-    train = fam.problems("train", 400, seed=0)
-    held = fam.problems("heldout", 400, seed=0)
-    assert all(p.split == "train" for p in train) and all(p.split == "heldout" for p in held)
-    assert not {p.key for p in train} & {p.key for p in held}
-    assert not {p.prompt for p in train} & {p.prompt for p in held}
+    split = {s: fam.problems(s, 300, seed=0) for s in ("train", "valid", "heldout")}
+    for s, problems in split.items():
+        assert all(p.split == s for p in problems)
+    for a, b in (("train", "valid"), ("train", "heldout"), ("valid", "heldout")):
+        assert not {p.key for p in split[a]} & {p.key for p in split[b]}
+        assert not {p.prompt for p in split[a]} & {p.prompt for p in split[b]}
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_heldout_is_about_a_tenth_of_the_space(name):
+def test_heldout_and_valid_are_each_about_a_tenth_of_the_space(name):
     fam = get_family(name)
     step = fam.space_size() // 3000
-    frac = sum(fam.problem_at(i * step).split == "heldout" for i in range(3000)) / 3000
-    assert 0.07 < frac < 0.13
+    splits = [fam.problem_at(i * step).split for i in range(3000)]
+    for s in ("heldout", "valid"):
+        assert 0.07 < splits.count(s) / 3000 < 0.13, s
 
 
 def test_split_is_the_documented_hash_and_ignores_difficulty():
@@ -85,7 +87,7 @@ def test_split_is_the_documented_hash_and_ignores_difficulty():
     keys += [p.key for name in NAMES for p in get_family(name).problems("heldout", 100, seed=9)]
     for key in keys:
         h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-        assert split_of(key) == ("heldout" if h % 10 == 0 else "train")
+        assert split_of(key) == {0: "heldout", 1: "valid"}.get(h % 10, "train")
     small_held = {p.key for p in Addition(2).problems("heldout", 200, seed=1)}
     big_train = {p.key for p in Addition(3).problems("train", 20000, seed=1)}
     assert small_held and not small_held & big_train

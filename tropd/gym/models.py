@@ -4,10 +4,19 @@ A model is a :class:`DecoderSpec` (transformers' ``LlamaConfig`` sizes) plus an 
 which trace style, how much noise, how many steps). The SFT loss is the mean token NLL of the completion and its
 EOS given the prompt (prompt positions carry no loss)::
 
-    L = − (1/N) Σ_i Σ_{t ∈ completion_i ∪ {EOS}} log π(y_t | prompt_i, y_<t)
+    L = − (1/N) Σ_i Σ_{t ∈ completion_i ∪ {EOS}} log π(y_t | prompt_i, x_<t)
 
-AdamW with a linear warm-up (5% of the steps) and cosine decay (transformers' scheduler). Training is
-deterministic for a plan: the examples, their order and the initial weights come from ``plan.seed``.
+where the input ``x`` equals the target ``y`` except in *recovery* examples (``SFTPlan.recovery``): there ``x``
+is a teacher trace with some steps corrupted (``noisy_trace``) while ``y`` stays the clean trace, so the model
+learns what to write next after a wrong step: the correct continuation (each step is computed from the problem,
+not from the corrupted value). A teacher trained that way gives useful next-token distributions on the
+imperfect prefixes a student samples, as LLM teachers trained on diverse text do.
+
+AdamW with a linear warm-up (5% of the steps), then either cosine decay to 0 (``schedule="cosine"``: a
+converged, annealed model) or a constant learning rate (``schedule="constant"``: a checkpoint from the stable
+phase of a warm-up/stable/decay schedule, the usual state of a student handed to a later training stage, which
+then doubles as its decay; docs/gym.md says why the gym's students start there). Training is deterministic for
+a plan: the examples, their order and the initial weights come from ``plan.seed``.
 
 :func:`trained_model` caches each trained model under ``<cache>/gym/<key>`` (``$TROPD_CACHE`` or
 ``~/.cache/tropd/models``), ``key`` = SHA-256 of the spec, the plan and :data:`RECIPE_VERSION`, written to a
@@ -27,15 +36,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
+from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_constant_schedule_with_warmup,
+                          get_cosine_schedule_with_warmup)
 
 from tropd.gym.tasks import Problem, family_of, make_dataset
 from tropd.gym.tokenizer import build_tokenizer
 from tropd.models import cache_dir
 
 #: Bump when the training recipe changes in a way the cache key cannot see (invalidates cached models).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 STYLES = ("teacher", "alt", "noisy")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -71,52 +82,85 @@ class SFTPlan:
         style: trace style of the targets: ``teacher``, ``alt`` (another valid order of steps) or ``noisy``
             (teacher traces with a share ``noise`` of their steps corrupted; the final answer stays right).
         noise: share of corrupted steps for ``style="noisy"``.
+        alt_share: share of the problems whose target is the ``alt`` trace instead (chosen per problem by a hash
+            of ``(seed, problem)``, nested: the problems in ``alt`` style at 0.25 are also at 0.5). The gym's
+            continuous mismatch knob.
+        recovery: for ``teacher``-style targets, the probability that each step of the *input* is corrupted
+            while the target stays clean (see the module docstring); 0 trains on clean traces only.
         examples: distinct training problems drawn (a pool; steps × batch may revisit them).
-        steps, batch, lr: optimisation (AdamW, warm-up then cosine decay).
-        seed: examples, their order and the initial weights.
+        steps, batch, lr, schedule: optimisation (AdamW, warm-up then ``cosine`` decay or ``constant``).
+        seed: examples, their order, the corruptions and the initial weights.
     """
 
     families: tuple[str, ...]
     style: str = "teacher"
     noise: float = 0.0
+    alt_share: float = 0.0
+    recovery: float = 0.0
     examples: int = 6000
     steps: int = 1500
     batch: int = 64
     lr: float = 3e-3
     seed: int = 0
     weight_decay: float = 0.0
+    schedule: str = "cosine"
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"SFTPlan.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.style not in STYLES:
             raise ValueError(f"SFTPlan.style must be one of {STYLES}, got {self.style!r}")
-        if not 0.0 <= self.noise <= 1.0:
-            raise ValueError(f"SFTPlan.noise must be in [0, 1], got {self.noise}")
+        for name in ("noise", "alt_share", "recovery"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"SFTPlan.{name} must be a number in [0, 1], got {value!r}")
 
 
-def target(problem: Problem, style: str, noise: float = 0.0, seed: int = 0) -> str:
-    """The completion a model is trained to write for ``problem`` in ``style``."""
+def _unit(*parts: object) -> float:
+    """A uniform number in [0, 1) from a hash of ``parts`` (stable across runs and machines)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def target(problem: Problem, plan: SFTPlan, draw: int = 0) -> tuple[str, str]:
+    """``(input, target)`` completions a model is trained on for ``problem`` under ``plan`` (equal length; they
+    differ only in a recovery example's corrupted characters). ``draw`` numbers the visits of one problem, so a
+    recovery example gets fresh corruptions each time it is revisited."""
     fam = family_of(problem)
-    if style == "noisy":
-        return fam.noisy_completion(problem, noise, seed)
-    return fam.completion(problem, style)
+    if plan.alt_share > 0 and _unit("alt", plan.seed, problem.key) < plan.alt_share:
+        text = fam.completion(problem, "alt")
+        return text, text
+    if plan.style == "noisy":
+        text = fam.noisy_completion(problem, plan.noise, plan.seed)
+        return text, text
+    text = fam.completion(problem, plan.style)
+    if plan.style == "teacher" and plan.recovery > 0:
+        return fam.noisy_completion(problem, plan.recovery, plan.seed * 1_000_003 + draw), text
+    return text, text
 
 
-def encode_example(tok: PreTrainedTokenizerFast, prompt: str, completion: str) -> tuple[list[int], int]:
-    """``([BOS] + prompt + completion + [EOS], prompt length incl. BOS)``: the loss covers the rest."""
+def encode_example(tok: PreTrainedTokenizerFast, prompt: str, completion: str,
+                   target_text: str | None = None) -> tuple[list[int], int, list[int]]:
+    """``([BOS] + prompt + completion + [EOS], prompt length incl. BOS, labels)``: the loss covers the positions
+    from the prompt length on, whose labels are ``target_text``'s ids (``completion``'s when None) and EOS."""
     prompt_ids = tok(prompt)["input_ids"]
     completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
-    return prompt_ids + completion_ids + [tok.eos_token_id], len(prompt_ids)
+    target_ids = completion_ids if target_text is None else tok(target_text, add_special_tokens=False)["input_ids"]
+    if len(target_ids) != len(completion_ids):
+        raise ValueError(f"input and target completions differ in length: {completion!r} vs {target_text!r}")
+    ids = prompt_ids + completion_ids + [tok.eos_token_id]
+    return ids, len(prompt_ids), target_ids + [tok.eos_token_id]
 
 
-def _batch(rows: list[tuple[list[int], int]], pad: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
+def _batch(rows: list[tuple[list[int], int, list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _, _ in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (seq, n_prompt) in enumerate(rows):
+    for i, (seq, n_prompt, target_ids) in enumerate(rows):
         ids[i, :len(seq)] = torch.tensor(seq)
         mask[i, :len(seq)] = 1
-        labels[i, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
+        labels[i, n_prompt:len(seq)] = torch.tensor(target_ids)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -124,14 +168,28 @@ def sft(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, plan: SFTPlan,
         log: Callable[[str], None] | None = None) -> list[float]:
     """Train ``model`` in place on ``plan``; returns the loss of every step."""
     problems = make_dataset(list(plan.families), "train", plan.examples, seed=plan.seed)
-    rows = [encode_example(tok, p.prompt, target(p, plan.style, plan.noise, plan.seed)) for p in problems]
+    fixed = plan.recovery == 0  # without recovery an example is the same on every visit: encode it once
+    cache: dict[int, tuple] = {}
+    visits = [0] * len(problems)
+
+    def example(i: int) -> tuple:
+        if fixed and i in cache:
+            return cache[i]
+        p = problems[i]
+        row = encode_example(tok, p.prompt, *target(p, plan, visits[i]))
+        visits[i] += 1
+        cache[i] = row
+        return row
+
     rng = random.Random(plan.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, plan.steps // 20), plan.steps)
+    warmup = max(1, plan.steps // 20)
+    schedule = (get_cosine_schedule_with_warmup(optimizer, warmup, plan.steps) if plan.schedule == "cosine"
+                else get_constant_schedule_with_warmup(optimizer, warmup))
     model.train()
     losses = []
     for step in range(plan.steps):
-        batch = _batch([rows[rng.randrange(len(rows))] for _ in range(plan.batch)], tok.pad_token_id)
+        batch = _batch([example(rng.randrange(len(problems))) for _ in range(plan.batch)], tok.pad_token_id)
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -158,11 +216,13 @@ def gym_cache() -> Path:
 
 def trained_model(spec: DecoderSpec, plan: SFTPlan, root: Path | None = None,
                   log: Callable[[str], None] | None = None,
-                  evaluate: Callable[[LlamaForCausalLM, PreTrainedTokenizerFast], dict] | None = None) -> Path:
+                  evaluate: Callable[[LlamaForCausalLM, PreTrainedTokenizerFast], dict] | None = None,
+                  init: str | None = None) -> Path:
     """The folder of the model ``spec`` trained on ``plan`` (``save_pretrained`` + tokenizer + ``gym.json``),
-    trained now unless cached. ``evaluate(model, tok)`` results are stored in ``gym.json`` next to the plan."""
+    trained now unless cached. ``evaluate(model, tok)`` results are stored in ``gym.json`` next to the plan;
+    ``init`` names anything else they depend on (e.g. the teacher whose NLL they report), so it keys the cache."""
     root = Path(root) if root is not None else gym_cache()
-    folder = root / cache_key(spec, plan)
+    folder = root / cache_key(spec, plan, init)
     if (folder / "gym.json").is_file():
         return folder
     tok = build_tokenizer()

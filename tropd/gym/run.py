@@ -1,16 +1,18 @@
-"""Gym experiments: one teacher, students at several mismatch levels, every method × seed from the same start.
+"""Gym experiments: one teacher, students along a mismatch knob, every method × seed from the same start.
 
 Protocol (identical for every method; see docs/gym.md):
 
 1. **Teacher**: a Llama decoder (:data:`TEACHER`) trained from scratch by SFT on teacher-style traces of every
    family until its held-out accuracy is high (stored with the cached model and reported).
-2. **Students** (:data:`STUDENT`, smaller): one fixed starting checkpoint per mismatch level, SFT'd briefly
-   (``student_steps``) on ``matched`` = the teacher's trace style, ``alt`` = another valid style (other order of
-   steps), or ``noisy`` = teacher traces with a share ``noise`` of their steps corrupted. Their starting held-out
-   accuracy and teacher NLL are measured and reported: that is the mismatch the knob produced.
-3. **Runs**: for each (level, method, seed), ``tropd.train.run.train_from_config`` from that level's start with
-   the same budget (steps, prompts, rollouts, tokens, learning rate); only the objective differs, at its defaults.
-   Held-out accuracy (``heldout`` problems, greedy) every ``eval_every`` steps.
+2. **Students** (:data:`STUDENT`, smaller): one fixed starting checkpoint per value ``m`` of the mismatch knob,
+   SFT'd (``student_steps``) on traces of which a share ``m`` is in the ``alt`` style (another valid order of
+   steps, chosen per problem) and the rest in the teacher's style: ``m = 0`` is a weaker copy of the teacher's
+   way of reasoning, ``m = 1`` reasons only in a way the teacher never writes. Their starting held-out accuracy
+   and teacher NLL are measured and reported: that is the mismatch the knob produced.
+3. **Runs**: for each (mismatch, method, seed), ``tropd.train.run.train_from_config`` from that start with the
+   same budget (steps, prompts, rollouts, tokens); only the objective and its learning rate (:attr:`GymSpec.lrs`,
+   chosen on the validation split) differ. Accuracy on the ``heldout`` (or, for learning-rate sweeps, ``valid``)
+   problems, greedy, every ``eval_every`` steps.
 
 Every trained model is cached by content hash (:mod:`tropd.gym.models`); every finished run writes
 ``record.json`` in its folder under ``workdir/<spec key>`` (:func:`run_folder`), so an interrupted experiment
@@ -25,9 +27,9 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tropd.gym.models import DecoderSpec, SFTPlan, model_info, trained_model
@@ -35,7 +37,9 @@ from tropd.models import quiet_progress_bars
 
 TEACHER = DecoderSpec(hidden=128, layers=4, heads=4, intermediate=384)
 STUDENT = DecoderSpec(hidden=64, layers=2, heads=4, intermediate=192)
-LEVELS = ("matched", "alt", "noisy")
+#: The committed experiment's values of the mismatch knob (share of alt-style traces in the student's SFT data).
+MISMATCH: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+EVAL_SPLITS = ("heldout", "valid")
 
 #: label -> (objective name, objective kwargs). REOPOLD as the paper runs it is ``clip_outlier``'s reward floor
 #: and TrOPD without guidance is ``fkl_outlier`` (docs/method.md §3); they are listed under those names.
@@ -43,14 +47,37 @@ METHODS: dict[str, tuple[str, dict]] = {
     "opd": ("opd", {}),
     "tropd": ("tropd", {}),
     "fkl_outlier": ("fkl_outlier", {}),
-    "eopd": ("eopd", {}),
     "clip_outlier": ("clip_outlier", {}),
     "mask_outlier": ("mask_outlier", {}),
-    "fkl": ("fkl", {}),
+    "eopd": ("eopd", {}),
     "gkd": ("gkd", {}),
     "trb": ("trb", {}),
+    "sft": ("sft", {}),
+    "fkl": ("fkl", {}),
 }
 CORE = ("opd", "tropd")
+#: The methods of the committed experiment (``fkl``, which the paper reports collapsing, runs on request).
+EXPERIMENT = ("opd", "tropd", "fkl_outlier", "clip_outlier", "mask_outlier", "eopd", "gkd", "trb", "sft")
+
+
+def mismatch_name(mismatch: float) -> str:
+    """The knob value as written in folders, reports and JSON keys: ``0.25``, ``1``."""
+    return f"{float(mismatch):g}"
+
+
+def check_mismatch(values: Iterable[float]) -> tuple[float, ...]:
+    """The knob values as floats, each in [0, 1] (``ValueError`` naming the bad one)."""
+    out = []
+    for value in values:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not 0.0 <= number <= 1.0:
+            raise ValueError(f"mismatch {value!r} is not a share in [0, 1] (the part of the student's SFT traces "
+                             "written in the alt style: 0 = the teacher's style, 1 = only the alt style)")
+        out.append(number)
+    return tuple(dict.fromkeys(out))
 
 
 def method_objective(method: str) -> tuple[str, dict]:
@@ -67,86 +94,100 @@ def method_objective(method: str) -> tuple[str, dict]:
 
 @dataclass(frozen=True)
 class GymSpec:
-    """Everything that defines an experiment's models and budgets (not which methods or seeds run)."""
+    """Everything that defines an experiment's models and budgets (not which methods, seeds or knob values run).
+
+    ``lr`` is the learning rate of a method without an entry in ``lrs`` (``(method, lr)`` pairs chosen by the
+    validation sweep, docs/gym.md). Neither enters :meth:`key`: a run's folder names its own learning rate."""
 
     families: tuple[str, ...] = ("add", "modchain", "sort")
     teacher: DecoderSpec = TEACHER
     student: DecoderSpec = STUDENT
     teacher_steps: int = 3000
     teacher_examples: int = 20000
-    student_steps: int = 400
-    noise: float = 0.3
+    teacher_recovery: float = 0.0
+    student_steps: int = 600
+    student_lr: float = 1e-3
+    student_schedule: str = "constant"
     heldout: int = 600
+    valid: int = 300
     steps: int = 200
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 2
     max_new_tokens: int = 56
     lr: float = 1e-4
+    lrs: tuple[tuple[str, float], ...] = ()
     eval_every: int = 25
     top_k: int = 16
 
-    def with_budget(self, steps: int | None = None, lr: float | None = None) -> GymSpec:
-        """This spec with another number of steps per run (evaluations at most every ``steps``) and/or learning
-        rate; None keeps the spec's."""
-        from dataclasses import replace
+    def lr_of(self, method: str) -> float:
+        """The learning rate ``method`` trains with."""
+        return dict(self.lrs).get(method, self.lr)
 
-        spec = self if lr is None else replace(self, lr=lr)
+    def with_budget(self, steps: int | None = None, lr: float | None = None) -> GymSpec:
+        """This spec with another number of steps per run (evaluations at most every ``steps``) and/or one
+        learning rate for every method (replacing ``lrs``); None keeps the spec's."""
+        spec = self if lr is None else replace(self, lr=lr, lrs=())
         return spec if steps is None else replace(spec, steps=steps, eval_every=max(1, min(spec.eval_every, steps)))
 
     def key(self) -> str:
-        """Content hash of the spec: run folders live under it, so a changed budget never reuses old runs."""
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        """Content hash of the models and budgets: run folders live under it, so a changed budget never reuses
+        old runs (the learning rates are in each run's folder name instead)."""
+        blob = json.dumps({k: v for k, v in asdict(self).items() if k not in ("lr", "lrs")}, sort_keys=True,
+                          default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def teacher_plan(self) -> SFTPlan:
-        return SFTPlan(self.families, "teacher", examples=self.teacher_examples, steps=self.teacher_steps)
+        return SFTPlan(self.families, "teacher", recovery=self.teacher_recovery, examples=self.teacher_examples,
+                       steps=self.teacher_steps)
 
-    def student_plan(self, level: str) -> SFTPlan:
-        if level not in LEVELS:
-            raise ValueError(f"unknown mismatch level {level!r}: choose from {LEVELS}")
-        style = "teacher" if level == "matched" else level
-        return SFTPlan(self.families, style, noise=self.noise if level == "noisy" else 0.0,
-                       examples=self.teacher_examples, steps=self.student_steps, seed=1)
+    def student_plan(self, mismatch: float) -> SFTPlan:
+        (mismatch,) = check_mismatch([mismatch])
+        return SFTPlan(self.families, "teacher", alt_share=mismatch, examples=self.teacher_examples,
+                       steps=self.student_steps, lr=self.student_lr, schedule=self.student_schedule, seed=1)
 
 
 QUICK = GymSpec(teacher=DecoderSpec(hidden=32, layers=1, heads=2, intermediate=64), teacher_steps=30,
                 teacher_examples=600, student=DecoderSpec(hidden=16, layers=1, heads=2, intermediate=32),
-                student_steps=10, heldout=40, steps=4, prompts_per_step=4, rollouts_per_prompt=1, max_new_tokens=24,
-                eval_every=2)
+                student_steps=10, heldout=40, valid=20, steps=4, prompts_per_step=4, rollouts_per_prompt=1,
+                max_new_tokens=24, eval_every=2)
 
 
-def heldout_problems(spec: GymSpec):
+def eval_problems(spec: GymSpec, split: str = "heldout"):
+    """The problems a run is evaluated on: ``spec.heldout`` held-out ones, or ``spec.valid`` validation ones."""
     from tropd.gym.tasks import make_dataset
 
-    return make_dataset(list(spec.families), "heldout", spec.heldout, seed=0)
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"evaluation split must be one of {EVAL_SPLITS}, got {split!r}")
+    return make_dataset(list(spec.families), split, spec.heldout if split == "heldout" else spec.valid, seed=0)
 
 
-def _evaluator(spec: GymSpec, teacher_folder: Path | None):
-    """GymEval over the held-out problems (teacher NLL included when a teacher folder is given)."""
+def _evaluator(spec: GymSpec, teacher_folder: Path | None, split: str = "heldout"):
+    """GymEval over the evaluation problems (teacher NLL included when a teacher folder is given)."""
     from tropd.gym.evaluate import GymEval
     from tropd.gym.tokenizer import build_tokenizer
     from tropd.models import load_causal_lm
 
     teacher = load_causal_lm(teacher_folder)[0].eval() if teacher_folder is not None else None
-    return GymEval(heldout_problems(spec), build_tokenizer(), teacher, spec.max_new_tokens)
+    return GymEval(eval_problems(spec, split), build_tokenizer(), teacher, spec.max_new_tokens)
 
 
-def build_models(spec: GymSpec, levels: tuple[str, ...], root: Path | None = None,
+def build_models(spec: GymSpec, mismatches: Iterable[float], root: Path | None = None,
                  log: Callable[[str], None] = print) -> dict:
-    """Train (or find cached) the teacher and each level's starting student; returns their folders and the
-    held-out evaluation of each (``gym.json``)."""
+    """Train (or find cached) the teacher and the starting student of each knob value; returns their folders
+    (``students`` keyed by the float) and the held-out evaluation of each (``start_eval`` keyed by
+    :func:`mismatch_name`)."""
     log(f"teacher: {spec.teacher}, SFT {spec.teacher_steps} steps")
     teacher = trained_model(spec.teacher, spec.teacher_plan(), root, log,
                             evaluate=lambda m, tok: _eval_with(spec, None, m))
     out = {"teacher": str(teacher), "teacher_eval": model_info(teacher)["eval"], "students": {}, "start_eval": {}}
     log(f"teacher held-out accuracy: {out['teacher_eval']['accuracy']:.3f}")
-    for level in levels:
-        folder = trained_model(spec.student, spec.student_plan(level), root, log,
-                               evaluate=lambda m, tok: _eval_with(spec, teacher, m))
-        out["students"][level] = str(folder)
-        out["start_eval"][level] = model_info(folder)["eval"]
-        ev = out["start_eval"][level]
-        log(f"student '{level}': held-out accuracy {ev['accuracy']:.3f}, teacher NLL {ev['teacher_nll']:.3f}")
+    for mismatch in check_mismatch(mismatches):
+        folder = trained_model(spec.student, spec.student_plan(mismatch), root, log,
+                               evaluate=lambda m, tok: _eval_with(spec, teacher, m), init=teacher.name)
+        out["students"][mismatch] = str(folder)
+        ev = out["start_eval"][mismatch_name(mismatch)] = model_info(folder)["eval"]
+        log(f"student at mismatch {mismatch_name(mismatch)}: held-out accuracy {ev['accuracy']:.3f}, teacher NLL "
+            f"{ev['teacher_nll']:.3f}")
     return out
 
 
@@ -158,7 +199,7 @@ def _eval_with(spec: GymSpec, teacher_folder: Path | None, model) -> dict:
 @dataclass(frozen=True)
 class RunJob:
     spec: GymSpec
-    level: str
+    mismatch: float
     method: str
     seed: int
     teacher: str
@@ -166,15 +207,22 @@ class RunJob:
     workdir: str
     prompts: str
     threads: int = 1
+    split: str = "heldout"
+
+    @property
+    def lr(self) -> float:
+        return self.spec.lr_of(self.method)
 
 
 def run_folder(job: RunJob) -> Path:
-    """``<workdir>/<spec key>/<level>/<method>-seed<seed>``."""
-    return Path(job.workdir) / job.spec.key() / job.level / f"{job.method}-seed{job.seed}"
+    """``<workdir>/<spec key>/mismatch-<m>/<method>-lr<lr>-seed<seed>`` (``-valid`` appended when evaluated on the
+    validation split)."""
+    name = f"{job.method}-lr{job.lr:g}-seed{job.seed}" + ("-valid" if job.split == "valid" else "")
+    return Path(job.workdir) / job.spec.key() / f"mismatch-{mismatch_name(job.mismatch)}" / name
 
 
 def run_one(job: RunJob) -> dict:
-    """Train one (level, method, seed) and return its record (or the finished one found in its folder)."""
+    """Train one (mismatch, method, seed) and return its record (or the finished one found in its folder)."""
     run = run_folder(job)
     done = run / "record.json"
     if done.is_file():
@@ -198,13 +246,13 @@ def run_one(job: RunJob) -> dict:
         f"rollout.max_new_tokens={spec.max_new_tokens}", f"rollout.rollouts_per_prompt={spec.rollouts_per_prompt}",
         f"data.prompts={job.prompts}", "data.chat_template=false", "data.eval_prompts=0",
         f"train.steps={spec.steps}", f"train.prompts_per_step={spec.prompts_per_step}",
-        f"train.micro_batch_size={spec.prompts_per_step * spec.rollouts_per_prompt}", f"train.lr={spec.lr}",
+        f"train.micro_batch_size={spec.prompts_per_step * spec.rollouts_per_prompt}", f"train.lr={job.lr}",
         "train.sft_warmup_steps=0", "train.save_every=0", "train.progress=false", f"train.seed={job.seed}",
         f"train.eval_every={spec.eval_every}", f"train.output_dir={run}",
     ]
     cfg = load_config(None, overrides)
     start = time.perf_counter()
-    train_from_config(cfg, console=lambda *_: None, eval_fn=_evaluator(spec, Path(job.teacher)))
+    train_from_config(cfg, console=lambda *_: None, eval_fn=_evaluator(spec, Path(job.teacher), job.split))
     record = collect(run, job, time.perf_counter() - start)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     tmp = done.with_suffix(".tmp")
@@ -222,7 +270,7 @@ def collect(run: Path, job: RunJob, wall_s: float) -> dict:
     train = [r for r in rows if "step_time" in r]
     nan = float("nan")
     return {
-        "mismatch": job.level, "method": job.method, "seed": job.seed,
+        "mismatch": job.mismatch, "method": job.method, "seed": job.seed, "lr": job.lr, "split": job.split,
         "eval_steps": [int(r["step"]) for r in evals],
         "accuracy": [r["eval/accuracy"] for r in evals],
         "distinct": [r["eval/distinct"] for r in evals],
@@ -235,18 +283,17 @@ def collect(run: Path, job: RunJob, wall_s: float) -> dict:
     }
 
 
-def plan_jobs(spec: GymSpec, models: dict, levels: tuple[str, ...], seeds: dict[str, int], workdir: Path,
-              prompts: Path, threads: int = 1) -> list[RunJob]:
-    """Every (level, method, seed) job; the core comparison first so that it finishes before the rest."""
+def plan_jobs(spec: GymSpec, models: dict, mismatches: tuple[float, ...], seeds: dict[str, int], workdir: Path,
+              prompts: Path, threads: int = 1, split: str = "heldout") -> list[RunJob]:
+    """Every (mismatch, method, seed) job, seed by seed; the core comparison first within each."""
     order = sorted(seeds, key=lambda m: (m not in CORE, list(METHODS).index(m) if m in METHODS else 99))
     jobs = []
-    max_seeds = max(seeds.values(), default=0)
-    for seed in range(max_seeds):
-        for level in levels:
+    for seed in range(max(seeds.values(), default=0)):
+        for mismatch in mismatches:
             for method in order:
                 if seed < seeds[method]:
-                    jobs.append(RunJob(spec, level, method, seed, models["teacher"], models["students"][level],
-                                       str(workdir), str(prompts), threads))
+                    jobs.append(RunJob(spec, mismatch, method, seed, models["teacher"], models["students"][mismatch],
+                                       str(workdir), str(prompts), threads, split))
     return jobs
 
 
@@ -262,21 +309,21 @@ def write_prompts(spec: GymSpec, path: Path, n: int = 20000) -> Path:
     return path
 
 
-def run_gym(spec: GymSpec, seeds: dict[str, int], levels: tuple[str, ...], workdir: Path, workers: int = 2,
-            cache: Path | None = None, log: Callable[[str], None] = print) -> dict:
+def run_gym(spec: GymSpec, seeds: dict[str, int], mismatches: Iterable[float], workdir: Path, workers: int = 2,
+            cache: Path | None = None, log: Callable[[str], None] = print, split: str = "heldout") -> dict:
     """Build the models, run every job (``workers`` processes of one thread each), return runs and context."""
     for method in seeds:
         method_objective(method)
-    for level in levels:
-        if level not in LEVELS:
-            raise ValueError(f"unknown mismatch level {level!r}: choose from {LEVELS}")
+    mismatches = check_mismatch(mismatches)
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"evaluation split must be one of {EVAL_SPLITS}, got {split!r}")
     workdir = Path(workdir)
     start = time.perf_counter()
     quiet_progress_bars()
-    models = build_models(spec, levels, cache, log)
+    models = build_models(spec, mismatches, cache, log)
     prompts = write_prompts(spec, workdir / spec.key() / "prompts.jsonl",
                             n=min(20000, max(200, spec.steps * spec.prompts_per_step)))
-    jobs = plan_jobs(spec, models, levels, seeds, workdir, prompts)
+    jobs = plan_jobs(spec, models, mismatches, seeds, workdir, prompts, split=split)
     log(f"{len(jobs)} runs ({workers} at a time) in {workdir}")
     runs = []
     if workers <= 1:
@@ -294,7 +341,8 @@ def run_gym(spec: GymSpec, seeds: dict[str, int], levels: tuple[str, ...], workd
         "teacher_distinct": models["teacher_eval"]["distinct"],
         "teacher_eval": models["teacher_eval"],
         "mismatch_start": models["start_eval"],
-        "heldout_problems": spec.heldout,
+        "eval_split": split,
+        "eval_problems": spec.heldout if split == "heldout" else spec.valid,
         "spec": _jsonable(asdict(spec)),
         "seeds": seeds,
         "wall_s": round(time.perf_counter() - start, 1),
@@ -311,10 +359,10 @@ def write_outputs(result: dict, out: Path, stem: str, meta: dict, compare: tuple
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs, context = result["runs"], result["context"]
-    levels, methods = list(LEVELS), list(METHODS)
+    methods = list(METHODS)
 
-    def rank(r: dict) -> tuple:  # level, then method in table order (others by name), then seed
-        return (levels.index(r["mismatch"]), methods.index(r["method"]) if r["method"] in methods else len(methods),
+    def rank(r: dict) -> tuple:  # knob value, then method in table order (others by name), then seed
+        return (float(r["mismatch"]), methods.index(r["method"]) if r["method"] in methods else len(methods),
                 r["method"], r["seed"])
 
     runs = sorted(runs, key=rank)
@@ -330,8 +378,8 @@ def write_outputs(result: dict, out: Path, stem: str, meta: dict, compare: tuple
 
 def _progress(log, record: dict, done: int, total: int) -> None:
     acc = record["accuracy"]
-    log(f"[{done}/{total}] {record['mismatch']:8s} {record['method']:13s} seed {record['seed']}: accuracy "
-        f"{acc[0]:.3f} -> {acc[-1]:.3f} ({record['wall_s']:.0f}s)")
+    log(f"[{done}/{total}] mismatch {mismatch_name(record['mismatch']):5s} {record['method']:13s} seed "
+        f"{record['seed']} (lr {record['lr']:g}): accuracy {acc[0]:.3f} -> {acc[-1]:.3f} ({record['wall_s']:.0f}s)")
 
 
 def _jsonable(value):

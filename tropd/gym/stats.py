@@ -2,7 +2,7 @@
 
 A *run record* is one dict per training run (as read from JSON)::
 
-    {"mismatch": "alt", "method": "tropd", "seed": 3,
+    {"mismatch": 0.5, "method": "tropd", "seed": 3,
      "eval_steps": [0, 25, 50, ...],   # steps at which the held-out eval ran (0 = before training)
      "accuracy": [0.41, 0.52, ...],    # held-out exact-match accuracy in [0, 1] at each eval step
      "distinct": [0.8, ...],           # distinct-token ratio of the greedy held-out answers at each eval step
@@ -15,7 +15,10 @@ A *run record* is one dict per training run (as read from JSON)::
 then NaN and the collapse branches that need them are false). The *context* dict describes the setting::
 
     {"teacher_accuracy": 0.97, "teacher_distinct": 0.75, "heldout_problems": 600,
-     "mismatch_start": {"alt": {"accuracy": 0.4, "teacher_nll": 1.1}, ...}, ...}
+     "mismatch_start": {"0.5": {"accuracy": 0.4, "teacher_nll": 1.1}, ...}, ...}
+
+``mismatch`` is the knob's value (a share in [0, 1]; any label works, e.g. ``"alt"``); ``mismatch_start`` is keyed
+by :func:`level_name` of it.
 
 Conventions: "final" is the last eval point of a run; "AUC" is the plain mean of a run's accuracy over its eval
 points; every per-(mismatch, method) mean is over seeds, with a 95% Student-t confidence interval
@@ -213,13 +216,20 @@ def accuracy_auc(run: dict) -> float:
     return mean_ci(run.get("accuracy") or [])[0]
 
 
+def level_name(mismatch: Any) -> str:
+    """A mismatch level as text: a number in ``g`` format (``0.25``, ``1``), anything else as given."""
+    if isinstance(mismatch, (int, float)) and not isinstance(mismatch, bool):
+        return f"{float(mismatch):g}"
+    return str(mismatch)
+
+
 def start_accuracy(run: dict, context: dict | None = None) -> float:
-    """Accuracy at step 0: the eval at ``eval_steps == 0``, else ``context["mismatch_start"][mismatch]["accuracy"]``,
-    else NaN."""
+    """Accuracy at step 0: the eval at ``eval_steps == 0``, else
+    ``context["mismatch_start"][level_name(mismatch)]["accuracy"]``, else NaN."""
     steps, acc = run.get("eval_steps") or [], run.get("accuracy") or []
     if 0 in steps and steps.index(0) < len(acc):
         return float(acc[steps.index(0)])
-    start = ((context or {}).get("mismatch_start") or {}).get(run.get("mismatch"), {})
+    start = ((context or {}).get("mismatch_start") or {}).get(level_name(run.get("mismatch")), {})
     return float(start.get("accuracy", math.nan))
 
 
@@ -399,6 +409,24 @@ def _level_table(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _knob_table(summary: list[dict]) -> list[str]:
+    """Final accuracy (and gain from start) of every method at every mismatch level: the knob as a table."""
+    levels = list(dict.fromkeys(r["mismatch"] for r in summary))
+    if len(levels) < 2:
+        return []
+    cells = {(r["mismatch"], r["method"]): r for r in summary}
+    lines = ["## Final accuracy along the mismatch knob", "",
+             "Mean ± 95% t interval over seeds, in %; in parentheses, the gain over each run's start in points.", "",
+             "| method | " + " | ".join(f"mismatch {level_name(m)}" for m in levels) + " |",
+             "|---|" + "---|" * len(levels)]
+    for method in dict.fromkeys(r["method"] for r in summary):
+        row = [cells.get((m, method)) for m in levels]
+        lines.append(f"| {method} | " + " | ".join(
+            "–" if r is None else f"{_pct(r['final_acc'], r['final_acc_ci'])} ({_pct(r['gain'], r['gain_ci'], True)})"
+            for r in row) + " |")
+    return lines + [""]
+
+
 def _comparison_table(comps: list[dict]) -> list[str]:
     if not comps:
         return ["No paired comparison: no mismatch level has seeds run by both methods.", ""]
@@ -408,7 +436,7 @@ def _comparison_table(comps: list[dict]) -> list[str]:
               "better | CI excludes 0 |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for c in comps:
         ci = "–" if math.isnan(c["half_width"]) else f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"
-        lines.append(f"| {c['mismatch']} | {c['a']} − {c['b']} | {c['metric']} | {c['n']} | "
+        lines.append(f"| {level_name(c['mismatch'])} | {c['a']} − {c['b']} | {c['metric']} | {c['n']} | "
                      f"{_pct(c['mean_diff'], signed=True)} | {ci} | "
                      f"{_p(c['p_t'])} | {_p(c['p_perm'])} | {c['better']} | "
                      f"{'yes' if c['ci_excludes_zero'] else 'no'} |")
@@ -425,8 +453,10 @@ def write_markdown(summary: list[dict], comps: list[dict], context: dict, path: 
         lines += [f"![held-out accuracy over training]({meta['plot']})", ""]
     lines += [("Accuracies in %, mean ± 95% t interval over seeds (no interval when n = 1); Δ from start = final − "
                "accuracy at step 0; AUC = mean accuracy over the eval points."), ""]
+    lines += _knob_table(summary)
     for mismatch in dict.fromkeys(r["mismatch"] for r in summary):
-        lines += [f"## Mismatch: {mismatch}", ""] + _level_table([r for r in summary if r["mismatch"] == mismatch])
+        lines += [f"## Mismatch {level_name(mismatch)}", ""] + _level_table([r for r in summary
+                                                                              if r["mismatch"] == mismatch])
     lines += ["## Paired comparison", ""] + _comparison_table(comps)
     lines += ["## Collapse rule", "", COLLAPSE_RULE, ""]
     Path(path).write_text("\n".join(lines))
@@ -451,10 +481,11 @@ def _curve(rs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def plot(runs: Iterable[dict], path: str | Path, context: dict | None = None) -> None:
-    """One PNG: a panel per mismatch level (order of first appearance), held-out accuracy (%) against training
-    step, one line per method (mean over seeds) with a ±1 standard-error band (none for one seed); colours are
-    fixed per method across panels, :data:`HIGHLIGHT` methods are thicker, the legend sits right of the panels.
-    With ``context["teacher_accuracy"]`` a dotted teacher line is drawn."""
+    """One PNG. Top: final held-out accuracy (%) against the mismatch knob, one line per method (mean over seeds)
+    with its 95% t-interval band (numeric levels on a numeric axis, others in order of first appearance).
+    Bottom: a panel per mismatch level, accuracy against training step (mean, ±1 standard-error band). Colours
+    are fixed per method, :data:`HIGHLIGHT` methods are thicker, the legend sits right of the panels; with
+    ``context["teacher_accuracy"]`` a dotted teacher line is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -463,37 +494,59 @@ def plot(runs: Iterable[dict], path: str | Path, context: dict | None = None) ->
     groups = group_runs(runs)
     levels = list(dict.fromkeys(m for m, _ in groups))
     methods = list(dict.fromkeys(meth for _, meth in groups))
+    numeric = all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in levels)
+    xs = {m: (float(m) if numeric else i) for i, m in enumerate(levels)}
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     colors = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, max(1, len(levels)), squeeze=False, sharey=True,
-                             figsize=(1.5 + 4.2 * max(1, len(levels)), 4.0))
+    n = max(1, len(levels))
+    fig = plt.figure(figsize=(1.5 + 3.6 * max(2, n), 8.0))
+    grid = fig.add_gridspec(2, n)
+    top = fig.add_subplot(grid[0, :])
+    curves = [fig.add_subplot(grid[1, i]) for i in range(n)]
     teacher = (context or {}).get("teacher_accuracy")
     try:
-        for ax, level in zip(axes[0], levels):
+        for method in methods:
+            at = [m for m in levels if (m, method) in groups]
+            stats = [mean_ci(final_accuracy(r) for r in groups[(m, method)].values()) for m in at]
+            x = np.array([xs[m] for m in at])
+            mean = np.array([st[0] for st in stats])
+            hw = np.array([st[1] for st in stats])
+            wide = method in HIGHLIGHT
+            top.plot(x, 100 * mean, color=colors[method], lw=2.6 if wide else 1.3, marker="o", markersize=4,
+                     zorder=3 if wide else 2, label=method)
+            if np.isfinite(hw).any():
+                top.fill_between(x, 100 * (mean - hw), 100 * (mean + hw), color=colors[method], alpha=0.15,
+                                 linewidth=0, zorder=1)
+        top.set_xticks([xs[m] for m in levels], [level_name(m) for m in levels])
+        top.set_xlabel("mismatch (share of alt-style traces in the student's SFT data)" if numeric else "mismatch")
+        top.set_ylabel("final held-out accuracy (%)")
+        top.set_title("final accuracy along the mismatch knob (mean over seeds, 95% t interval)")
+        top.grid(alpha=0.3)
+        for ax, level in zip(curves, levels):
             for method in methods:
                 if (level, method) not in groups:
                     continue
-                rs = list(groups[(level, method)].values())
-                x, mean, se = _curve(rs)
+                x, mean, se = _curve(list(groups[(level, method)].values()))
                 wide = method in HIGHLIGHT
-                ax.plot(x, 100 * mean, color=colors[method], lw=2.6 if wide else 1.3, zorder=3 if wide else 2,
-                        marker="o" if len(x) <= 12 else None, markersize=3, label=f"{method}")
+                ax.plot(x, 100 * mean, color=colors[method], lw=2.2 if wide else 1.1, zorder=3 if wide else 2,
+                        marker="o" if len(x) <= 12 else None, markersize=2.5)
                 if np.isfinite(se).any():
                     ax.fill_between(x, 100 * (mean - se), 100 * (mean + se), color=colors[method], alpha=0.18,
                                     linewidth=0, zorder=1)
-            if teacher is not None:
-                ax.axhline(100 * teacher, color="0.3", linestyle=":", linewidth=1, label="teacher")
-            ax.set_title(f"mismatch: {level}")
+            ax.set_title(f"mismatch {level_name(level)}", fontsize=9)
             ax.set_xlabel("training step")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
-        axes[0, 0].set_ylabel("held-out accuracy (%)")
-        handles = {}
-        for ax in axes[0]:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(lab, h)
-        if handles:
-            fig.legend(list(handles.values()), list(handles.keys()), loc="center left", bbox_to_anchor=(1.0, 0.5),
-                       fontsize=8, title="method (mean ± 1 SE)", title_fontsize=8)
+        curves[0].set_ylabel("held-out accuracy (%, ±1 SE)")
+        for ax in [top, *curves]:
+            if teacher is not None:
+                ax.axhline(100 * teacher, color="0.3", linestyle=":", linewidth=1,
+                           label="teacher" if ax is top else None)
+            low, high = ax.get_ylim()
+            if high - low < 5:  # e.g. every accuracy 0: show a readable range, not ±0.04%
+                mid = (low + high) / 2
+                ax.set_ylim(mid - 2.5, mid + 2.5)
+        top.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="method", title_fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=100, bbox_inches="tight")
     finally:

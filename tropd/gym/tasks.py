@@ -40,9 +40,10 @@ for ``sort`` anywhere in the step) replaced by a different digit -- no leading z
 marker stays correct. The draws come from ``(seed, problem)`` and are nested across noise levels: the steps
 corrupted at noise 0.2 are also corrupted, identically, at 0.5.
 
-Splits: a problem's canonical string is its ``key``, ``"<family>:<prompt>"`` (e.g. ``"add:345+678="``); it is in
-``"heldout"`` iff ``int(sha256(key)[:8 bytes]) % 10 == 0`` (about 10%), else in ``"train"``. The split never depends
-on the difficulty or the seed, so the splits are disjoint across difficulties and seeds too.
+Splits: a problem's canonical string is its ``key``, ``"<family>:<prompt>"`` (e.g. ``"add:345+678="``); with
+``h = int(sha256(key)[:8 bytes]) % 10`` it is in ``"heldout"`` iff ``h == 0`` (about 10%), in ``"valid"`` iff
+``h == 1`` (about 10%: for choices such as learning rates, never the held-out set), else in ``"train"``. The split
+never depends on the difficulty or the seed, so the splits are disjoint across difficulties and seeds too.
 
 Sampling: ``problems(split, n, seed)`` walks a seeded pseudorandom permutation of the family's finite problem space
 (a Feistel network with cycle walking) and keeps the problems of ``split``, so its result is deterministic, free
@@ -60,9 +61,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 ANSWER_MARKER = "####"
-SPLITS: tuple[str, ...] = ("train", "heldout")
+SPLITS: tuple[str, ...] = ("train", "valid", "heldout")
 STYLES: tuple[str, ...] = ("teacher", "alt")
-HELDOUT_MODULUS = 10  # a problem is held out iff hash(key) % HELDOUT_MODULUS == 0
+HELDOUT_MODULUS = 10  # hash(key) % HELDOUT_MODULUS: 0 held out, 1 validation, else train
 
 
 # --------------------------------------------------------------------------------------------- problems, splits
@@ -91,14 +92,15 @@ class Problem:
 
     @property
     def split(self) -> str:
-        """``"train"`` or ``"heldout"`` (see :func:`split_of`)."""
+        """``"train"``, ``"valid"`` or ``"heldout"`` (see :func:`split_of`)."""
         return split_of(self.key)
 
 
 def split_of(key: str) -> str:
-    """``"heldout"`` iff the first 8 bytes of ``sha256(key)`` (big-endian) are 0 mod 10, else ``"train"``."""
+    """With ``h`` the first 8 bytes of ``sha256(key)`` (big-endian) mod 10: ``"heldout"`` iff ``h == 0``,
+    ``"valid"`` iff ``h == 1``, else ``"train"``."""
     digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return "heldout" if int.from_bytes(digest[:8], "big") % HELDOUT_MODULUS == 0 else "train"
+    return {0: "heldout", 1: "valid"}.get(int.from_bytes(digest[:8], "big") % HELDOUT_MODULUS, "train")
 
 
 def make_completion(trace: str, answer: str) -> str:
