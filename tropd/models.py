@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from tropd.files import write_text_atomic
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SOURCE_MARKER = "tropd_source.json"
 
@@ -452,10 +454,7 @@ def _gguf_digest(gguf: Path, root: Path) -> tuple[str, Callable[[], None]]:
 
     def remember() -> None:
         try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
-            os.replace(tmp, memo)
+            write_text_atomic(memo, json.dumps({"stamp": stamp, "sha256": digest}))
         except OSError:  # only an optimisation: the next load hashes the file again
             pass
 

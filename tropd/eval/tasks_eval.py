@@ -7,11 +7,10 @@ prompts that carry a grading reference, so training-time and standalone scores a
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 from tropd.eval.metrics import summarize
+from tropd.files import write_text_atomic
 from tropd.rollout import RowStreams, SamplingConfig, sample
 from tropd.tasks import Example, get_suite, grade_batch, list_suites
 from tropd.tasks.encoding import encode_prompt
@@ -104,7 +103,7 @@ def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_n
             results[task] = r
             payload["complete"] = i == len(tasks)
             if json_path:
-                write_json_atomic(json_path, payload)
+                write_text_atomic(json_path, json.dumps(payload, indent=2))  # an interruption keeps the last
             scores = " ".join(f"{k}={r[k]:.3f}" for k in ("avg@n", *[f"pass@{k}" for k in ks]))
             console(f"[{i}/{len(tasks)}] {task}: {scores} ({int(r['problems'])} problems, "
                     f"{r['mean_response_tokens']:.1f} mean tokens, {r['truncation_rate']:.2f} truncated, "
@@ -125,15 +124,3 @@ def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_n
         console(f"wrote {json_path}")
     return payload
 
-
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` through a temporary file and ``os.replace``: a reader (or a crash) never
-    sees a half-written file, only the previous version or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

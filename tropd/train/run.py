@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tropd.eval.distill import DistillEval
+from tropd.files import write_text_atomic
 from tropd.forward import enable_gradient_checkpointing
 from tropd.models import (check_compatible, check_models_compatible, load_causal_lm, logits_vocab_size,
                           prepare_tokenizer, prune_layers, quiet_progress_bars, smollm2_gguf_path)
@@ -221,9 +222,7 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
                "report": str(report), "eval_before": result.get("eval_before", {}),
                "eval_after": result.get("eval_after", {}), "nonfinite_steps": result["nonfinite_steps"],
                "wall_time_s": round(time.perf_counter() - t0, 1), "num_processes": accelerator.num_processes}
-    tmp = done_file.with_name(f".summary.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, done_file)
+    write_text_atomic(done_file, json.dumps(summary, indent=2))
     return {**summary, "main_process": True}
 
 
