@@ -68,9 +68,9 @@ def test_dispatch_trb(student, teacher, prompts):
 
 
 def test_dispatch_gkd_and_teacher(student, teacher, prompts):
-    b = _collect(student, teacher, prompts, Needs(teacher_logits=True, rollout="gkd_mixed"), gkd_lambda=0.0)
+    b = _collect(student, teacher, prompts, Needs(teacher_logits=True, rollout="gkd_mixed", on_policy_fraction=0.0))
     assert b.teacher_rows.all() and not b.teacher_token_mask.any()
-    with pytest.raises(ValueError, match="gkd_lambda"):
+    with pytest.raises(ValueError, match="on_policy_fraction"):
         _collect(student, teacher, prompts, Needs(rollout="gkd_mixed"))
     sft = _collect(student, teacher, prompts, Needs(teacher_logprobs=False, rollout="teacher"))
     assert torch.equal(sft.teacher_token_mask, sft.loss_mask) and sft.teacher_rows.all()

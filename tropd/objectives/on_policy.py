@@ -10,7 +10,8 @@ import torch
 
 from tropd.objectives import terms
 from tropd.objectives.base import DEFAULT_TAU, Objective
-from tropd.objectives.registry import Needs, register
+from tropd.needs import Needs
+from tropd.objectives.registry import register
 
 
 def _validate_top_k(name: str, top_k: int) -> int:

@@ -5,7 +5,7 @@
 | ``"student"`` | False, or guidance disabled | :func:`~tropd.rollout.sampling.sample` (plain on-policy) |
 | ``"student"`` | True and enabled | :func:`~tropd.rollout.guidance.sample_with_guidance` (docs/method.md §4.2) |
 | ``"trb_blend"`` | False | :func:`~tropd.rollout.trb.sample_trb` with ``ε = trb_budget(step)`` (docs/method.md §4.3) |
-| ``"gkd_mixed"`` | False | :func:`~tropd.rollout.gkd.sample_gkd_mixed` with λ = ``gkd_lambda`` |
+| ``"gkd_mixed"`` | False | :func:`~tropd.rollout.gkd.sample_gkd_mixed` with λ = ``needs.on_policy_fraction`` |
 | ``"teacher"`` | False | :func:`~tropd.rollout.sampling.sample_teacher` (supervised KD on teacher text) |
 
 The batch always lives on the student's device.
@@ -17,7 +17,7 @@ from typing import Sequence
 
 from torch import nn
 
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 from tropd.rollout.batch import RolloutBatch
 from tropd.rollout.gkd import sample_gkd_mixed
 from tropd.rollout.guidance import GuidanceConfig, sample_with_guidance
@@ -29,11 +29,10 @@ from tropd.rollout.trb import TRBConfig, sample_trb, trb_budget
 def collect_rollouts(student: nn.Module, teacher: nn.Module | None, prompts: Sequence[Sequence[int]],
                      cfg: SamplingConfig, needs: Needs, *, step: int, total_steps: int,
                      streams: RowStreams | int | None = None, guidance_settings: GuidanceConfig | None = None,
-                     trb_settings: TRBConfig | None = None, gkd_lambda: float | None = None) -> RolloutBatch:
+                     trb_settings: TRBConfig | None = None) -> RolloutBatch:
     """Draw one batch of rollouts (one per prompt) for training step ``step`` of ``total_steps``.
 
-    ``guidance_settings`` defaults to ``GuidanceConfig()`` and ``trb_settings`` to ``TRBConfig()``; ``gkd_lambda``
-    (the on-policy fraction λ) is required for ``"gkd_mixed"``. ``teacher`` may be None only when the chosen
+    ``guidance_settings`` defaults to ``GuidanceConfig()`` and ``trb_settings`` to ``TRBConfig()``. ``teacher`` may be None only when the chosen
     path never needs it (plain student rollouts). ``streams``: the rows' random streams
     (:meth:`RowStreams.resolve`).
     """
@@ -60,10 +59,9 @@ def collect_rollouts(student: nn.Module, teacher: nn.Module | None, prompts: Seq
         batch = sample_trb(student, need_teacher() if eps > 0 else student, prompts, cfg, eps=eps,
                            iters=trb.iters, streams=streams)
     elif kind == "gkd_mixed":
-        if gkd_lambda is None:
-            raise ValueError("gkd_mixed rollouts need gkd_lambda (the on-policy fraction λ)")
-        batch = sample_gkd_mixed(student, need_teacher() if gkd_lambda < 1.0 else student, prompts, cfg,
-                                 lmbda=gkd_lambda, streams=streams)
+        lmbda = needs.on_policy_fraction
+        batch = sample_gkd_mixed(student, need_teacher() if lmbda < 1.0 else student, prompts, cfg, lmbda=lmbda,
+                                 streams=streams)
     elif kind == "teacher":
         batch = sample_teacher(need_teacher(), prompts, cfg, streams=streams)
     else:

@@ -16,7 +16,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 from tropd.rollout.batch import RolloutBatch
 from tropd.rollout.collect import collect_rollouts
 from tropd.rollout.guidance import GuidanceConfig
@@ -36,7 +36,7 @@ class RolloutRequest:
         first_row, total_rows: the global index (in the step's batch of rollouts, all processes) of the first
             prompt, and the size of that batch. Random draws depend on ``(seed, global_step, row)`` only, never
             on the process or the batch composition (:attr:`streams`); ``total_rows`` 0 means this batch alone.
-        guidance, trb: settings; ``gkd_lambda``: GKD's on-policy fraction λ.
+        guidance, trb: the run's guidance and TRB settings.
     """
 
     needs: Needs
@@ -48,7 +48,6 @@ class RolloutRequest:
     total_rows: int = 0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     trb: TRBConfig = field(default_factory=TRBConfig)
-    gkd_lambda: float = 1.0
 
     def streams(self, num_rows: int) -> RowStreams:
         """The random streams of this request's ``num_rows`` rows (:class:`~tropd.rollout.streams.RowStreams`)."""
@@ -76,5 +75,4 @@ class KVCacheSampler:
         return collect_rollouts(self.student, self.teacher, prompts, self.sampling, request.needs,
                                 step=request.step, total_steps=request.total_steps,
                                 streams=request.streams(len(prompts)),
-                                guidance_settings=request.guidance, trb_settings=request.trb,
-                                gkd_lambda=request.gkd_lambda)
+                                guidance_settings=request.guidance, trb_settings=request.trb)

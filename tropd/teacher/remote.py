@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 from tropd.rollout.batch import RolloutBatch, RolloutRow
 from tropd.rollout.sampling import SamplingConfig
 from tropd.teacher import wire

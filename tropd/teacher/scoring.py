@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 
 from tropd.forward import response_hidden
 from tropd.objectives.head import LMHead
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import nn
 
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 from tropd.rollout.batch import RolloutBatch
 from tropd.teacher.scoring import TeacherScores, score_with_teacher
 

@@ -30,7 +30,7 @@ import torch
 from fastapi import FastAPI, HTTPException, Request  # the `server` extra; FastAPI resolves these names globally
 from fastapi.responses import Response
 
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 from tropd.rollout.batch import left_pad
 from tropd.rollout.sampling import SamplingConfig, decode, inference_mode, plain_combine, rows_from_decode
 from tropd.teacher import wire

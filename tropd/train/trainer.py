@@ -173,7 +173,7 @@ class Trainer:
             for i in range(0, len(prompts), cfg.rollout.batch_size):
                 request = RolloutRequest(objective.needs, phase_step, phase_steps, seed=cfg.train.seed,
                                          global_step=step, first_row=start + i, total_rows=self.rows_per_step,
-                                         guidance=cfg.guidance, trb=cfg.trb, gkd_lambda=getattr(objective, "lmbda", 1.0))
+                                         guidance=cfg.guidance, trb=cfg.trb)
                 batch = self.sampler.sample(prompts[i:i + cfg.rollout.batch_size], request).to(self.device)
                 for j in range(0, batch.batch_size, cfg.train.micro_batch_size):
                     micro.append(MicroBatch(start + i + j, batch.rows(j, j + cfg.train.micro_batch_size)))
