@@ -153,7 +153,7 @@ def shared_eval(plan: Plan, work: Path):
     from tropd.models import prepare_tokenizer
     from tropd.tasks.encoding import encode_prompt
     from tropd.train.prompts import prompts_for
-    from tropd.train.run import load_named_model, resolve_device
+    from tropd.models import load_named_model, resolve_device
 
     cfg = _config(plan, work / "eval-config", [])
     teacher, tok = load_named_model(plan.teacher, device=resolve_device(cfg.model.device))

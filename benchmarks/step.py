@@ -164,7 +164,7 @@ def trl_worker(kind: str, args, workdir: Path) -> dict:
     from transformers import TrainerCallback
 
     from tropd.models import prepare_tokenizer, prune_layers
-    from tropd.train.run import load_named_model
+    from tropd.models import load_named_model
 
     teacher_path, layers = _models(args.quick, workdir)
     teacher, tok = load_named_model(teacher_path)

@@ -120,7 +120,7 @@ def _cmd_serve_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge_lora(args: argparse.Namespace) -> int:
-    from tropd.lora import merge_checkpoint
+    from tropd.train.merge import merge_checkpoint
 
     merge_checkpoint(args.checkpoint, args.out)
     return 0

@@ -82,11 +82,10 @@ def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_n
         raise ValueError(f"--tasks: unknown suite(s) {', '.join(unknown)}; available: {', '.join(list_suites())}")
     if n < 1 or limit < 1:
         raise ValueError("--n and --limit must be >= 1")
-    from tropd.models import load_causal_lm, prepare_tokenizer, quiet_progress_bars, smollm2_gguf_path
+    from tropd.models import load_named_model, prepare_tokenizer, quiet_progress_bars
 
     quiet_progress_bars()
-    path = str(smollm2_gguf_path()) if model == "smollm2" else model
-    lm, tok = load_causal_lm(path)
+    lm, tok = load_named_model(model)
     prepare_tokenizer(tok)
     ks = sorted({1, n})
     results: dict[str, dict] = {}

@@ -248,11 +248,11 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, token: str | No
     as ``tropd serve-teacher: listening on http://HOST:PORT``."""
     import uvicorn
 
-    from tropd.train.run import _DTYPES, load_named_model, resolve_device
+    from tropd.models import DTYPES, load_named_model, resolve_device
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
-    loaded, tokenizer = load_named_model(model, _DTYPES[dtype], resolve_device(device))
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use {', '.join(DTYPES)}")
+    loaded, tokenizer = load_named_model(model, DTYPES[dtype], resolve_device(device))
     engine = HFEngine(loaded, tokenizer, model, chunk_size)
     app = create_app(engine, token, max_batch_rows)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

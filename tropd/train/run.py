@@ -13,8 +13,8 @@ import torch
 from tropd.eval.distill import DistillEval
 from tropd.files import write_text_atomic
 from tropd.forward import enable_gradient_checkpointing
-from tropd.models import (check_compatible, check_models_compatible, load_causal_lm, logits_vocab_size,
-                          prepare_tokenizer, prune_layers, quiet_progress_bars, smollm2_gguf_path)
+from tropd.models import (DTYPES, base_student, check_compatible, check_models_compatible, load_causal_lm,
+                          load_named_model, logits_vocab_size, prepare_tokenizer, quiet_progress_bars, resolve_device)
 from tropd.rollout.sampler import KVCacheSampler, Sampler
 from tropd.tasks.encoding import encode_prompt
 from tropd.teacher import InProcessTeacher
@@ -24,15 +24,6 @@ from tropd.train.prompts import prompts_for
 from tropd.train.resume import open_run, write_run_config
 from tropd.train.sharding import shard_student
 from tropd.train.trainer import Trainer, sampling_config
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 _REFUSE_SHARDING = ("accelerate is configured for {}, which tropd does not run (its sampler must gather the student's "
                     "weights to decode, see docs/scaling.md): launch plain data parallel (accelerate launch "
@@ -69,35 +60,6 @@ def build_accelerator(cfg: RunConfig):
     return accelerator
 
 
-def load_named_model(path: str, dtype=torch.float32, device="cpu"):
-    """``(model, tokenizer)`` from an HF folder, a .gguf file, or 'smollm2' (the embedded teacher)."""
-    if path == "smollm2":
-        path = str(smollm2_gguf_path())
-    return load_causal_lm(path, dtype=dtype, device=device)
-
-
-def build_base_student(cfg: RunConfig, device, teacher=None, tok=None):
-    """``(student, tokenizer)`` as a run starts: ``model.student`` loaded, else derived from the teacher (pruned to
-    ``model.student_layers``, or a copy), in ``model.dtype``. ``teacher``/``tok``: the run's teacher when loaded
-    (else it is loaded here, in ``model.teacher_dtype`` as the run loads it). Under LoRA self-distillation the
-    student is the teacher module itself (the adapters go on top of it; no copy)."""
-    m = cfg.model
-    dtype = _DTYPES[m.dtype]
-    if m.student is not None:
-        return load_named_model(m.student, dtype, device)
-    if teacher is None:
-        teacher, tok = load_named_model(m.teacher, _DTYPES[m.teacher_dtype or m.dtype], device)
-    if m.student_layers is not None:
-        student = prune_layers(teacher, m.student_layers)
-    elif m.shares_teacher_base():
-        student = teacher
-    else:
-        import copy
-
-        student = copy.deepcopy(teacher)
-    return student.to(dtype), tok
-
-
 def build_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.device | str | None = None):
     """``(student, teacher, tokenizer)`` on ``device`` (default: ``model.device``): the teacher frozen in
     ``model.teacher_dtype``; the student in ``model.dtype`` (float32 master weights), loaded, derived from the
@@ -115,12 +77,12 @@ def build_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.
         teacher = RemoteTeacher(m.teacher, timeout_s=m.teacher_timeout, retry_s=m.teacher_retry_s)
         tok = None
     else:
-        teacher, tok = load_named_model(m.teacher, _DTYPES[m.teacher_dtype or m.dtype], device)
+        teacher, tok = load_named_model(m.teacher, DTYPES[m.teacher_dtype or m.dtype], device)
         teacher.requires_grad_(False).eval()
     if resume_from is not None and not is_adapter_folder(resume_from):
-        student, student_tok = load_causal_lm(resume_from, dtype=_DTYPES[m.dtype], device=device)
+        student, student_tok = load_causal_lm(resume_from, dtype=DTYPES[m.dtype], device=device)
     else:
-        student, student_tok = build_base_student(cfg, device, teacher, tok)
+        student, student_tok = base_student(m, device, teacher, tok)
     student.requires_grad_(True)
     prepare_tokenizer(student_tok)
     if isinstance(teacher, RemoteTeacher):
