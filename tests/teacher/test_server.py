@@ -26,7 +26,7 @@ from tests.train.runs import final_weights, save_teacher, write_config
 from tropd.models import prune_layers
 from tropd.objectives.registry import Needs
 from tropd.rollout import RowStreams, SamplingConfig, sample
-from tropd.rollout.sampling import sample_rows
+from tropd.rollout.sampling import teacher_rows
 from tropd.teacher import InProcessTeacher
 from tropd.teacher.remote import RemoteTeacher, TeacherServerError
 
@@ -111,8 +111,8 @@ def test_written_rows_equal_in_process_rows(dirs, url):
     cfg = SamplingConfig(max_new_tokens=6, eos_token_ids=(2, 3), pad_token_id=0, temperature=0.9, top_p=0.95)
     contexts, budgets = [[5, 6], [7, 8, 9, 10], [11]], torch.tensor([6, 2, 4])
     streams = RowStreams.of(3, 3, step=5)
-    local = sample_rows(teacher, contexts, cfg, budgets, streams, "teacher")
-    remote = sample_rows(RemoteTeacher(url), contexts, cfg, budgets, streams, "teacher")
+    local = teacher_rows(InProcessTeacher(teacher), contexts, cfg, budgets, streams)
+    remote = teacher_rows(RemoteTeacher(url), contexts, cfg, budgets, streams)
     for a, b in zip(local, remote):
         assert a.tokens.tolist() == b.tokens.tolist() and (a.eos, a.truncated) == (b.eos, b.truncated)
         torch.testing.assert_close(b.behavior_logprobs, a.behavior_logprobs, atol=1e-5, rtol=0)

@@ -11,7 +11,9 @@ import time
 
 from tropd.eval.metrics import summarize
 from tropd.files import write_text_atomic
-from tropd.rollout import RowStreams, SamplingConfig, sample
+from torch import nn
+
+from tropd.rollout import RowStreams, SamplingConfig, sample, sample_teacher
 from tropd.tasks import Example, get_suite, grade_batch, list_suites
 from tropd.tasks.encoding import encode_prompt
 
@@ -19,7 +21,8 @@ from tropd.tasks.encoding import encode_prompt
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
              seed: int = 0, batch_size: int = 16, desc: str | None = None) -> tuple[list[list[int]], list[bool]]:
     """One response per prompt with the rollout sampler (``temperature=0``: greedy): token ids up to and
-    including EOS, and whether each hit ``max_new_tokens``."""
+    including EOS, and whether each hit ``max_new_tokens``. ``model`` is a model in this process, or a
+    :class:`~tropd.teacher.Teacher` (which writes the responses wherever it runs)."""
     eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
                          temperature=temperature)
@@ -29,9 +32,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompt_ids), desc=desc, unit="sample", leave=False)
+    draw = sample if isinstance(model, nn.Module) else sample_teacher
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]  # each sample's own stream: results do not depend on batch_size
-        batch = sample(model, chunk, cfg, streams=RowStreams.of(seed, len(chunk), first_row=start))
+        batch = draw(model, chunk, cfg, streams=RowStreams.of(seed, len(chunk), first_row=start))
         for row in range(batch.batch_size):
             tokens.append(batch.tokens[row, : int(batch.response_lengths[row])].tolist())
             truncated.append(bool(batch.truncated[row]))

@@ -29,14 +29,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
 from tropd.rollout.batch import RolloutBatch, RolloutRow
-from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows
+from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows, teacher_rows
 from tropd.rollout.streams import RowStreams
+
+if TYPE_CHECKING:
+    from tropd.teacher.protocol import Teacher
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def choose_guided_rows(batch_size: int, fraction: float, generator: torch.Genera
     return rows
 
 
-def sample_with_guidance(student: nn.Module, teacher: nn.Module, prompts: Sequence[Sequence[int]],
+def sample_with_guidance(student: nn.Module, teacher: Teacher, prompts: Sequence[Sequence[int]],
                          cfg: SamplingConfig, *, step: int, total_steps: int, guided_fraction: float = 1.0,
                          anneal_steps: int | None = None,
                          streams: RowStreams | int | None = None) -> RolloutBatch:
@@ -115,8 +118,8 @@ def sample_with_guidance(student: nn.Module, teacher: nn.Module, prompts: Sequen
     prefixes: list[RolloutRow | None] = [None] * b
     teacher_idx = torch.nonzero(caps > 0).flatten().tolist()
     if teacher_idx:
-        written = sample_rows(teacher, [prompts[i] for i in teacher_idx], cfg, caps[teacher_idx],
-                              streams.select(teacher_idx), purpose="teacher")
+        written = teacher_rows(teacher, [prompts[i] for i in teacher_idx], cfg, caps[teacher_idx],
+                               streams.select(teacher_idx))
         for i, row in zip(teacher_idx, written):
             prefixes[i] = row
 

@@ -22,7 +22,7 @@ the behaviour log-prob of a token is its log-prob under that final distribution.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from tropd.rollout.sampling import (
     truncate_logprobs,
 )
 from tropd.rollout.streams import RowStreams
+
+if TYPE_CHECKING:
+    from tropd.teacher.protocol import Teacher
 
 
 @dataclass(frozen=True)
@@ -198,25 +201,24 @@ def trb_combine(cfg: SamplingConfig, eps: float, iters: int = 16) -> Combine:
     return combine
 
 
-def sample_trb(student: nn.Module, teacher: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
-               eps: float, iters: int = 16, streams: RowStreams | int | None = None) -> RolloutBatch:
-    """Rollouts drawn token by token from ``μ_β*`` (student and teacher run on the same tokens, each with its
-    own KV cache). ``behavior_logprobs`` are log-probs under the blend; ``blend_beta`` holds β* per token and
-    ``blend_beta_per_step`` its mean per step. ``eps ≤ 0`` is plain student sampling (the teacher is not run).
-    Token t of row i uses value t of row i's ``"student"`` stream, as plain sampling does.
+def sample_trb(student: nn.Module, teacher: Teacher | None, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+               *, eps: float, iters: int = 16, streams: RowStreams | int | None = None) -> RolloutBatch:
+    """Rollouts drawn token by token from ``μ_β*`` (the student and ``teacher.model_for_blending()`` run on the
+    same tokens, each with its own KV cache). ``behavior_logprobs`` are log-probs under the blend; ``blend_beta``
+    holds β* per token and ``blend_beta_per_step`` its mean per step. ``eps ≤ 0`` is plain student sampling (the
+    teacher is not run; it may be None). Token t of row i uses value t of row i's ``"student"`` stream, as plain
+    sampling does.
     """
     device = model_device(student)
     streams = RowStreams.resolve(streams, len(prompts))
-    if eps > 0 and not isinstance(teacher, nn.Module):
-        raise ValueError("TRB blends the teacher's next-token distribution into every decoded token, so it needs "
-                         "the teacher in this process, not behind a teacher server")
     if eps <= 0:
         batch = sample(student, prompts, cfg, streams=streams)
         batch.info["trb_eps"] = 0.0
         return batch
+    teacher_model = teacher.model_for_blending()
     ids, mask = left_pad(prompts, cfg.pad_token_id)
-    with inference_mode(student, teacher):
-        out = decode([student, teacher], ids, mask, cfg.max_new_tokens, cfg, trb_combine(cfg, eps, iters),
+    with inference_mode(student, teacher_model):
+        out = decode([student, teacher_model], ids, mask, cfg.max_new_tokens, cfg, trb_combine(cfg, eps, iters),
                      streams.uniform("student", cfg.max_new_tokens))
     rows = rows_from_decode(out)
     return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, info={"trb_eps": float(eps)}, device=device)

@@ -17,7 +17,7 @@ from tropd.models import (DTYPES, base_student, check_compatible, check_models_c
                           load_named_model, logits_vocab_size, prepare_tokenizer, quiet_progress_bars, resolve_device)
 from tropd.rollout.sampler import KVCacheSampler, Sampler
 from tropd.tasks.encoding import encode_prompt
-from tropd.teacher import InProcessTeacher
+from tropd.teacher import TEACHER_CHUNK, InProcessTeacher
 from tropd.teacher.remote import RemoteTeacher, is_url
 from tropd.train.config import ConfigError, RunConfig
 from tropd.train.prompts import prompts_for
@@ -108,7 +108,8 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     unless ``override_config``. Resuming a finished run changes nothing and returns its summary with
     ``already_complete: True``. ``eval_fn(student) -> dict`` replaces the default held-out evaluation
     (:class:`DistillEval`), e.g. to share one precomputed evaluation between many runs.
-    ``make_sampler(student, teacher_model, sampling_config) -> Sampler`` replaces the default
+    ``make_sampler(student, teacher, sampling_config) -> Sampler`` (``teacher``: the run's
+    :class:`~tropd.teacher.Teacher`) replaces the default
     :class:`KVCacheSampler` (see docs/extending.md).
 
     Set-up order: config → accelerator → run directory → prompts → models → engines (sampler, teacher) → trainer."""
@@ -155,6 +156,8 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
             f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params{lora}{sharded} "
             f"(loaded in {time.perf_counter() - t0:.0f}s)")
 
+    teacher_engine = (teacher if isinstance(teacher, RemoteTeacher)
+                      else InProcessTeacher(teacher, chunk_size=cfg.objective.chunk_size or TEACHER_CHUNK))
     limit = prompt_token_limit(cfg, student, teacher)
     prompt_ids, skipped = encode_prompts(train_prompts, tok, data, limit, "training")
     held_out_ids, skipped_eval = encode_prompts(held_out, tok, data, limit, "held-out")
@@ -163,11 +166,9 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
             console(f"skipped {n} {kind} prompt(s) longer than {limit} tokens (data.max_prompt_tokens)")
     if eval_fn is None and held_out_ids:
         kept = [p for p, ids in zip(held_out, held_out_ids) if ids is not None]
-        eval_fn = DistillEval(teacher, tok, [ids for ids in held_out_ids if ids is not None],
+        eval_fn = DistillEval(teacher_engine, tok, [ids for ids in held_out_ids if ids is not None],
                               cfg.rollout.max_new_tokens, kept)
-    teacher_engine = (teacher if isinstance(teacher, RemoteTeacher)
-                      else InProcessTeacher(teacher, chunk_size=cfg.objective.chunk_size or 512))
-    sampler = (make_sampler or KVCacheSampler)(student, teacher, sampling_config(cfg, tok))
+    sampler = (make_sampler or KVCacheSampler)(student, teacher_engine, sampling_config(cfg, tok))
     trainer = Trainer(cfg, student, teacher_engine, tok, [ids for ids in prompt_ids if ids is not None], run_dir,
                       eval_fn=eval_fn, resume=found, accelerator=accelerator, sampler=sampler)
     if main:

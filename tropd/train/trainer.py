@@ -39,7 +39,7 @@ from tropd.objectives import TokenInputs, count_loss_tokens, data_parallel_scale
 from tropd.objectives.errors import NonFiniteInputError
 from tropd.rollout import RolloutBatch, RowStreams, SamplingConfig, rollout_stats
 from tropd.rollout.sampler import KVCacheSampler, RolloutRequest, Sampler
-from tropd.teacher import InProcessTeacher, Teacher
+from tropd.teacher import TEACHER_CHUNK, InProcessTeacher, Teacher
 from tropd.train.checkpoint import ResumeState, load_trainer_state, save_checkpoint
 from tropd.train.config import RunConfig
 from tropd.train.errors import NonFiniteTrainingError
@@ -107,7 +107,7 @@ class Trainer:
         if not prompt_ids:
             raise ValueError("no training prompts: check data.prompts")
         if isinstance(teacher, torch.nn.Module):
-            teacher = InProcessTeacher(teacher, chunk_size=cfg.objective.chunk_size or 512)
+            teacher = InProcessTeacher(teacher, chunk_size=cfg.objective.chunk_size or TEACHER_CHUNK)
         self.cfg, self.student, self.teacher, self.tokenizer = cfg, student, teacher, tokenizer
         self.prompt_ids, self.run_dir, self.eval_fn = prompt_ids, Path(run_dir), eval_fn
         self.device = next(student.parameters()).device
@@ -131,8 +131,7 @@ class Trainer:
             self.optimizer = self.accelerator.prepare(optimizer)
         else:
             self.model, self.optimizer = self.accelerator.prepare(student, optimizer)
-        self.sampler = sampler or KVCacheSampler(student, getattr(teacher, "model", None),
-                                                 sampling_config(cfg, tokenizer))
+        self.sampler = sampler or KVCacheSampler(student, teacher, sampling_config(cfg, tokenizer))
         self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         shard = shard_optimizer_state if is_sharded(student) else None
         self.start_step = load_trainer_state(resume.path, self.optimizer, shard) if resume is not None else 0
