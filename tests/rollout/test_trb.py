@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.rollout.conftest import RaisingTeacher, fresh_logits, make_cfg, row_response
-from tropd.rollout import blend_logprobs, kl_blend_student, sample, sample_trb, solve_beta, trb_budget
+from tropd.rollout import TRBConfig, blend_logprobs, kl_blend_student, sample, sample_trb, solve_beta
 from tropd.teacher import InProcessTeacher
 
 
@@ -82,10 +82,10 @@ def test_blend_endpoints_and_zero_support():
 
 
 def test_budget_schedule():
-    assert trb_budget(0) == pytest.approx(0.02)
-    assert trb_budget(25) == pytest.approx(0.01)
-    assert trb_budget(50) == 0.0 and trb_budget(80) == 0.0
-    assert trb_budget(3, eps0=0.1, warmup_steps=0) == 0.0
+    assert TRBConfig().budget(0) == pytest.approx(0.02)
+    assert TRBConfig().budget(25) == pytest.approx(0.01)
+    assert TRBConfig().budget(50) == 0.0 and TRBConfig().budget(80) == 0.0
+    assert TRBConfig(eps0=0.1, warmup_steps=0).budget(3) == 0.0
 
 
 def test_budget_zero_is_plain_student_sampling(student, prompts):

@@ -14,7 +14,7 @@ from tropd.rollout.sampling import (
     truncate_logprobs,
 )
 from tropd.rollout.streams import RowStreams
-from tropd.rollout.trb import TRBConfig, blend_logprobs, kl_blend_student, sample_trb, solve_beta, trb_budget
+from tropd.rollout.trb import TRBConfig, blend_logprobs, kl_blend_student, sample_trb, solve_beta
 
 __all__ = [
     "GuidanceConfig",
@@ -40,6 +40,5 @@ __all__ = [
     "sampling_logprobs",
     "solve_beta",
     "temperature_logprobs",
-    "trb_budget",
     "truncate_logprobs",
 ]

@@ -4,7 +4,7 @@
 |---|---|---|
 | ``"student"`` | False, or guidance disabled | :func:`~tropd.rollout.sampling.sample` (plain on-policy) |
 | ``"student"`` | True and enabled | :func:`~tropd.rollout.guidance.sample_with_guidance` (docs/method.md §4.2) |
-| ``"trb_blend"`` | False | :func:`~tropd.rollout.trb.sample_trb` with ``ε = trb_budget(step)`` (docs/method.md §4.3) |
+| ``"trb_blend"`` | False | :func:`~tropd.rollout.trb.sample_trb` with ``ε = trb.budget(step)`` (docs/method.md §4.3) |
 | ``"gkd_mixed"`` | False | :func:`~tropd.rollout.gkd.sample_gkd_mixed` with λ = ``needs.on_policy_fraction`` |
 | ``"teacher"`` | False | :func:`~tropd.rollout.sampling.sample_teacher` (supervised KD on teacher text) |
 
@@ -23,7 +23,7 @@ from tropd.rollout.gkd import sample_gkd_mixed
 from tropd.rollout.guidance import GuidanceConfig, sample_with_guidance
 from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_teacher
 from tropd.rollout.streams import RowStreams
-from tropd.rollout.trb import TRBConfig, sample_trb, trb_budget
+from tropd.rollout.trb import TRBConfig, sample_trb
 
 if TYPE_CHECKING:
     from tropd.teacher.protocol import Teacher
@@ -59,7 +59,7 @@ def sample_for_needs(student: nn.Module, teacher: Teacher | None, prompts: Seque
         else:
             batch = sample(student, prompts, cfg, streams=streams)
     elif kind == "trb_blend":
-        eps = trb_budget(step, trb.eps0, trb.warmup_steps)
+        eps = trb.budget(step)
         batch = sample_trb(student, need_teacher() if eps > 0 else teacher, prompts, cfg, eps=eps, iters=trb.iters,
                            streams=streams)
     elif kind == "gkd_mixed":

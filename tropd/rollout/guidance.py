@@ -28,7 +28,7 @@ Decisions (documented here, pinned by tests):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -37,28 +37,22 @@ from torch import nn
 from tropd.rollout.batch import RolloutBatch, RolloutRow
 from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows, teacher_rows
 from tropd.rollout.streams import RowStreams
+from tropd.settings import setting
 
 if TYPE_CHECKING:
     from tropd.teacher.protocol import Teacher
 
 
-@dataclass(frozen=True)
+@dataclass
 class GuidanceConfig:
     """Teacher-prefix guidance settings (docs/method.md §4.2); the ``guidance`` section of a run's config."""
 
-    enabled: bool | None = field(default=None, metadata={"help": (
-        "Teacher-prefix guidance (docs/method.md §4.2); null = on iff the objective trains on teacher prefixes "
-        "(tropd); false = plain student rollouts.")})
-    guided_fraction: float = field(default=1.0, metadata={"help": (
-        "Share of the step's rollouts that get a teacher prefix, in [0, 1] (exact count, stochastic rounding).")})
-    anneal_steps: int | None = field(default=None, metadata={"help": (
-        "T_anneal: steps over which the prefix cap decays to 0; null = all training steps of the objective.")})
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.guided_fraction <= 1.0:
-            raise ValueError(f"guidance.guided_fraction must be in [0, 1], got {self.guided_fraction}")
-        if self.anneal_steps is not None and self.anneal_steps < 1:
-            raise ValueError(f"guidance.anneal_steps must be >= 1 or null, got {self.anneal_steps}")
+    enabled: bool | None = setting(None, "Teacher-prefix guidance (docs/method.md §4.2); null = on iff the objective "
+                                         "trains on teacher prefixes (tropd); false = plain student rollouts.")
+    guided_fraction: float = setting(1.0, "Share of the step's rollouts that get a teacher prefix, in [0, 1] (exact "
+                                          "count, stochastic rounding).")
+    anneal_steps: int | None = setting(None, "T_anneal: steps over which the prefix cap decays to 0; null = all "
+                                             "training steps of the objective.")
 
 
 def guidance_cap(step: int, total_steps: int, max_new_tokens: int, anneal_steps: int | None = None) -> int:
@@ -90,8 +84,9 @@ def choose_guided_rows(batch_size: int, fraction: float, generator: torch.Genera
 
 
 def sample_with_guidance(student: nn.Module, teacher: Teacher, prompts: Sequence[Sequence[int]],
-                         cfg: SamplingConfig, *, step: int, total_steps: int, guided_fraction: float = 1.0,
-                         anneal_steps: int | None = None,
+                         cfg: SamplingConfig, *, step: int, total_steps: int,
+                         guided_fraction: float = GuidanceConfig.guided_fraction,
+                         anneal_steps: int | None = GuidanceConfig.anneal_steps,
                          streams: RowStreams | int | None = None) -> RolloutBatch:
     """Rollouts with teacher prefixes: teacher writes ``l_i`` tokens, the student continues (module docstring).
 

@@ -15,6 +15,7 @@ from tropd.files import write_text_atomic
 from tropd.forward import enable_gradient_checkpointing
 from tropd.models import (DTYPES, base_student, check_compatible, check_models_compatible, load_causal_lm,
                           load_named_model, logits_vocab_size, prepare_tokenizer, quiet_progress_bars, resolve_device)
+from tropd.objectives import get_objective
 from tropd.rollout.sampler import KVCacheSampler, Sampler
 from tropd.tasks.encoding import encode_prompt
 from tropd.teacher import TEACHER_CHUNK, InProcessTeacher
@@ -72,7 +73,7 @@ def build_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.
 
     m = cfg.model
     device = device if device is not None else resolve_device(m.device)
-    needs = cfg.build_objective().needs
+    needs = get_objective(cfg.objective.name, chunk_size=cfg.objective.chunk_size, **cfg.objective.kwargs).needs
     if is_url(m.teacher):
         teacher = RemoteTeacher(m.teacher, timeout_s=m.teacher_timeout, retry_s=m.teacher_retry_s)
         tok = None

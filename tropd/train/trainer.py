@@ -118,7 +118,7 @@ class Trainer:
         if self.rows_per_step % world:
             raise ValueError(f"train.prompts_per_step × rollout.rollouts_per_prompt = {self.rows_per_step} rollouts "
                              f"per step cannot be shared evenly by {world} processes; make it a multiple of {world}")
-        self.objective = cfg.build_objective()
+        self.objective = get_objective(cfg.objective.name, chunk_size=cfg.objective.chunk_size, **cfg.objective.kwargs)
         self.sft = get_objective("sft", chunk_size=cfg.objective.chunk_size)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=t.lr,
                                       betas=tuple(t.betas), weight_decay=t.weight_decay)
