@@ -12,7 +12,7 @@ from accelerate.utils import DistributedType
 
 from tests.helpers import tiny_llama
 from tropd.train.config import ConfigError, RunConfig, load_config
-from tropd.train.run import check_launch
+from tropd.train.build import check_launch
 from tropd.train.sharding import full_weights, is_sharded, shard_student
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "tropd" / "configs" / "accelerate"

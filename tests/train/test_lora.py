@@ -13,7 +13,7 @@ from tropd.cli import main
 from tropd.lora import AdaptersDisabled, load_adapters
 from tropd.models import base_student
 from tropd.train.config import ConfigError, load_config
-from tropd.train.run import build_models
+from tropd.train.build import load_models
 
 LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
 
@@ -28,7 +28,8 @@ def test_a_lora_step_changes_only_adapter_weights(tmp_path, teacher_dir):
     cfg = load_config(path)
     base, _ = base_student(cfg.model, "cpu")
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    student, teacher, _ = build_models(cfg, device="cpu")
+    student, teacher, _ = load_models(cfg, device="cpu")
+    teacher = teacher.model_for_blending()  # the teacher's own model
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)  # the optimizer sees adapters only
     assert not isinstance(teacher, AdaptersDisabled)  # a pruned student: the teacher is its own model
@@ -75,7 +76,8 @@ def test_lora_resume_is_exact(tmp_path, teacher_dir):
 def test_self_distillation_teacher_is_the_base_without_a_copy(tmp_path, teacher_dir):
     path = write_config(tmp_path, teacher_dir, model={"lora": LORA, "student_layers": None},
                         data={"eval_prompts": 0}, train={"steps": 2})
-    student, teacher, _ = build_models(load_config(path), device="cpu")
+    student, teacher, _ = load_models(load_config(path), device="cpu")
+    teacher = teacher.model_for_blending()  # the teacher's own model
     assert isinstance(teacher, AdaptersDisabled)
     base = {p.data_ptr() for p in student.get_base_model().parameters()}
     assert {p.data_ptr() for p in teacher.parameters()} <= base  # the same tensors: no second copy
