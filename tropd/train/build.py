@@ -1,21 +1,22 @@
 """The composition root: the one place where a validated :class:`RunConfig` becomes the parts of a run.
 
-A run is made of (:class:`RunParts`, built by :func:`build_run` in this order):
+A run is made of these parts (:class:`RunParts`), built in this order:
 
-| part | from | built by |
+| part | from the config | built by |
 |---|---|---|
-| accelerator (processes, device, mixed precision) | ``model.device``, ``model.mixed_precision``, the launcher | :func:`build_accelerator` |
-| prompts: training and held-out rows | ``data.*`` | :func:`read_prompts` (first: a bad file fails before any model loads) |
-| student (trainable; LoRA adapters, FSDP2 shards, checkpointing) | ``model.*``, a checkpoint to resume | :func:`load_models` |
-| teacher: a :class:`~tropd.teacher.Teacher` in process or behind a server | ``model.teacher*``, ``objective.chunk_size`` | :func:`load_models` |
-| tokenizer (shared, checked) | the models | :func:`load_models` |
-| prompt token ids (longest allowed: the models' context) | ``data.*``, ``rollout.max_new_tokens`` | :func:`encode_prompts` |
-| held-out evaluation | ``data.eval_prompts`` | :class:`~tropd.eval.distill.DistillEval` |
-| sampler: a :class:`~tropd.rollout.sampler.Sampler` | ``rollout.*`` (and the teacher) | :func:`sampling_config`, ``make_sampler`` |
-| objective, and the SFT warm-up objective | ``objective.*`` | :func:`build_objective` |
+| accelerator: processes, device, mixed precision | ``model.device``, ``.mixed_precision`` | :func:`build_accelerator` |
+| training and held-out prompts (a bad file fails here, before any model loads) | ``data.*`` | :func:`read_prompts` |
+| objective, and ``sft`` for the warm-up steps | ``objective.*`` | :func:`build_objectives` |
+| student: loaded or pruned, LoRA, resumed, sharded | ``model.*`` | :func:`load_models` |
+| teacher: a :class:`~tropd.teacher.Teacher`, in process or a server | ``model.teacher*`` | :func:`load_models` |
+| the tokenizer they share (checked) | | :func:`load_models` |
+| prompt token ids, no longer than the models' context allows | ``data.*`` | :func:`encode_prompts` |
+| held-out evaluation (the teacher's answers, computed once) | ``data.eval_prompts`` | ``DistillEval`` |
+| sampler: a :class:`~tropd.rollout.sampler.Sampler` | ``rollout.*`` | ``KVCacheSampler`` |
 
 The :class:`~tropd.train.trainer.Trainer` receives the parts and builds none of them; ``tropd train``
-(:func:`tropd.train.run.train_from_config`) opens the run directory, builds the parts here and trains.
+(:func:`tropd.train.run.train_from_config`) makes the accelerator, opens the run directory, calls
+:func:`build_run` and trains.
 """
 
 from __future__ import annotations
@@ -85,10 +86,11 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, resume_from: Path | N
     held-out evaluation; ``make_sampler(student, teacher, sampling_config)`` the default
     :class:`~tropd.rollout.sampler.KVCacheSampler` (docs/extending.md)."""
     train_rows, held_out = read_prompts(cfg)
+    objective, warmup = build_objectives(cfg)
     torch.manual_seed(cfg.train.seed)
     quiet_progress_bars()
     t0 = time.perf_counter()
-    student, teacher, tok = load_models(cfg, resume_from, accelerator.device)
+    student, teacher, tok = load_models(cfg, resume_from, accelerator.device, top_k=objective.needs.top_k)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     sharded = cfg.model.fsdp and accelerator.num_processes > 1
@@ -104,7 +106,6 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, resume_from: Path | N
         eval_fn = DistillEval(teacher, tok, [ids for ids in held_out_ids if ids is not None],
                               cfg.rollout.max_new_tokens, kept)
     sampler = (make_sampler or KVCacheSampler)(student, teacher, sampling_config(cfg, tok))
-    objective, warmup = build_objectives(cfg)
     return RunParts(accelerator, student, teacher, tok, objective, warmup, sampler,
                     [ids for ids in prompt_ids if ids is not None], eval_fn, notes)
 
@@ -190,8 +191,8 @@ def encode_prompts(cfg: RunConfig, rows, tok, limit: int, kind: str, notes: list
 
 
 # -- models ---------------------------------------------------------------------------------------------------
-def load_models(cfg: RunConfig, resume_from: Path | None = None,
-                device: torch.device | str | None = None) -> tuple[nn.Module, Teacher, object]:
+def load_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.device | str | None = None, *,
+                top_k: int = 0) -> tuple[nn.Module, Teacher, object]:
     """``(student, teacher, tokenizer)`` on ``device`` (default: ``model.device``).
 
     The teacher is a :class:`~tropd.teacher.RemoteTeacher` for a ``model.teacher`` URL, else an
@@ -200,11 +201,10 @@ def load_models(cfg: RunConfig, resume_from: Path | None = None,
     loaded, derived from the teacher (:func:`~tropd.models.base_student`), or resumed from a checkpoint; with
     ``model.lora`` it carries trainable LoRA adapters (fresh, or the checkpoint's) on a frozen base, and under
     self-distillation the teacher is that base with the adapters disabled (:class:`~tropd.lora.AdaptersDisabled`).
-    Student and teacher are checked to share a tokenizer; the one returned is the in-process teacher's, else the
-    student's."""
+    Student and teacher are checked to share a tokenizer (and a vocabulary of at least ``top_k``, the teacher
+    top-k the objective reads); the one returned is the in-process teacher's, else the student's."""
     m = cfg.model
     device = device if device is not None else resolve_device(m.device)
-    needs = build_objective(cfg.objective).needs
     remote, teacher, tok = None, None, None
     if is_url(m.teacher):
         remote = RemoteTeacher(m.teacher, timeout_s=m.teacher_timeout, retry_s=m.teacher_retry_s)
@@ -219,12 +219,12 @@ def load_models(cfg: RunConfig, resume_from: Path | None = None,
     prepare_tokenizer(student_tok)
     if remote is not None:
         tok = student_tok
-        check_compatible(student_tok, remote.tokenizer, need_chat_template=cfg.data.chat_template, top_k=needs.top_k,
+        check_compatible(student_tok, remote.tokenizer, need_chat_template=cfg.data.chat_template, top_k=top_k,
                          vocab_size=logits_vocab_size(student), teacher_vocab_size=remote.vocab_size)
     else:
         prepare_tokenizer(tok)
         check_models_compatible(student, student_tok, teacher, tok, need_chat_template=cfg.data.chat_template,
-                                top_k=needs.top_k)
+                                top_k=top_k)
     if m.lora.r > 0:
         student = load_adapters(student, resume_from) if resume_from is not None else add_adapters(student, m.lora)
         if m.shares_teacher_base():

@@ -24,7 +24,7 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     share one precomputed evaluation between many runs; ``make_sampler(student, teacher, sampling_config)`` the
     default sampler (docs/extending.md).
 
-    Order: accelerator → run directory (checked, or the checkpoint to resume found) → the run's parts → trainer."""
+    Order: accelerator → run directory (checked; the checkpoint to resume found) → the run's parts → trainer."""
     accelerator = build_accelerator(cfg)
     main = accelerator.is_main_process
     console = console if main else (lambda *_: None)
