@@ -76,6 +76,7 @@ def test_paper_recipe_needs_the_teacher_named():
     assert cfg.rollout.max_new_tokens == 8192 and cfg.train.prompts_per_step == 128
 
 
+@pytest.mark.slow
 def test_paper_recipe_runs_as_written_on_tiny_models(teacher_dir, tmp_path):
     """tropd/configs/paper.yaml with only the models named and the scale cut (steps, prompts, tokens): its bf16
     autocast, bf16 teacher, chunked fused loss and objective settings run together and keep float32 weights."""
