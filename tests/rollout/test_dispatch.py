@@ -36,7 +36,8 @@ def test_gkd_extremes(student, teacher, prompts):
     assert torch.equal(on_policy.tokens, plain.tokens) and not on_policy.teacher_rows.any()
     off_policy = sample_gkd_mixed(student, InProcessTeacher(teacher), prompts, cfg, lmbda=0.0, streams=3)
     assert off_policy.teacher_rows.all()
-    assert torch.equal(off_policy.tokens, sample_teacher(InProcessTeacher(teacher), prompts, cfg, streams=3).tokens)  # its streams
+    written = sample_teacher(InProcessTeacher(teacher), prompts, cfg, streams=3)
+    assert torch.equal(off_policy.tokens, written.tokens)  # its streams
     with pytest.raises(ValueError):
         sample_gkd_mixed(student, InProcessTeacher(teacher), prompts, cfg, lmbda=1.5)
 

@@ -51,8 +51,8 @@ def _replay_teacher(teacher, prompts, cfg, step, total, fraction, seed):
 def test_guidance_tagging_and_sources(student, teacher, prompts, eos):
     prompts = prompts * 3
     cfg = make_cfg(max_new_tokens=10, eos=eos, temperature=0.8)
-    b = sample_with_guidance(student, InProcessTeacher(teacher), prompts, cfg, step=0, total_steps=10, guided_fraction=0.75,
-                             streams=21)
+    b = sample_with_guidance(student, InProcessTeacher(teacher), prompts, cfg, step=0, total_steps=10,
+                             guided_fraction=0.75, streams=21)
     caps, prefixes = _replay_teacher(teacher, prompts, cfg, 0, 10, 0.75, 21)
     assert b.info["guidance_cap"] == 10
     assert prefixes, "premise: some rows are guided"
@@ -116,8 +116,9 @@ def test_guided_rows_are_chosen_over_the_global_batch(student, teacher, prompts)
     prompts = prompts * 2
     cfg = make_cfg(max_new_tokens=8, eos=(EOS,))
     kw = dict(step=0, total_steps=10, guided_fraction=0.5)
-    whole = sample_with_guidance(student, InProcessTeacher(teacher), prompts, cfg, streams=RowStreams.of(9, 8, step=2), **kw)
-    halves = [sample_with_guidance(student, InProcessTeacher(teacher), prompts[k:k + 4], cfg,
+    writer = InProcessTeacher(teacher)
+    whole = sample_with_guidance(student, writer, prompts, cfg, streams=RowStreams.of(9, 8, step=2), **kw)
+    halves = [sample_with_guidance(student, writer, prompts[k:k + 4], cfg,
                                    streams=RowStreams.of(9, 4, step=2, first_row=k, total_rows=8), **kw)
               for k in (0, 4)]
     split = torch.cat([h.guidance_lengths for h in halves])

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import time
 
-from tropd.eval.metrics import summarize
-from tropd.files import write_text_atomic
 from torch import nn
 
+from tropd.eval.metrics import summarize
+from tropd.files import write_text_atomic
 from tropd.rollout import RowStreams, SamplingConfig, sample, sample_teacher
 from tropd.tasks import Example, get_suite, grade_batch, list_suites
 from tropd.tasks.encoding import encode_prompt

@@ -18,11 +18,11 @@ import math
 
 import torch
 
+from tropd.needs import Needs
 from tropd.objectives import fused, terms
 from tropd.objectives.checks import check_inputs
 from tropd.objectives.head import FUSED_CHUNK
 from tropd.objectives.inputs import ObjectiveOutput, TokenInputs
-from tropd.needs import Needs
 
 #: Default trust threshold τ = log(λ/(1−λ)) with λ = 0.2 (docs/method.md §3).
 DEFAULT_TAU = math.log(0.2 / 0.8)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from tropd.needs import Needs
 from tropd.objectives import terms
 from tropd.objectives.base import DEFAULT_TAU, Objective
-from tropd.needs import Needs
 from tropd.objectives.registry import register
 
 

@@ -21,10 +21,10 @@ from dataclasses import replace
 
 import torch
 
+from tropd.needs import Needs
 from tropd.objectives import terms
 from tropd.objectives.base import DEFAULT_TAU, Objective
 from tropd.objectives.on_policy import _validate_top_k
-from tropd.needs import Needs
 from tropd.objectives.registry import register
 
 TRUST_MODES = ("sample", "expected")
