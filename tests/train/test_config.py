@@ -48,7 +48,8 @@ def test_help_config_shows_what_a_run_makes_of_null_and_auto(capsys):
     out = capsys.readouterr().out
     default = load_config()
     steps = default.train.steps - default.train.sft_warmup_steps
-    for line in ("guidance.enabled = None   (a run uses: True)",
+    for line in ("model.student = None   (a run uses: the teacher's 24 layers of smollm2)",
+                 "guidance.enabled = None   (a run uses: True)",
                  f"guidance.anneal_steps = None   (a run uses: {steps})",
                  "model.teacher_dtype = None   (a run uses: 'float32')",
                  "objective.chunk_size = None   (a run uses: loss 1024, teacher 512)",

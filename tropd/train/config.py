@@ -461,6 +461,10 @@ def resolved_values(cfg: RunConfig) -> dict[str, str]:
     out = {"objective.chunk_size": f"loss {loss_chunk}, teacher {o.chunk_size or TEACHER_CHUNK}"}
     if set(keywords) - set(o.kwargs):
         out["objective.kwargs"] = repr({**keywords, **o.kwargs})
+    if m.student is None:
+        base = (f"the teacher's {m.student_layers} layers of" if m.student_layers is not None
+                else "LoRA adapters on" if m.shares_teacher_base() else "a copy of")
+        out["model.student"] = f"{base} {m.teacher}"
     if m.teacher_dtype is None:
         out["model.teacher_dtype"] = repr(m.dtype)
     if m.device == "auto":
