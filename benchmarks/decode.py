@@ -49,7 +49,7 @@ def worker(variant: str, args) -> dict:
     from tropd.models import prepare_tokenizer, prune_layers
     from tropd.rollout.sampling import SamplingConfig, sample_rows
     from tropd.rollout.streams import RowStreams
-    from tropd.train.run import load_named_model
+    from tropd.models import load_named_model
 
     torch.manual_seed(0)
     if args.quick:

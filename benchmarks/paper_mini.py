@@ -39,17 +39,17 @@ sys.path.insert(0, str(ROOT))
 COLLAPSE_RULE = ("collapsed = greedy held-out distinct-token ratio < 0.5 x the teacher's, "
                  "or final student sampling entropy < 0.1 nats")
 
-#: (label, objective, objective kwargs, extra overrides). Defaults of every objective are docs/method.md §5's.
+#: (label, objective, objective kwargs, extra config keys). Defaults of every objective are docs/method.md §5's.
 METHODS = (
-    ("opd", "opd", {}, []),
-    ("eopd", "eopd", {}, []),
-    ("clip_outlier", "clip_outlier", {}, []),
-    ("mask_outlier", "mask_outlier", {}, []),
-    ("fkl", "fkl", {}, []),
-    ("fkl_outlier", "fkl_outlier", {}, []),
-    ("tropd", "tropd", {}, []),
-    ("tropd_mask", "tropd", {"outlier": "mask"}, []),
-    ("tropd_clip", "tropd", {"outlier": "clip"}, []),
+    ("opd", "opd", {}, {}),
+    ("eopd", "eopd", {}, {}),
+    ("clip_outlier", "clip_outlier", {}, {}),
+    ("mask_outlier", "mask_outlier", {}, {}),
+    ("fkl", "fkl", {}, {}),
+    ("fkl_outlier", "fkl_outlier", {}, {}),
+    ("tropd", "tropd", {}, {}),
+    ("tropd_mask", "tropd", {"outlier": "mask"}, {}),
+    ("tropd_clip", "tropd", {"outlier": "clip"}, {}),
 )
 #: Methods that are the same computation as another (docs/method.md §3), so one run serves both rows: REOPOLD as run in
 #: the paper is clip_outlier's reward floor, and TrOPD without guidance is fkl_outlier. The registry keeps both
@@ -117,7 +117,7 @@ def quick_plan(workdir: Path) -> Plan:
     return Plan(str(teacher_dir), [Setting("mild", 4, 2), Setting("strong", 2, 2)], [0, 1], 4, 2, base)
 
 
-def _config(plan: Plan, out_dir: Path, overrides: list[str], **sections):
+def _config(plan: Plan, out_dir: Path, overrides: dict, **sections):
     from tropd.train.config import load_config
 
     data = yaml.safe_load(yaml.safe_dump(plan.base))
@@ -128,7 +128,7 @@ def _config(plan: Plan, out_dir: Path, overrides: list[str], **sections):
     path = out_dir.parent / f"{out_dir.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data))
-    return load_config(path, overrides)
+    return load_config(path).with_overrides(**overrides)
 
 
 def heal(plan: Plan, setting: Setting, work: Path) -> str:
@@ -140,7 +140,7 @@ def heal(plan: Plan, setting: Setting, work: Path) -> str:
     if done.is_file():  # an earlier invocation with the same --workdir built it
         return json.loads(done.read_text())["checkpoint"]
     shutil.rmtree(run, ignore_errors=True)
-    cfg = _config(plan, run, ["guidance.enabled=false", "data.eval_prompts=0"],
+    cfg = _config(plan, run, {"guidance.enabled": False, "data.eval_prompts": 0},
                   model={"student_layers": setting.student_layers}, objective={"name": "sft", "kwargs": {}},
                   train={"steps": setting.heal_steps, "seed": 1234})
     summary = train_from_config(cfg, console=lambda *_: None)
@@ -153,9 +153,9 @@ def shared_eval(plan: Plan, work: Path):
     from tropd.models import prepare_tokenizer
     from tropd.tasks.encoding import encode_prompt
     from tropd.train.prompts import prompts_for
-    from tropd.train.run import load_named_model, resolve_device
+    from tropd.models import load_named_model, resolve_device
 
-    cfg = _config(plan, work / "eval-config", [])
+    cfg = _config(plan, work / "eval-config", {})
     teacher, tok = load_named_model(plan.teacher, device=resolve_device(cfg.model.device))
     prepare_tokenizer(tok)
     held_out = prompts_for(cfg.data.prompts, "test", 0)[: cfg.data.eval_prompts]
@@ -163,7 +163,7 @@ def shared_eval(plan: Plan, work: Path):
 
 
 def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: str, kwargs: dict,
-               extra: list[str], seed: int, work: Path, eval_fn, keep_checkpoints: bool = False,
+               extra: dict, seed: int, work: Path, eval_fn, keep_checkpoints: bool = False,
                collect_only: bool = False) -> dict | None:
     """Train one (method, seed) from the setting's start, or reuse its finished run under ``work``.
 
@@ -179,7 +179,7 @@ def run_method(plan: Plan, setting: Setting, start: str, label: str, objective: 
     return collect_run(run, objective, label, seed, setting)
 
 
-def _train_method(plan: Plan, start: str, run: Path, objective: str, kwargs: dict, extra: list[str], seed: int,
+def _train_method(plan: Plan, start: str, run: Path, objective: str, kwargs: dict, extra: dict, seed: int,
                   eval_fn) -> None:
     from tropd.objectives import objective_keywords
     from tropd.train.run import train_from_config

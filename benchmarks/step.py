@@ -87,6 +87,8 @@ def _timed(owner, name: str, bucket: str, times: dict) -> None:
 
 
 def tropd_worker(kind: str, args, workdir: Path) -> dict:
+    import dataclasses
+
     import torch
 
     from tropd.objectives.base import Objective
@@ -102,19 +104,16 @@ def tropd_worker(kind: str, args, workdir: Path) -> dict:
     data = workdir / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     run = workdir / f"run-{kind}"
-    overrides = [f"model.teacher={teacher}", f"model.student_layers={layers}", "model.device=cpu",
-                 f"objective.name={kind}", "objective.kwargs={}", f"rollout.max_new_tokens={args.tokens}",
-                 "rollout.rollouts_per_prompt=1", f"data.prompts={data}", "data.eval_prompts=0",
-                 f"train.steps={args.steps}", "train.prompts_per_step=4", "train.micro_batch_size=4",
-                 "train.sft_warmup_steps=0", "train.save_every=0", "train.progress=false", "train.lr=1e-5",
-                 f"train.output_dir={run}"]
-    cfg = load_config(None, overrides)
+    cfg = load_config().with_overrides(**{
+        "model.teacher": teacher, "model.student_layers": layers, "model.device": "cpu",
+        "objective.name": kind, "objective.kwargs": {}, "rollout.max_new_tokens": args.tokens,
+        "rollout.rollouts_per_prompt": 1, "data.prompts": str(data), "data.eval_prompts": 0,
+        "train.steps": args.steps, "train.prompts_per_step": 4, "train.micro_batch_size": 4,
+        "train.sft_warmup_steps": 0, "train.save_every": 0, "train.progress": False, "train.lr": 1e-5,
+        "train.output_dir": str(run)})
 
-    def no_eos_sampler(student, teacher_model, sampling: SamplingConfig):
-        fixed = SamplingConfig(max_new_tokens=sampling.max_new_tokens, eos_token_ids=(),
-                               pad_token_id=sampling.pad_token_id, temperature=sampling.temperature,
-                               top_p=sampling.top_p)
-        return KVCacheSampler(student, teacher_model, fixed)
+    def no_eos_sampler(student, teacher, sampling: SamplingConfig):
+        return KVCacheSampler(student, teacher, dataclasses.replace(sampling, eos_token_ids=()))
 
     per_step: list[dict] = []
     times: dict = defaultdict(float)
@@ -150,8 +149,6 @@ def tropd_worker(kind: str, args, workdir: Path) -> dict:
     train_from_config(cfg, console=lambda *_: None, make_sampler=no_eos_sampler)
     steps = read_metrics(run / "metrics.jsonl")
     assert len(per_step) == args.steps == len([r for r in steps if "step_time" in r])
-    import dataclasses
-
     settings = {"library": "tropd", "config": {section: dataclasses.asdict(getattr(cfg, section))
                                                for section in ("model", "objective", "rollout", "train")},
                 "changed": "EOS disabled in the sampler (as on TRL's side); every other key as in the overrides"}
@@ -164,7 +161,7 @@ def trl_worker(kind: str, args, workdir: Path) -> dict:
     from transformers import TrainerCallback
 
     from tropd.models import prepare_tokenizer, prune_layers
-    from tropd.train.run import load_named_model
+    from tropd.models import load_named_model
 
     teacher_path, layers = _models(args.quick, workdir)
     teacher, tok = load_named_model(teacher_path)

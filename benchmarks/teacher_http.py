@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     from tropd.teacher import wire
     from tropd.teacher import InProcessTeacher
     from tropd.teacher.remote import RemoteTeacher
-    from tropd.train.run import load_named_model
+    from tropd.models import load_named_model
 
     # both processes keep torch's default threads: the measurements run one at a time, the other process idle
     tmp = None

@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,6 +19,7 @@ def _script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_speed_quick_runs_every_kernel(tmp_path):
     assert _script("speed").main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
     (row,) = json.loads((tmp_path / "speed_quick.json").read_text())["results"]
@@ -25,6 +28,7 @@ def test_speed_quick_runs_every_kernel(tmp_path):
         assert "seconds" in row[kernel], (kernel, row[kernel])
 
 
+@pytest.mark.slow
 def test_step_quick_times_tropd_and_trl(tmp_path):
     assert _script("step").main(["--quick", "--steps", "2", "--tokens", "8", "--kinds", "trl_distill,trl_gkd,opd",
                                  "--out", str(tmp_path)]) == 0
@@ -41,6 +45,7 @@ def test_step_quick_times_tropd_and_trl(tmp_path):
     assert results["opd"]["settings"]["config"]["objective"]["name"] == "opd"
 
 
+@pytest.mark.slow
 def test_decode_quick_static_cache_samples_what_the_dynamic_one_does(tmp_path):
     assert _script("decode").main(["--quick", "--variants", "dynamic,static", "--repeats", "1",
                                    "--out", str(tmp_path)]) == 0

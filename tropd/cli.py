@@ -23,10 +23,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(config_help(cfg))
         return 0
+    from tropd.report import write_report
     from tropd.train.run import train_from_config
 
     summary = train_from_config(cfg, resume=args.resume, override_config=args.override_config)
     if summary["main_process"] and not summary.get("already_complete"):
+        summary["report"] = str(write_report(summary["run_dir"]))
         _print_summary(summary)
     return 130 if summary["interrupted"] else 0
 
@@ -127,7 +129,7 @@ def _cmd_serve_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge_lora(args: argparse.Namespace) -> int:
-    from tropd.lora import merge_checkpoint
+    from tropd.train.merge import merge_checkpoint
 
     merge_checkpoint(args.checkpoint, args.out)
     return 0

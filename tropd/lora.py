@@ -1,9 +1,9 @@
-"""LoRA through PEFT: adapters on the student, the student's base as a teacher, merging adapters into a model.
+"""LoRA through PEFT: adapters on the student, and the student's base as a teacher.
 
 With ``model.lora.r > 0`` the student is ``W + (alpha / r) · B A`` on every target module, where only ``A`` and
 ``B`` train (PEFT's ``LoraConfig``); the optimizer sees only them, checkpoints save only them
-(``adapter_model.safetensors`` + ``adapter_config.json``), and :func:`merge_checkpoint` folds them into the base
-weights as a plain ``from_pretrained``-loadable model (``tropd merge-lora``).
+(``adapter_model.safetensors`` + ``adapter_config.json``), and :func:`tropd.train.merge.merge_checkpoint` folds
+them into the base weights as a plain ``from_pretrained``-loadable model (``tropd merge-lora``).
 
 Self-distillation (the student is the teacher plus adapters): :class:`AdaptersDisabled` runs the same module
 with its adapters switched off, so the teacher costs no second copy of the weights.
@@ -15,7 +15,6 @@ import inspect
 import warnings
 from pathlib import Path
 
-import torch
 from torch import nn
 
 # PEFT (0.21) still calls a transformers (5.x) method that warns; nothing a tropd user can act on.
@@ -102,35 +101,3 @@ class AdaptersDisabled(nn.Module):
 
     def requires_grad_(self, requires_grad: bool = True) -> AdaptersDisabled:
         return self
-
-
-def merge_checkpoint(checkpoint: str | Path, out: str | Path, console=print) -> Path:
-    """Fold the LoRA adapters of a run's checkpoint into its base student and save a plain model (weights and
-    tokenizer) to ``out``, loadable with ``AutoModelForCausalLM.from_pretrained``.
-
-    ``checkpoint`` is a checkpoint folder or a run folder (its latest checkpoint). The base student is rebuilt
-    from the checkpoint's ``config.yaml`` exactly as the run built it (teacher path, pruned layers)."""
-    from tropd.train.checkpoint import latest_checkpoint
-    from tropd.train.config import load_config
-
-    path = Path(checkpoint)
-    if (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise ValueError(f"{path} has no checkpoint to merge")
-        path = found.path
-    if not is_adapter_folder(path):
-        raise ValueError(f"{path} holds no LoRA adapters ({ADAPTER_CONFIG} missing): it is already a plain model")
-    check_adapter_folder(path)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new folder for the merged model")
-    from tropd.train.run import build_base_student
-
-    cfg = load_config(path / "config.yaml")
-    base, tokenizer = build_base_student(cfg, torch.device("cpu"))
-    merged = load_adapters(base, path).merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    console(f"merged {path} into {out}")
-    return out

@@ -7,7 +7,10 @@
   shards, tokenizer JSON) without loading weights: a damaged file is one ``ValueError`` line naming it.
 - :func:`check_compatible` refuses, in one line, a student/teacher pair whose token ids do not mean the same
   thing: every per-token quantity of docs/method.md §1 (``s_t``, ``q_t``, top-k ids) indexes one shared vocabulary.
-- :func:`prune_layers` builds a student from a teacher by keeping a subset of its decoder layers.
+- :func:`load_named_model` loads a model by the name a config gives (``"smollm2"``, a folder, a .gguf file),
+  :func:`resolve_device` and :data:`DTYPES` read the device and dtype names.
+- :func:`prune_layers` builds a student from a teacher by keeping a subset of its decoder layers;
+  :func:`base_student` builds a run's starting student from its config's model section.
 - :func:`prepare_tokenizer` sets a pad token and left padding for batched generation.
 """
 
@@ -31,6 +34,8 @@ from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from tropd.files import write_text_atomic
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SOURCE_MARKER = "tropd_source.json"
@@ -452,10 +457,7 @@ def _gguf_digest(gguf: Path, root: Path) -> tuple[str, Callable[[], None]]:
 
     def remember() -> None:
         try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"stamp": stamp, "sha256": digest}))
-            os.replace(tmp, memo)
+            write_text_atomic(memo, json.dumps({"stamp": stamp, "sha256": digest}))
         except OSError:  # only an optimisation: the next load hashes the file again
             pass
 
@@ -582,6 +584,28 @@ def load_causal_lm(
     model = _load_model(folder, dtype)
     tokenizer = _load_tokenizer(folder)
     return model.to(device).eval(), tokenizer
+
+
+#: Weight dtypes by the names configs and commands use (``model.teacher_dtype``, ``serve-teacher --dtype``).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when available, else the CPU; any other name as ``torch.device`` reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_model_name(name: str | os.PathLike) -> str:
+    """The path a model name stands for: ``"smollm2"`` is the embedded SmolLM2 GGUF (:func:`smollm2_gguf_path`);
+    anything else already is a path (an HF folder or a .gguf file)."""
+    return str(smollm2_gguf_path()) if str(name) == "smollm2" else str(name)
+
+
+def load_named_model(name: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` from an HF folder, a .gguf file, or ``"smollm2"`` (:func:`resolve_model_name`)."""
+    return load_causal_lm(resolve_model_name(name), dtype=dtype, device=device)
 
 
 def quiet_progress_bars() -> None:
@@ -758,3 +782,26 @@ def prune_layers(model: PreTrainedModel, keep: list[int] | int) -> PreTrainedMod
     if hasattr(base, "has_sliding_layers") and getattr(cfg, "layer_types", None) is not None:
         base.has_sliding_layers = "sliding_attention" in cfg.layer_types
     return student
+
+
+# ------------------------------------------------------------------------------------------ a run's student
+
+
+def base_student(m, device: str | torch.device, teacher: PreTrainedModel | None = None, tokenizer=None):
+    """``(student, tokenizer)`` as a run starts, from ``m``, the model section of a run's config
+    (:class:`tropd.train.config.ModelConfig`): ``m.student`` loaded, else derived from the teacher (pruned to
+    ``m.student_layers``, or a copy), in ``m.dtype``. ``teacher``/``tokenizer``: the run's teacher when loaded
+    (else it is loaded here, in ``m.teacher_dtype`` as the run loads it). Under LoRA self-distillation
+    (``m.shares_teacher_base()``) the student is the teacher module itself: the adapters go on top of it."""
+    dtype = DTYPES[m.dtype]
+    if m.student is not None:
+        return load_named_model(m.student, dtype, device)
+    if teacher is None:
+        teacher, tokenizer = load_named_model(m.teacher, DTYPES[m.teacher_dtype or m.dtype], device)
+    if m.student_layers is not None:
+        student = prune_layers(teacher, m.student_layers)
+    elif m.shares_teacher_base():
+        student = teacher
+    else:
+        student = copy.deepcopy(teacher)
+    return student.to(dtype), tokenizer

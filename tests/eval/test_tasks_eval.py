@@ -75,13 +75,13 @@ def test_eval_keeps_the_suites_that_finished(tmp_path, monkeypatch, stop):
 def test_eval_prints_a_line_per_suite_as_it_finishes(tmp_path, monkeypatch):
     out = tmp_path / "eval.json"
     snapshots = []
-    real_write = tasks_eval.write_json_atomic
+    real_write = tasks_eval.write_text_atomic
 
-    def spy(path, payload):
-        real_write(path, payload)
+    def spy(path, text):
+        real_write(path, text)
         snapshots.append(json.loads(out.read_text()))
 
-    monkeypatch.setattr(tasks_eval, "write_json_atomic", spy)
+    monkeypatch.setattr(tasks_eval, "write_text_atomic", spy)
     printed = []
     tasks_eval.run_eval(str(_tiny_model_dir(tmp_path)), ["mcq", "math"], n=1, limit=1, max_new_tokens=2,
                         json_path=str(out), console=printed.append)

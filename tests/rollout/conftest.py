@@ -63,16 +63,13 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class RaisingTeacher(nn.Module):
-    """A teacher that fails the test if it is ever run (it has parameters and a config, like a real model)."""
+class RaisingTeacher:
+    """A :class:`~tropd.teacher.Teacher` that fails the test if it is ever asked for anything."""
 
-    def __init__(self, like: nn.Module) -> None:
-        super().__init__()
-        self.config = like.config
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def forward(self, *args, **kwargs):
+    def _refuse(self, *args, **kwargs):
         raise AssertionError("the teacher must not be run here")
+
+    score = write_rows = model_for_blending = _refuse
 
 
 def fresh_logits(model: nn.Module, prompt: Sequence[int], response: Sequence[int]) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from tests.rollout.conftest import EOS, RaisingTeacher, fresh_logits, gen, make_cfg, row_response
 from tropd.rollout import RowStreams, choose_guided_rows, guidance_cap, sample, sample_with_guidance
 from tropd.rollout.sampling import sample_rows
+from tropd.teacher import InProcessTeacher
 
 
 def test_cap_schedule_values():
@@ -50,8 +51,8 @@ def _replay_teacher(teacher, prompts, cfg, step, total, fraction, seed):
 def test_guidance_tagging_and_sources(student, teacher, prompts, eos):
     prompts = prompts * 3
     cfg = make_cfg(max_new_tokens=10, eos=eos, temperature=0.8)
-    b = sample_with_guidance(student, teacher, prompts, cfg, step=0, total_steps=10, guided_fraction=0.75,
-                             streams=21)
+    b = sample_with_guidance(student, InProcessTeacher(teacher), prompts, cfg, step=0, total_steps=10,
+                             guided_fraction=0.75, streams=21)
     caps, prefixes = _replay_teacher(teacher, prompts, cfg, 0, 10, 0.75, 21)
     assert b.info["guidance_cap"] == 10
     assert prefixes, "premise: some rows are guided"
@@ -79,7 +80,7 @@ def test_guidance_tagging_and_sources(student, teacher, prompts, eos):
 
 def test_prefix_with_eos_completes_the_response(student, teacher, prompts):
     cfg = make_cfg(max_new_tokens=12, eos=tuple(range(1, 16)))
-    b = sample_with_guidance(student, teacher, prompts * 4, cfg, step=0, total_steps=4, streams=8)
+    b = sample_with_guidance(student, InProcessTeacher(teacher), prompts * 4, cfg, step=0, total_steps=4, streams=8)
     lengths = b.guidance_lengths.tolist()
     complete = [i for i, n in enumerate(lengths) if n > 0 and int(b.tokens[i, n - 1]) in cfg.eos_token_ids]
     assert complete, "premise: some teacher prefix ends with EOS"
@@ -92,7 +93,7 @@ def test_prefix_with_eos_completes_the_response(student, teacher, prompts):
 @pytest.mark.parametrize("kwargs", [dict(guided_fraction=0.0, step=0), dict(guided_fraction=1.0, step=10)])
 def test_no_guidance_never_runs_teacher(student, prompts, kwargs):
     cfg = make_cfg(max_new_tokens=8)
-    b = sample_with_guidance(student, RaisingTeacher(student), prompts, cfg, total_steps=10,
+    b = sample_with_guidance(student, RaisingTeacher(), prompts, cfg, total_steps=10,
                              streams=2, **kwargs)
     plain = sample(student, prompts, cfg, streams=2)
     assert torch.equal(b.tokens, plain.tokens) and torch.equal(b.behavior_logprobs, plain.behavior_logprobs)
@@ -103,7 +104,7 @@ def test_all_caps_zero_never_runs_teacher(student, prompts):
     # L_max = 1 gives cap_i = floor(U * 1) = 0 for every row: guided rows exist but get no prefix
     step = next(k for k in range(1000) if guidance_cap(k, 1000, 100) == 1)
     cfg = make_cfg(max_new_tokens=100, eos=range(1, 30))
-    b = sample_with_guidance(student, RaisingTeacher(student), prompts, cfg, step=step, total_steps=1000,
+    b = sample_with_guidance(student, RaisingTeacher(), prompts, cfg, step=step, total_steps=1000,
                              streams=0)
     assert b.info["guidance_cap"] == 1 and b.guidance_lengths.eq(0).all()
     assert b.info["teacher_generated_tokens"] == 0
@@ -115,8 +116,9 @@ def test_guided_rows_are_chosen_over_the_global_batch(student, teacher, prompts)
     prompts = prompts * 2
     cfg = make_cfg(max_new_tokens=8, eos=(EOS,))
     kw = dict(step=0, total_steps=10, guided_fraction=0.5)
-    whole = sample_with_guidance(student, teacher, prompts, cfg, streams=RowStreams.of(9, 8, step=2), **kw)
-    halves = [sample_with_guidance(student, teacher, prompts[k:k + 4], cfg,
+    writer = InProcessTeacher(teacher)
+    whole = sample_with_guidance(student, writer, prompts, cfg, streams=RowStreams.of(9, 8, step=2), **kw)
+    halves = [sample_with_guidance(student, writer, prompts[k:k + 4], cfg,
                                    streams=RowStreams.of(9, 4, step=2, first_row=k, total_rows=8), **kw)
               for k in (0, 4)]
     split = torch.cat([h.guidance_lengths for h in halves])

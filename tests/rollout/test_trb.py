@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.rollout.conftest import RaisingTeacher, fresh_logits, make_cfg, row_response
-from tropd.rollout import blend_logprobs, kl_blend_student, sample, sample_trb, solve_beta, trb_budget
+from tropd.rollout import TRBConfig, blend_logprobs, kl_blend_student, sample, sample_trb, solve_beta
+from tropd.teacher import InProcessTeacher
 
 
 def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
@@ -81,15 +82,15 @@ def test_blend_endpoints_and_zero_support():
 
 
 def test_budget_schedule():
-    assert trb_budget(0) == pytest.approx(0.02)
-    assert trb_budget(25) == pytest.approx(0.01)
-    assert trb_budget(50) == 0.0 and trb_budget(80) == 0.0
-    assert trb_budget(3, eps0=0.1, warmup_steps=0) == 0.0
+    assert TRBConfig().budget(0) == pytest.approx(0.02)
+    assert TRBConfig().budget(25) == pytest.approx(0.01)
+    assert TRBConfig().budget(50) == 0.0 and TRBConfig().budget(80) == 0.0
+    assert TRBConfig(eps0=0.1, warmup_steps=0).budget(3) == 0.0
 
 
 def test_budget_zero_is_plain_student_sampling(student, prompts):
     cfg = make_cfg(max_new_tokens=8, top_p=0.9)
-    b = sample_trb(student, RaisingTeacher(student), prompts, cfg, eps=0.0, streams=9)
+    b = sample_trb(student, RaisingTeacher(), prompts, cfg, eps=0.0, streams=9)
     plain = sample(student, prompts, cfg, streams=9)
     assert torch.equal(b.tokens, plain.tokens) and torch.equal(b.behavior_logprobs, plain.behavior_logprobs)
     assert b.blend_beta is None and b.info["trb_eps"] == 0.0
@@ -99,7 +100,7 @@ def test_budget_zero_is_plain_student_sampling(student, prompts):
 def test_blended_decoding_logprobs(student, teacher, prompts, temperature, top_p):
     eps = 0.05
     cfg = make_cfg(max_new_tokens=8, temperature=temperature, top_p=top_p)
-    b = sample_trb(student, teacher, prompts, cfg, eps=eps, streams=13)
+    b = sample_trb(student, InProcessTeacher(teacher), prompts, cfg, eps=eps, streams=13)
     assert b.blend_beta is not None and b.blend_beta_per_step.shape == (b.tokens.shape[1],)
     assert 0 < float(b.blend_beta[b.loss_mask].mean()) < 1
     mean0 = b.blend_beta[:, 0][b.loss_mask[:, 0]].mean()
@@ -125,7 +126,7 @@ def test_blended_decoding_logprobs(student, teacher, prompts, temperature, top_p
 
 def test_large_budget_samples_the_teacher(student, teacher, prompts):
     cfg = make_cfg(max_new_tokens=6)
-    b = sample_trb(student, teacher, prompts, cfg, eps=1e6, streams=1)
+    b = sample_trb(student, InProcessTeacher(teacher), prompts, cfg, eps=1e6, streams=1)
     assert b.blend_beta[b.loss_mask].eq(1).all()
     for i, prompt in enumerate(prompts):
         resp = row_response(b, i)

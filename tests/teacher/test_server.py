@@ -22,11 +22,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import tiny_llama, tiny_tokenizer
-from tests.train.runs import final_weights, save_teacher, write_config
+from tests.train.runs import final_weights, write_config
+from tropd.cli import main
 from tropd.models import prune_layers
 from tropd.objectives.registry import Needs
 from tropd.rollout import RowStreams, SamplingConfig, sample
-from tropd.rollout.sampling import sample_rows
+from tropd.rollout.sampling import teacher_rows
 from tropd.teacher import InProcessTeacher
 from tropd.teacher.remote import RemoteTeacher, TeacherServerError
 
@@ -72,10 +73,9 @@ def server(model_dir: Path, port: int = 0, token: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    """A tiny teacher folder and a 2-layer student folder pruned from it."""
+def dirs(teacher_dir, tmp_path_factory):
+    """The session's tiny teacher folder and a 2-layer student folder pruned from it."""
     root = tmp_path_factory.mktemp("served")
-    teacher_dir = save_teacher(root / "teacher")
     student = prune_layers(AutoModelForCausalLM.from_pretrained(teacher_dir), 2)
     student.save_pretrained(root / "student")
     AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(root / "student")
@@ -111,8 +111,8 @@ def test_written_rows_equal_in_process_rows(dirs, url):
     cfg = SamplingConfig(max_new_tokens=6, eos_token_ids=(2, 3), pad_token_id=0, temperature=0.9, top_p=0.95)
     contexts, budgets = [[5, 6], [7, 8, 9, 10], [11]], torch.tensor([6, 2, 4])
     streams = RowStreams.of(3, 3, step=5)
-    local = sample_rows(teacher, contexts, cfg, budgets, streams, "teacher")
-    remote = sample_rows(RemoteTeacher(url), contexts, cfg, budgets, streams, "teacher")
+    local = teacher_rows(InProcessTeacher(teacher), contexts, cfg, budgets, streams)
+    remote = teacher_rows(RemoteTeacher(url), contexts, cfg, budgets, streams)
     for a, b in zip(local, remote):
         assert a.tokens.tolist() == b.tokens.tolist() and (a.eos, a.truncated) == (b.eos, b.truncated)
         torch.testing.assert_close(b.behavior_logprobs, a.behavior_logprobs, atol=1e-5, rtol=0)
@@ -157,6 +157,7 @@ def test_a_server_that_does_not_answer_is_one_clear_error():
             RemoteTeacher(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout_s=0.5, retry_s=1)
 
 
+@pytest.mark.slow
 def test_a_token_protected_server_refuses_other_clients(dirs):
     with server(dirs[0], token="s3cret") as u:
         with pytest.raises(TeacherServerError, match="HTTP 401: missing or wrong token"):
@@ -166,19 +167,20 @@ def test_a_token_protected_server_refuses_other_clients(dirs):
         assert RemoteTeacher(u, token="s3cret").vocab_size == 64
 
 
-def test_a_server_with_another_vocabulary_is_refused_at_start(dirs, tmp_path):
+@pytest.mark.slow
+def test_a_server_with_another_vocabulary_is_refused_at_start(dirs, tmp_path, capsys):
     other = tmp_path / "other"
     tiny_llama(vocab_size=80, hidden=32, layers=2, seed=3).save_pretrained(other)
     tiny_tokenizer(80).save_pretrained(other)
     path = write_config(tmp_path, dirs[0], model={"student": str(dirs[1]), "student_layers": None})
     with server(other) as u:
-        proc = subprocess.run([sys.executable, "-m", "tropd", "train", "--config", str(path), f"model.teacher={u}"],
-                              capture_output=True, text=True, env=_env(), timeout=300)
-    assert proc.returncode == 2
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("tropd train: error:")]
-    assert len(lines) == 1 and "tokenizers differ" in lines[0], proc.stderr[-2000:]
+        assert main(["train", "--config", str(path), f"model.teacher={u}"]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("tropd train: error:")]
+    assert len(lines) == 1 and "tokenizers differ" in lines[0], err[-2000:]
 
 
+@pytest.mark.slow
 def test_training_through_the_server_equals_in_process_and_survives_a_restart(dirs, tmp_path):
     """tropd with guidance (prefixes written by the server) and top-k scores; the server is killed after the
     first step and restarted 2 s later: the run waits, retries, and ends as the in-process run does."""
@@ -186,8 +188,7 @@ def test_training_through_the_server_equals_in_process_and_survives_a_restart(di
     cfg = dict(model={"student": str(student_dir), "student_layers": None, "teacher_retry_s": 60},
                data={"eval_prompts": 2}, train={"steps": 4, "save_every": 2})
     local = write_config(tmp_path / "local", teacher_dir, **cfg)
-    assert subprocess.run([sys.executable, "-m", "tropd", "train", "--config", str(local)], env=_env(),
-                          capture_output=True, timeout=600).returncode == 0
+    assert main(["train", "--config", str(local)]) == 0  # the reference, in this process
 
     port = free_port()
     remote = write_config(tmp_path / "remote", teacher_dir, **cfg)

@@ -1,6 +1,10 @@
 """Data parallel on this CPU (gloo): `accelerate launch --num_processes 2 -m tropd train` ends with the same
 student as one process, plain (DDP) or sharded (FSDP2, model.fsdp), resumes exactly, and mixed precision keeps
-float32 master weights (tiny models)."""
+float32 master weights (tiny models).
+
+A 2-process launch costs about 12 s here, so launches are shared: each run below is made once (a module
+fixture) and checked for several properties; a test that changes a run works on a copy. Runs that need one
+process only are made in this process, except under mixed precision (accelerate's is process-wide)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.train.runs import final_weights, write_config
+from tropd.cli import main
+
+pytestmark = pytest.mark.slow
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 TIMEOUT = 300
@@ -56,10 +63,34 @@ def config(teacher_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def one_process(config, tmp_path_factory) -> Path:
-    """The config's run in one plain process: what every multi-process layout must reproduce."""
+    """The config's run in one plain process (this one): what every multi-process layout must reproduce."""
     run = tmp_path_factory.mktemp("one") / "run"
-    tropd(["train", "--config", str(config), "--run-dir", str(run)])
+    assert main(["train", "--config", str(config), "--run-dir", str(run)]) == 0
     return run
+
+
+@pytest.fixture(scope="module")
+def ddp_run(config, tmp_path_factory) -> Path:
+    """The config's run data parallel over 2 processes (DDP)."""
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    tropd(["train", "--config", str(config), "--run-dir", str(run)], processes=2)
+    return run
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(config, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The config's run sharded over 2 processes (with gradient checkpointing), launched through the shipped
+    8-GPU accelerate config."""
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    proc = tropd(["train", "--config", str(config), "--run-dir", str(run), "model.fsdp=true",
+                  "model.gradient_checkpointing=true"], processes=2, mode=("--config_file", str(EIGHT_GPUS)))
+    return run, proc
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of a shared run, for a test that changes it."""
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
 
 
 def trainer_state(run: Path) -> dict:
@@ -82,23 +113,21 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
 
 
-def test_two_processes_end_with_the_weights_of_one(config, one_process, tmp_path):
-    tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "two")], processes=2)
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2
-    assert_same_weights(one_process, tmp_path / "two")
-    start = load_file(next((tmp_path / "two" / "checkpoints").glob("step-000002")) / "model.safetensors")
-    assert any(not torch.equal(start[k], final_weights(tmp_path / "two")[k]) for k in start)  # it trained
-    steps = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+def test_two_processes_end_with_the_weights_of_one(ddp_run, one_process):
+    assert json.loads((ddp_run / "summary.json").read_text())["num_processes"] == 2
+    assert_same_weights(one_process, ddp_run)
+    start = load_file(next((ddp_run / "checkpoints").glob("step-000002")) / "model.safetensors")
+    assert any(not torch.equal(start[k], final_weights(ddp_run)[k]) for k in start)  # it trained
+    steps = [json.loads(x) for x in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     one = [json.loads(x) for x in (one_process / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(one, steps):  # the logged step metrics are global, not one process's
         assert a["rollout/generated_tokens"] == b["rollout/generated_tokens"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    assert not list((tmp_path / "two").glob("**/*.tmp-*"))  # one writer, nothing half-written
+    assert not list(ddp_run.glob("**/*.tmp-*"))  # one writer, nothing half-written
 
 
-def test_resume_under_two_processes_is_exact(config, tmp_path):
-    run = tmp_path / "run"
-    tropd(["train", "--config", str(config), "--run-dir", str(run)], processes=2)
+def test_resume_under_two_processes_is_exact(ddp_run, tmp_path):
+    run = copy_run(ddp_run, tmp_path)
     expected = {k: v.clone() for k, v in final_weights(run).items()}
     rewind_to_step_2(run)
     tropd(["train", "--run-dir", str(run), "--resume"], processes=2)
@@ -115,7 +144,10 @@ def test_bf16_autocast_keeps_float32_master_weights(teacher_dir, tmp_path):
                             objective={"name": "sft", "kwargs": {}},  # near-greedy: both runs see about the same text
                             model={"mixed_precision": mode}, rollout={"temperature": 0.05},
                             train={"steps": 2, "lr": 5e-6, "save_every": 1, "keep_checkpoints": 3})
-        tropd(["train", "--config", str(path)])
+        if mode == "no":
+            assert main(["train", "--config", str(path)]) == 0
+        else:  # in a process of its own: accelerate's mixed precision is set once per process
+            tropd(["train", "--config", str(path)])
         first = load_file(tmp_path / mode / "run" / "checkpoints" / "step-000001" / "model.safetensors")
         last = final_weights(tmp_path / mode / "run")
         assert all(v.dtype == torch.float32 for v in last.values())
@@ -126,16 +158,6 @@ def test_bf16_autocast_keeps_float32_master_weights(teacher_dir, tmp_path):
     cosine = torch.nn.functional.cosine_similarity(fp32, bf16, dim=0)
     assert cosine > 0.9, cosine  # in the same direction, by about the same amount
     assert 0.5 < bf16.norm() / fp32.norm() < 2.0
-
-
-@pytest.fixture(scope="module")
-def fsdp_run(config, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The config's run sharded over 2 processes (with gradient checkpointing), launched through the shipped
-    8-GPU accelerate config; tests that change it work on a copy."""
-    run = tmp_path_factory.mktemp("fsdp") / "run"
-    proc = tropd(["train", "--config", str(config), "--run-dir", str(run), "model.fsdp=true",
-                  "model.gradient_checkpointing=true"], processes=2, mode=("--config_file", str(EIGHT_GPUS)))
-    return run, proc
 
 
 def test_fsdp_two_processes_end_with_the_weights_and_optimizer_state_of_one(fsdp_run, one_process):
@@ -154,23 +176,22 @@ def test_fsdp_two_processes_end_with_the_weights_and_optimizer_state_of_one(fsdp
 
 
 def test_fsdp_resume_is_exact_and_its_checkpoints_resume_unsharded(fsdp_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(fsdp_run[0], run)
+    run = copy_run(fsdp_run[0], tmp_path)
     expected = {k: v.clone() for k, v in final_weights(run).items()}
     rewind_to_step_2(run)
     tropd(["train", "--run-dir", str(run), "--resume"], processes=2)  # sharded again, from the gathered checkpoint
     for k, v in final_weights(run).items():
         torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=k)
     rewind_to_step_2(run)
-    tropd(["train", "--run-dir", str(run), "--resume", "model.fsdp=false"])  # one process, no sharding
+    assert main(["train", "--run-dir", str(run), "--resume", "model.fsdp=false"]) == 0  # one process, unsharded
     for k, v in final_weights(run).items():
         torch.testing.assert_close(v, expected[k], rtol=0, atol=1e-5, msg=k)
 
 
-def test_fsdp_with_lora_is_refused(config, tmp_path):
-    proc = tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "r"), "model.fsdp=true",
-                  "model.lora.r=4"], rc=2)
-    assert "model.fsdp cannot be combined with model.lora" in proc.stderr
+def test_fsdp_with_lora_is_refused(config, tmp_path, capsys):
+    assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "r"), "model.fsdp=true",
+                 "model.lora.r=4"]) == 2
+    assert "model.fsdp cannot be combined with model.lora" in capsys.readouterr().err
 
 
 def test_accelerate_fsdp_launch_is_refused_not_silently_replaced(config, tmp_path):
@@ -186,44 +207,56 @@ def first_step(run: Path) -> dict:
     return next(json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x)
 
 
-def test_fsdp_runs_the_loss_forward_in_the_mixed_precision_of_ddp(config, tmp_path):
-    """Sharded, the student is not wrapped by DDP, yet its forwards still run under the bf16 autocast a DDP student
-    gets: the first step (same weights, same rows per process) scores identically."""
-    args = ["train", "--config", str(config), "model.mixed_precision=bf16", "train.steps=1"]
-    tropd([*args[:3], "--run-dir", str(tmp_path / "ddp"), *args[3:]], processes=2)
-    tropd([*args[:3], "--run-dir", str(tmp_path / "fsdp"), *args[3:], "model.fsdp=true"], processes=2)
-    ddp, fsdp = first_step(tmp_path / "ddp"), first_step(tmp_path / "fsdp")
-    for key in ("loss", "student_entropy", "k1_rkl"):  # a float32 loss forward would differ by ~1e-3
-        assert fsdp[key] == pytest.approx(ddp[key], rel=1e-6, abs=1e-7), key
+@pytest.fixture(scope="module")
+def refused_runs(tmp_path_factory) -> dict[str, Path]:
+    """One 3-step run per layout (DDP, FSDP2) in which only process 1's objective refuses its inputs at the second
+    step (tests/train/refuse_on_one_process.py), under bf16 mixed precision, of a student whose LM head is tied to
+    its embeddings. Its first step is an ordinary one, and its checkpoint a sharded run's."""
+    from tests.helpers import tiny_llama, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("refused")
+    teacher = tiny_llama(vocab_size=64, hidden=32, layers=4, seed=1)
+    teacher.config.tie_word_embeddings = True
+    teacher.tie_weights()
+    teacher.save_pretrained(root / "teacher")
+    tiny_tokenizer(64).save_pretrained(root / "teacher")
+    config = write_config(root, root / "teacher", data={"eval_prompts": 0},
+                          rollout={"max_new_tokens": 6, "rollouts_per_prompt": 2, "batch_size": 3},
+                          model={"mixed_precision": "bf16"},
+                          train={"steps": 3, "prompts_per_step": 4, "micro_batch_size": 2, "save_every": 0})
+    runs = {}
+    for layout in ("ddp", "fsdp"):
+        runs[layout] = root / layout
+        tropd([str(config), f"train.output_dir={runs[layout]}", f"model.fsdp={str(layout == 'fsdp').lower()}"],
+              processes=2, program=(str(Path(__file__).with_name("refuse_on_one_process.py")),))
+    return runs
 
 
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
-def test_a_micro_batch_refused_on_one_process_skips_the_step_on_all(config, tmp_path, layout):
+def test_a_micro_batch_refused_on_one_process_skips_the_step_on_all(refused_runs, layout):
     """Only process 1's objective refuses its inputs (NaN): every process still backs as many gradients (the LM
     head's too, under the fused loss), so gradient synchronisation neither hangs nor mismatches."""
-    run = tmp_path / "run"
-    tropd([str(config), f"train.output_dir={run}", "train.steps=3", "train.save_every=0",
-           f"model.fsdp={str(layout == 'fsdp').lower()}"], processes=2,
-          program=(str(Path(__file__).with_name("refuse_on_one_process.py")),))
+    run = refused_runs[layout]
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"nonfinite"' in x]
     assert [s["nonfinite"] for s in steps] == [0, 1, 0]
     assert "behavior_logprobs" in steps[1]["nonfinite_reason"]
 
 
-def test_fsdp_checkpoint_keeps_tied_embeddings_tied(tmp_path):
+def test_fsdp_runs_the_loss_forward_in_the_mixed_precision_of_ddp(refused_runs):
+    """Sharded, the student is not wrapped by DDP, yet its forwards still run under the bf16 autocast a DDP student
+    gets: the first step (same weights, same rows per process) scores identically."""
+    ddp, fsdp = first_step(refused_runs["ddp"]), first_step(refused_runs["fsdp"])
+    for key in ("loss", "student_entropy", "k1_rkl"):  # a float32 loss forward would differ by ~1e-3
+        assert fsdp[key] == pytest.approx(ddp[key], rel=1e-6, abs=1e-7), key
+
+
+def test_fsdp_checkpoint_keeps_tied_embeddings_tied(refused_runs, tmp_path):
     """A tied LM head is one tensor saved under one name, as a single process saves it."""
-    from tests.helpers import tiny_llama, tiny_tokenizer
     from transformers import AutoModelForCausalLM
 
-    teacher = tiny_llama(vocab_size=64, hidden=32, layers=4, seed=1)
-    teacher.config.tie_word_embeddings = True
-    teacher.tie_weights()
-    teacher.save_pretrained(tmp_path / "teacher")
-    tiny_tokenizer(64).save_pretrained(tmp_path / "teacher")
-    config = write_config(tmp_path, tmp_path / "teacher", data={"eval_prompts": 0}, train={"steps": 1})
-    tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "model.fsdp=true"], processes=2)
-    saved = final_weights(tmp_path / "run")
-    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    run = refused_runs["fsdp"]
+    saved = final_weights(run)
+    ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     AutoModelForCausalLM.from_pretrained(ckpt).save_pretrained(tmp_path / "resaved")
     assert saved.keys() == load_file(tmp_path / "resaved" / "model.safetensors").keys()
     assert "lm_head.weight" not in saved

@@ -273,12 +273,12 @@ def test_help_config_into_a_closed_pipe_exits_quietly():
 
 
 def test_ctrl_c_while_models_load_exits_cleanly(tmp_path, teacher_dir, monkeypatch, capsys):
-    import tropd.train.run as run_module
+    import tropd.train.build as build_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module, "build_models", interrupted)
+    monkeypatch.setattr(build_module, "load_models", interrupted)
     assert main(["train", "--config", str(write_config(tmp_path, teacher_dir))]) == 130
     assert capsys.readouterr().err.strip() == "tropd train: interrupted"
 

@@ -12,7 +12,7 @@ from accelerate.utils import DistributedType
 
 from tests.helpers import tiny_llama
 from tropd.train.config import ConfigError, RunConfig, load_config
-from tropd.train.run import check_launch
+from tropd.train.build import check_launch
 from tropd.train.sharding import full_weights, is_sharded, shard_student
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "tropd" / "configs" / "accelerate"
@@ -76,6 +76,7 @@ def test_paper_recipe_needs_the_teacher_named():
     assert cfg.rollout.max_new_tokens == 8192 and cfg.train.prompts_per_step == 128
 
 
+@pytest.mark.slow
 def test_paper_recipe_runs_as_written_on_tiny_models(teacher_dir, tmp_path):
     """tropd/configs/paper.yaml with only the models named and the scale cut (steps, prompts, tokens): its bf16
     autocast, bf16 teacher, chunked fused loss and objective settings run together and keep float32 weights."""

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 from tests.train.runs import write_config
 from tropd.cli import main
 from tropd.lora import AdaptersDisabled, load_adapters
+from tropd.models import base_student
 from tropd.train.config import ConfigError, load_config
-from tropd.train.run import build_base_student, build_models
+from tropd.train.build import load_models
 
 LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
 
@@ -25,9 +26,10 @@ def test_a_lora_step_changes_only_adapter_weights(tmp_path, teacher_dir):
     path = write_config(tmp_path, teacher_dir, model={"lora": LORA}, data={"eval_prompts": 0},
                         train={"steps": 2, "save_every": 1, "keep_checkpoints": 3})
     cfg = load_config(path)
-    base, _ = build_base_student(cfg, "cpu")
+    base, _ = base_student(cfg.model, "cpu")
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    student, teacher, _ = build_models(cfg, device="cpu")
+    student, teacher, _ = load_models(cfg, device="cpu")
+    teacher = teacher.model_for_blending()  # the teacher's own model
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)  # the optimizer sees adapters only
     assert not isinstance(teacher, AdaptersDisabled)  # a pruned student: the teacher is its own model
@@ -40,7 +42,7 @@ def test_a_lora_step_changes_only_adapter_weights(tmp_path, teacher_dir):
     last = load_file(ckpt / "adapter_model.safetensors")
     assert all("lora_" in k for k in last)
     assert any(not torch.equal(first[k], last[k]) for k in last)  # the adapters trained
-    trained = load_adapters(build_base_student(cfg, "cpu")[0], ckpt)
+    trained = load_adapters(base_student(cfg.model, "cpu")[0], ckpt)
     for name, value in trained.get_base_model().state_dict().items():  # the base did not move
         if "lora_" not in name:
             torch.testing.assert_close(value, before[name.replace(".base_layer", "")], rtol=0, atol=0)
@@ -74,7 +76,8 @@ def test_lora_resume_is_exact(tmp_path, teacher_dir):
 def test_self_distillation_teacher_is_the_base_without_a_copy(tmp_path, teacher_dir):
     path = write_config(tmp_path, teacher_dir, model={"lora": LORA, "student_layers": None},
                         data={"eval_prompts": 0}, train={"steps": 2})
-    student, teacher, _ = build_models(load_config(path), device="cpu")
+    student, teacher, _ = load_models(load_config(path), device="cpu")
+    teacher = teacher.model_for_blending()  # the teacher's own model
     assert isinstance(teacher, AdaptersDisabled)
     base = {p.data_ptr() for p in student.get_base_model().parameters()}
     assert {p.data_ptr() for p in teacher.parameters()} <= base  # the same tensors: no second copy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,11 +13,13 @@ import torch
 
 from tests.train.runs import final_weights, write_config
 from tropd.cli import main
+from tropd.train.build import build_accelerator, build_run
 from tropd.train.config import ConfigError, load_config
 from tropd.train.run import train_from_config
 from tropd.train.trainer import Trainer
 
-def test_run_writes_metrics_checkpoint_and_report(tmp_path, teacher_dir):
+
+def test_run_writes_metrics_and_checkpoint(tmp_path, teacher_dir):
     cfg = load_config(write_config(tmp_path, teacher_dir, train={"sft_warmup_steps": 1}))
     summary = train_from_config(cfg, console=lambda *_: None)
     run = Path(summary["run_dir"])
@@ -32,7 +35,7 @@ def test_run_writes_metrics_checkpoint_and_report(tmp_path, teacher_dir):
     last = steps[-1]
     assert last["loss"] == pytest.approx(last["loss_trust"] + last["loss_outlier"] + last["loss_guidance"], abs=1e-5)
     assert any("eval/teacher_text_nll" in r for r in records)
-    assert (run / "report" / "summary.md").is_file() and (run / "report" / "loss.png").is_file()
+    assert not (run / "report").exists()  # the training job writes no report: `tropd train` does, after it
     ckpt = Path(summary["checkpoint"])
     from transformers import AutoModelForCausalLM
 
@@ -74,18 +77,14 @@ def test_ctrl_c_then_resume_matches_uninterrupted_run(tmp_path, teacher_dir, mon
 def test_accumulation_matches_one_batch(tmp_path, teacher_dir):
     """The same step's rollouts as 1 micro-batch of 4 or 4 micro-batches of 1 give the same gradient; and
     micro_batch_size does not change the samples."""
-    from tropd.train.run import build_models
-    from tropd.tasks.builtin import builtin_prompts
-    from tropd.tasks.encoding import encode_prompt
-
     cfg = load_config(write_config(tmp_path, teacher_dir), ["objective.kwargs.trust_mode=expected"])
-    student, teacher, tok = build_models(cfg)
-    prompts = [encode_prompt(p, tok) for p in builtin_prompts("train")]
+    parts = build_run(cfg, build_accelerator(cfg))
+    student = parts.student
     grads, samples = [], []
     for mb in (4, 1):
         cfg.train.micro_batch_size = mb
-        trainer = Trainer(cfg, student, teacher, tok, prompts, tmp_path / "run")
-        objective, micro, progress = trainer.collect(step=1)
+        trainer = Trainer(cfg, parts, tmp_path / "run")
+        objective, micro, progress = trainer.step_rollouts(step=1)
         assert len(micro) == 4 // mb and [m.offset for m in micro] == list(range(0, 4, mb))
         samples.append(torch.cat([m.batch.tokens for m in micro]))
         student.zero_grad(set_to_none=True)
@@ -101,12 +100,10 @@ def test_a_step_streams_micro_batches(tmp_path, teacher_dir):
     """Each micro-batch is scored by the teacher only after the previous one's backward: one micro-batch of
     teacher tensors and activations alive at a time."""
     from tropd.teacher import InProcessTeacher
-    from tropd.train.run import build_models
-    from tropd.tasks.builtin import builtin_prompts
-    from tropd.tasks.encoding import encode_prompt
 
     cfg = load_config(write_config(tmp_path, teacher_dir, train={"micro_batch_size": 1}))
-    student, teacher, tok = build_models(cfg)
+    parts = build_run(cfg, build_accelerator(cfg))
+    student = parts.student
     events = []
 
     class Recording(InProcessTeacher):
@@ -116,9 +113,9 @@ def test_a_step_streams_micro_batches(tmp_path, teacher_dir):
 
     head = student.get_output_embeddings().weight
     head.register_post_accumulate_grad_hook(lambda p: events.append("backward"))
-    trainer = Trainer(cfg, student, Recording(teacher), tok, [encode_prompt(p, tok) for p in builtin_prompts("train")],
-                      tmp_path / "run")
-    objective, micro, progress = trainer.collect(step=1)
+    recording = Recording(parts.teacher.model_for_blending())
+    trainer = Trainer(cfg, dataclasses.replace(parts, teacher=recording), tmp_path / "run")
+    objective, micro, progress = trainer.step_rollouts(step=1)
     assert events == [] and len(micro) == 4  # rollouts first, nothing scored yet
     trainer.accumulate(objective, micro, progress, step=1)
     assert events == ["score", "backward"] * 4
@@ -162,6 +159,9 @@ def test_cli_two_step_smoke_run(tmp_path, teacher_dir, capsys):
     assert rc == 0
     assert "run directory:" in out and "teacher_text_nll" in out
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    report = tmp_path / "run" / "report"
+    assert f"report: {report / 'summary.md'}" in out  # written by the command, after the run
+    assert (report / "summary.md").is_file() and (report / "loss.png").is_file()
     # the same run directory again, without --resume: refused, nothing overwritten
     assert main(["train", "--config", str(path), "train.steps=2"]) == 2
     assert f"{tmp_path / 'run'} is not empty" in capsys.readouterr().err

@@ -47,7 +47,8 @@ def sequence_nll(model, prompt_ids: list[list[int]], responses: list[list[int]],
 
 
 class DistillEval:
-    """Evaluation hook: teacher-text perplexity, greedy-sample diversity, task score, and one sample text."""
+    """Evaluation hook: teacher-text perplexity, greedy-sample diversity, task score, and one sample text.
+    ``teacher`` writes the reference answers: a :class:`~tropd.teacher.Teacher` or a model in this process."""
 
     def __init__(self, teacher, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
                  prompts: list | None = None) -> None:

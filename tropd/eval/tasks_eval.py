@@ -7,12 +7,13 @@ prompts that carry a grading reference, so training-time and standalone scores a
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
+
+from torch import nn
 
 from tropd.eval.metrics import summarize
-from tropd.rollout import RowStreams, SamplingConfig, sample
+from tropd.files import write_text_atomic
+from tropd.rollout import RowStreams, SamplingConfig, sample, sample_teacher
 from tropd.tasks import Example, get_suite, grade_batch, list_suites
 from tropd.tasks.encoding import encode_prompt
 
@@ -20,7 +21,8 @@ from tropd.tasks.encoding import encode_prompt
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
              seed: int = 0, batch_size: int = 16, desc: str | None = None) -> tuple[list[list[int]], list[bool]]:
     """One response per prompt with the rollout sampler (``temperature=0``: greedy): token ids up to and
-    including EOS, and whether each hit ``max_new_tokens``."""
+    including EOS, and whether each hit ``max_new_tokens``. ``model`` is a model in this process, or a
+    :class:`~tropd.teacher.Teacher` (which writes the responses wherever it runs)."""
     eos = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
                          temperature=temperature)
@@ -30,9 +32,10 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: i
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompt_ids), desc=desc, unit="sample", leave=False)
+    draw = sample if isinstance(model, nn.Module) else sample_teacher
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]  # each sample's own stream: results do not depend on batch_size
-        batch = sample(model, chunk, cfg, streams=RowStreams.of(seed, len(chunk), first_row=start))
+        batch = draw(model, chunk, cfg, streams=RowStreams.of(seed, len(chunk), first_row=start))
         for row in range(batch.batch_size):
             tokens.append(batch.tokens[row, : int(batch.response_lengths[row])].tolist())
             truncated.append(bool(batch.truncated[row]))
@@ -83,11 +86,10 @@ def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_n
         raise ValueError(f"--tasks: unknown suite(s) {', '.join(unknown)}; available: {', '.join(list_suites())}")
     if n < 1 or limit < 1:
         raise ValueError("--n and --limit must be >= 1")
-    from tropd.models import load_causal_lm, prepare_tokenizer, quiet_progress_bars, smollm2_gguf_path
+    from tropd.models import load_named_model, prepare_tokenizer, quiet_progress_bars
 
     quiet_progress_bars()
-    path = str(smollm2_gguf_path()) if model == "smollm2" else model
-    lm, tok = load_causal_lm(path)
+    lm, tok = load_named_model(model)
     prepare_tokenizer(tok)
     ks = sorted({1, n})
     results: dict[str, dict] = {}
@@ -104,7 +106,7 @@ def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_n
             results[task] = r
             payload["complete"] = i == len(tasks)
             if json_path:
-                write_json_atomic(json_path, payload)
+                write_text_atomic(json_path, json.dumps(payload, indent=2))  # an interruption keeps the last
             scores = " ".join(f"{k}={r[k]:.3f}" for k in ("avg@n", *[f"pass@{k}" for k in ks]))
             console(f"[{i}/{len(tasks)}] {task}: {scores} ({int(r['problems'])} problems, "
                     f"{r['mean_response_tokens']:.1f} mean tokens, {r['truncation_rate']:.2f} truncated, "
@@ -125,15 +127,3 @@ def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_n
         console(f"wrote {json_path}")
     return payload
 
-
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` through a temporary file and ``os.replace``: a reader (or a crash) never
-    sees a half-written file, only the previous version or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

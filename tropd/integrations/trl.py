@@ -27,9 +27,11 @@ from __future__ import annotations
 import torch
 from trl import DistillationTrainer
 
-from tropd.objectives import TokenInputs, get_objective
+from tropd.objectives import TokenInputs
 from tropd.objectives.head import FUSED_CHUNK, LMHead
 from tropd.teacher.scoring import scores_from_hidden
+from tropd.train.build import build_objective
+from tropd.train.config import ObjectiveConfig
 
 
 def sampled_logprobs(hidden: torch.Tensor, head: LMHead, tokens: torch.Tensor, temperature: float = 1.0,
@@ -56,7 +58,8 @@ class TrOPDTrainer(DistillationTrainer):
 
     def __init__(self, *args, objective: str = "fkl_outlier", objective_kwargs: dict | None = None,
                  chunk_size: int = FUSED_CHUNK, **kwargs) -> None:
-        self.tropd_objective = get_objective(objective, chunk_size=chunk_size, **(objective_kwargs or {}))
+        self.tropd_objective = build_objective(ObjectiveConfig(name=objective, kwargs=dict(objective_kwargs or {}),
+                                                               chunk_size=chunk_size))
         self.tropd_chunk_size = chunk_size
         needs = self.tropd_objective.needs
         if needs.guidance:

@@ -18,11 +18,11 @@ import math
 
 import torch
 
+from tropd.needs import Needs
 from tropd.objectives import fused, terms
 from tropd.objectives.checks import check_inputs
 from tropd.objectives.head import FUSED_CHUNK
 from tropd.objectives.inputs import ObjectiveOutput, TokenInputs
-from tropd.objectives.registry import Needs
 
 #: Default trust threshold τ = log(λ/(1−λ)) with λ = 0.2 (docs/method.md §3).
 DEFAULT_TAU = math.log(0.2 / 0.8)
@@ -63,7 +63,7 @@ class Objective:
         """Per-position tensors ``row_fn`` reads: teacher quantities detached, masked-out positions sanitised."""
         pad = ~x.loss_mask
         rows = {"tokens": x.tokens.masked_fill(pad, 0)}
-        if "fkl_topk" in self.row_terms or "jsd_topk" in self.row_terms:
+        if self.needs.teacher_topk:
             x.require(self.name, "teacher_topk_ids", "teacher_topk_logprobs")
             rows["topk_ids"] = x.teacher_topk_ids.masked_fill(pad[..., None], 0)
             rows["topk_logprobs"] = x.teacher_topk_logprobs.detach().masked_fill(pad[..., None], 0.0)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from tropd.needs import Needs
 from tropd.objectives import terms
 from tropd.objectives.base import Objective
-from tropd.objectives.registry import Needs, register
+from tropd.objectives.registry import register
 
 
 class _FullVocab(Objective):
@@ -43,8 +44,8 @@ class GKD(_FullVocab):
             raise ValueError(f"gkd: beta must be in [0, 1], got {beta}")
         if not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"gkd: lmbda (on-policy fraction) must be in [0, 1], got {lmbda}")
-        self.beta, self.lmbda = float(beta), float(lmbda)
-        self.needs = Needs(teacher_logits=True, rollout="gkd_mixed")
+        self.beta = float(beta)
+        self.needs = Needs(teacher_logits=True, rollout="gkd_mixed", on_policy_fraction=float(lmbda))
 
     def divergence(self, lp_s, lp_t):
         return terms.generalized_jsd(lp_s, lp_t, self.beta)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from tropd.needs import Needs
 from tropd.objectives import terms
 from tropd.objectives.base import DEFAULT_TAU, Objective
-from tropd.objectives.registry import Needs, register
+from tropd.objectives.registry import register
 
 
 def _validate_top_k(name: str, top_k: int) -> int:

@@ -1,46 +1,12 @@
-"""Registry of named objectives and the declaration of what each one needs from the pipeline."""
+"""Registry of named objectives. What each one needs from the pipeline (:class:`Needs`) is declared in
+:mod:`tropd.needs`, re-exported here."""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Callable
 
-ROLLOUT_KINDS = ("student", "teacher", "trb_blend", "gkd_mixed")
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What the pipeline must compute for an objective, so it computes only that.
-
-    Attributes:
-        teacher_logprobs: teacher log-prob of each sampled token (``q_t``).
-        teacher_topk: teacher top-k ids and log-probs at each position (``top_k`` of them).
-        teacher_entropy: full-vocabulary teacher entropy at each position.
-        teacher_logits: full teacher logits (full-vocabulary objectives only; the teacher pass chunks them).
-        top_k: k for ``teacher_topk`` (0 when not needed).
-        guidance: the objective trains on teacher-written prefixes (docs/method.md §4.2); the rollout adds them.
-        rollout: how rollouts are drawn: ``"student"`` (plain on-policy), ``"trb_blend"`` (docs/method.md §4.3 warm-up
-            blending), ``"gkd_mixed"`` (GKD: a share of sequences written by the teacher), ``"teacher"`` (the
-            teacher writes whole responses, tagged as teacher positions: supervised KD).
-        progress: the objective reads ``TokenInputs.progress`` (training curricula).
-    """
-
-    teacher_logprobs: bool = True
-    teacher_topk: bool = False
-    teacher_entropy: bool = False
-    teacher_logits: bool = False
-    top_k: int = 0
-    guidance: bool = False
-    rollout: str = "student"
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.rollout not in ROLLOUT_KINDS:
-            raise ValueError(f"Needs.rollout must be one of {ROLLOUT_KINDS}, got {self.rollout!r}")
-        if self.teacher_topk and self.top_k < 1:
-            raise ValueError("Needs.top_k must be >= 1 when teacher_topk is needed")
-
+from tropd.needs import ROLLOUT_KINDS, Needs  # noqa: F401  (re-exported: objectives declare their needs)
 
 _REGISTRY: dict[str, type] = {}
 

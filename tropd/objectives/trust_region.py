@@ -17,12 +17,15 @@ whose gradient is ``β ∇(−s_t)`` (β-weighted NLL), β = 0.001 by default.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from tropd.needs import Needs
 from tropd.objectives import terms
 from tropd.objectives.base import DEFAULT_TAU, Objective
 from tropd.objectives.on_policy import _validate_top_k
-from tropd.objectives.registry import Needs, register
+from tropd.objectives.registry import register
 
 TRUST_MODES = ("sample", "expected")
 OUTLIERS = ("fkl", "mask", "clip")
@@ -31,8 +34,6 @@ OUTLIERS = ("fkl", "mask", "clip")
 @register("tropd")
 class TrOPD(Objective):
     """TrOPD: K1 OPD inside the trust region M~Bernoulli(min(π_T/π_beh,1)), forward KL on outliers, teacher-prefix guidance."""
-
-    guidance = True
 
     def __init__(self, top_k: int = 64, beta: float = 1e-3, tau: float = DEFAULT_TAU, trust_mode: str = "sample",
                  outlier: str = "fkl", chunk_size: int | None = None) -> None:
@@ -48,7 +49,7 @@ class TrOPD(Objective):
         self.row_terms = ("fkl_topk",) if outlier == "fkl" else ()
         uses_topk = outlier == "fkl"
         self.needs = Needs(teacher_topk=uses_topk, top_k=_validate_top_k(self.name, top_k) if uses_topk else 0,
-                           guidance=self.guidance)
+                           guidance=True)
 
     def row_fn(self, logits, rows):
         out = super().row_fn(logits, rows)
@@ -88,7 +89,7 @@ class TrOPD(Objective):
         parts = {"region_trust": trust, "region_outlier": out_part, "trust_frac": w,
                  "p_trust": p_trust, "frac_masked": torch.where(sm, 1.0 - w, zero)}
         loss = trust + out_part
-        if self.guidance:
+        if self.needs.guidance:
             guide = torch.where(tm, self.beta * (t["teacher_logprobs"] - s), zero)
             parts["region_guidance"] = guide
             loss = loss + guide
@@ -103,8 +104,7 @@ class TrOPD(Objective):
 class FKLOutlier(TrOPD):
     """Trust region + top-k forward KL on outliers, without teacher-prefix guidance (TrOPD ablation)."""
 
-    guidance = False
-
     def __init__(self, top_k: int = 64, tau: float = DEFAULT_TAU, trust_mode: str = "sample",
                  chunk_size: int | None = None) -> None:
         super().__init__(top_k=top_k, beta=0.0, tau=tau, trust_mode=trust_mode, outlier="fkl", chunk_size=chunk_size)
+        self.needs = replace(self.needs, guidance=False)

@@ -1,7 +1,7 @@
 """Rollouts: KV-cached sampling with exact behaviour log-probs, teacher-prefix guidance, TRB blending, GKD mixing."""
 
 from tropd.rollout.batch import RolloutBatch, RolloutRow, left_pad, position_ids_from_mask, rollout_stats
-from tropd.rollout.collect import collect_rollouts
+from tropd.rollout.dispatch import sample_for_needs
 from tropd.rollout.gkd import sample_gkd_mixed
 from tropd.rollout.guidance import GuidanceConfig, choose_guided_rows, guidance_cap, sample_with_guidance
 from tropd.rollout.sampling import (
@@ -14,7 +14,7 @@ from tropd.rollout.sampling import (
     truncate_logprobs,
 )
 from tropd.rollout.streams import RowStreams
-from tropd.rollout.trb import TRBConfig, blend_logprobs, kl_blend_student, sample_trb, solve_beta, trb_budget
+from tropd.rollout.trb import TRBConfig, blend_logprobs, kl_blend_student, sample_trb, solve_beta
 
 __all__ = [
     "GuidanceConfig",
@@ -25,7 +25,6 @@ __all__ = [
     "TRBConfig",
     "blend_logprobs",
     "choose_guided_rows",
-    "collect_rollouts",
     "decode",
     "guidance_cap",
     "kl_blend_student",
@@ -33,6 +32,7 @@ __all__ = [
     "position_ids_from_mask",
     "rollout_stats",
     "sample",
+    "sample_for_needs",
     "sample_gkd_mixed",
     "sample_teacher",
     "sample_trb",
@@ -40,6 +40,5 @@ __all__ = [
     "sampling_logprobs",
     "solve_beta",
     "temperature_logprobs",
-    "trb_budget",
     "truncate_logprobs",
 ]

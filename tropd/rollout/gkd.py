@@ -12,20 +12,24 @@ Random streams per row (:class:`~tropd.rollout.streams.RowStreams`): ``"gkd_sour
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
 from tropd.rollout.batch import RolloutBatch, RolloutRow
-from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows
+from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows, teacher_rows
 from tropd.rollout.streams import RowStreams
 
+if TYPE_CHECKING:
+    from tropd.teacher.protocol import Teacher
 
-def sample_gkd_mixed(student: nn.Module, teacher: nn.Module, prompts: Sequence[Sequence[int]],
+
+def sample_gkd_mixed(student: nn.Module, teacher: Teacher | None, prompts: Sequence[Sequence[int]],
                      cfg: SamplingConfig, *, lmbda: float,
                      streams: RowStreams | int | None = None) -> RolloutBatch:
-    """Per sequence: teacher-written with probability ``1 − lmbda``, else student-written (module docstring)."""
+    """Per sequence: teacher-written with probability ``1 − lmbda``, else student-written (module docstring).
+    ``teacher`` may be None when ``lmbda = 1`` (it is not run then)."""
     if not 0.0 <= lmbda <= 1.0:
         raise ValueError(f"sample_gkd_mixed: lmbda (on-policy fraction) must be in [0, 1], got {lmbda}")
     b = len(prompts)
@@ -37,8 +41,8 @@ def sample_gkd_mixed(student: nn.Module, teacher: nn.Module, prompts: Sequence[S
     student_idx = torch.nonzero(~by_teacher).flatten().tolist()
     rows: list[RolloutRow | None] = [None] * b
     if teacher_idx:
-        for i, row in zip(teacher_idx, sample_rows(teacher, [prompts[i] for i in teacher_idx], cfg,
-                                                   streams=streams.select(teacher_idx), purpose="teacher")):
+        for i, row in zip(teacher_idx, teacher_rows(teacher, [prompts[i] for i in teacher_idx], cfg,
+                                                    streams=streams.select(teacher_idx))):
             row.teacher_row = True
             rows[i] = row
     if student_idx:

@@ -28,34 +28,31 @@ Decisions (documented here, pinned by tests):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
 from tropd.rollout.batch import RolloutBatch, RolloutRow
-from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows
+from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows, teacher_rows
 from tropd.rollout.streams import RowStreams
+from tropd.settings import setting
+
+if TYPE_CHECKING:
+    from tropd.teacher.protocol import Teacher
 
 
-@dataclass(frozen=True)
+@dataclass
 class GuidanceConfig:
     """Teacher-prefix guidance settings (docs/method.md §4.2); the ``guidance`` section of a run's config."""
 
-    enabled: bool | None = field(default=None, metadata={"help": (
-        "Teacher-prefix guidance (docs/method.md §4.2); null = on iff the objective trains on teacher prefixes "
-        "(tropd); false = plain student rollouts.")})
-    guided_fraction: float = field(default=1.0, metadata={"help": (
-        "Share of the step's rollouts that get a teacher prefix, in [0, 1] (exact count, stochastic rounding).")})
-    anneal_steps: int | None = field(default=None, metadata={"help": (
-        "T_anneal: steps over which the prefix cap decays to 0; null = all training steps of the objective.")})
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.guided_fraction <= 1.0:
-            raise ValueError(f"guidance.guided_fraction must be in [0, 1], got {self.guided_fraction}")
-        if self.anneal_steps is not None and self.anneal_steps < 1:
-            raise ValueError(f"guidance.anneal_steps must be >= 1 or null, got {self.anneal_steps}")
+    enabled: bool | None = setting(None, "Teacher-prefix guidance (docs/method.md §4.2); null = on iff the objective "
+                                         "trains on teacher prefixes (tropd); false = plain student rollouts.")
+    guided_fraction: float = setting(1.0, "Share of the step's rollouts that get a teacher prefix, in [0, 1] (exact "
+                                          "count, stochastic rounding).")
+    anneal_steps: int | None = setting(None, "T_anneal: steps over which the prefix cap decays to 0; null = all "
+                                             "training steps of the objective.")
 
 
 def guidance_cap(step: int, total_steps: int, max_new_tokens: int, anneal_steps: int | None = None) -> int:
@@ -86,9 +83,10 @@ def choose_guided_rows(batch_size: int, fraction: float, generator: torch.Genera
     return rows
 
 
-def sample_with_guidance(student: nn.Module, teacher: nn.Module, prompts: Sequence[Sequence[int]],
-                         cfg: SamplingConfig, *, step: int, total_steps: int, guided_fraction: float = 1.0,
-                         anneal_steps: int | None = None,
+def sample_with_guidance(student: nn.Module, teacher: Teacher, prompts: Sequence[Sequence[int]],
+                         cfg: SamplingConfig, *, step: int, total_steps: int,
+                         guided_fraction: float = GuidanceConfig.guided_fraction,
+                         anneal_steps: int | None = GuidanceConfig.anneal_steps,
                          streams: RowStreams | int | None = None) -> RolloutBatch:
     """Rollouts with teacher prefixes: teacher writes ``l_i`` tokens, the student continues (module docstring).
 
@@ -115,8 +113,8 @@ def sample_with_guidance(student: nn.Module, teacher: nn.Module, prompts: Sequen
     prefixes: list[RolloutRow | None] = [None] * b
     teacher_idx = torch.nonzero(caps > 0).flatten().tolist()
     if teacher_idx:
-        written = sample_rows(teacher, [prompts[i] for i in teacher_idx], cfg, caps[teacher_idx],
-                              streams.select(teacher_idx), purpose="teacher")
+        written = teacher_rows(teacher, [prompts[i] for i in teacher_idx], cfg, caps[teacher_idx],
+                               streams.select(teacher_idx))
         for i, row in zip(teacher_idx, written):
             prefixes[i] = row
 

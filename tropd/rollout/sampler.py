@@ -2,27 +2,30 @@
 
 The trainer hands a sampler one generation batch of prompt token ids and a :class:`RolloutRequest` (which kind
 of rollout the objective needs, where training is, which rows of the step's global batch these are) and
-receives a
-:class:`~tropd.rollout.RolloutBatch` with exact behaviour log-probs. :class:`KVCacheSampler` (the default) decodes
-with the student's own KV cache in this process, and writes guidance prefixes, TRB blends and GKD teacher rows
-with the in-process teacher model; another engine implements the same ``sample`` method.
+receives a :class:`~tropd.rollout.RolloutBatch` with exact behaviour log-probs. :class:`KVCacheSampler` (the
+default) decodes with the student's own KV cache in this process and asks the run's
+:class:`~tropd.teacher.Teacher` for guidance prefixes, GKD and SFT teacher rows and TRB blending; another engine
+implements the same ``sample`` method.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 from tropd.rollout.batch import RolloutBatch
-from tropd.rollout.collect import collect_rollouts
+from tropd.rollout.dispatch import sample_for_needs
 from tropd.rollout.guidance import GuidanceConfig
 from tropd.rollout.sampling import SamplingConfig
 from tropd.rollout.streams import RowStreams
 from tropd.rollout.trb import TRBConfig
+
+if TYPE_CHECKING:
+    from tropd.teacher.protocol import Teacher
 
 
 @dataclass
@@ -36,7 +39,7 @@ class RolloutRequest:
         first_row, total_rows: the global index (in the step's batch of rollouts, all processes) of the first
             prompt, and the size of that batch. Random draws depend on ``(seed, global_step, row)`` only, never
             on the process or the batch composition (:attr:`streams`); ``total_rows`` 0 means this batch alone.
-        guidance, trb: settings; ``gkd_lambda``: GKD's on-policy fraction λ.
+        guidance, trb: the run's guidance and TRB settings.
     """
 
     needs: Needs
@@ -48,7 +51,6 @@ class RolloutRequest:
     total_rows: int = 0
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     trb: TRBConfig = field(default_factory=TRBConfig)
-    gkd_lambda: float = 1.0
 
     def streams(self, num_rows: int) -> RowStreams:
         """The random streams of this request's ``num_rows`` rows (:class:`~tropd.rollout.streams.RowStreams`)."""
@@ -64,17 +66,16 @@ class Sampler(Protocol):
 
 
 class KVCacheSampler:
-    """The default sampler: KV-cached decoding of ``student`` in this process (:func:`collect_rollouts`), with
-    ``teacher`` (a plain model, or None when the objective never samples from it) for guidance prefixes, TRB
-    blending and GKD teacher rows."""
+    """The default sampler: KV-cached decoding of ``student`` in this process (:func:`sample_for_needs`), with the
+    run's :class:`~tropd.teacher.Teacher` (in process or behind a server; None when the objective never samples
+    from it) writing guidance prefixes and GKD and SFT teacher rows, and blended into TRB rollouts."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, sampling: SamplingConfig) -> None:
+    def __init__(self, student: nn.Module, teacher: Teacher | None, sampling: SamplingConfig) -> None:
         self.student, self.teacher, self.sampling = student, teacher, sampling
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[Sequence[int]], request: RolloutRequest) -> RolloutBatch:
-        return collect_rollouts(self.student, self.teacher, prompts, self.sampling, request.needs,
+        return sample_for_needs(self.student, self.teacher, prompts, self.sampling, request.needs,
                                 step=request.step, total_steps=request.total_steps,
                                 streams=request.streams(len(prompts)),
-                                guidance_settings=request.guidance, trb_settings=request.trb,
-                                gkd_lambda=request.gkd_lambda)
+                                guidance_settings=request.guidance, trb_settings=request.trb)

@@ -15,14 +15,19 @@ when every row has stopped.
 
 Randomness: token t of row i uses value t of that row's ``"student"`` (or ``"teacher"``) stream of
 :class:`~tropd.rollout.streams.RowStreams`, so a row's response does not depend on the rows it is batched with.
+
+Who decodes: the student is a model in this process (:func:`sample_rows`); the teacher is a
+:class:`~tropd.teacher.Teacher`, which writes its rows wherever it runs (:func:`teacher_rows`) from the same
+uniforms, so a teacher behind a server writes what an in-process one would.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +36,8 @@ from transformers import DynamicCache, StaticCache
 from tropd.rollout.batch import RolloutBatch, RolloutRow, left_pad, position_ids_from_mask
 from tropd.rollout.streams import RowStreams
 
+if TYPE_CHECKING:  # the protocol the samplers take (tropd.teacher implements it on top of this module)
+    from tropd.teacher.protocol import Teacher
 
 #: KV-cache kinds of :class:`SamplingConfig`.
 KV_CACHES = ("dynamic", "static")
@@ -111,20 +118,8 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_p: flo
     return truncate_logprobs(temperature_logprobs(logits, temperature), top_p, greedy=temperature == 0.0)
 
 
-@runtime_checkable
-class RowWriter(Protocol):
-    """A model that writes rows elsewhere (e.g. a teacher server, :class:`tropd.teacher.RemoteTeacher`):
-    ``write_rows(contexts, cfg, budgets [B], uniforms [B, max_new_tokens])`` returns what :func:`sample_rows`
-    would for an in-process model, drawing token t of row i with ``uniforms[i, t]``."""
-
-    def write_rows(self, contexts: list[list[int]], cfg: SamplingConfig, budgets: torch.Tensor,
-                   uniforms: torch.Tensor) -> list[RolloutRow]: ...
-
-
-def model_device(model: nn.Module | RowWriter) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless module or a :class:`RowWriter`)."""
-    if not isinstance(model, nn.Module):
-        return torch.device("cpu")
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless module)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -304,24 +299,42 @@ def plain_combine(cfg: SamplingConfig) -> Combine:
     return combine
 
 
-def sample_rows(model: nn.Module | RowWriter, contexts: Sequence[Sequence[int]], cfg: SamplingConfig,
+def decode_rows(model: nn.Module, contexts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                budgets: torch.Tensor | int, uniforms: torch.Tensor) -> list[RolloutRow]:
+    """One response per context decoded by ``model`` in this process, token t of row i drawn with
+    ``uniforms[i, t]``; one :class:`RolloutRow` per context, in order (what ``Teacher.write_rows`` returns)."""
+    ids, mask = left_pad(contexts, cfg.pad_token_id)
+    with inference_mode(model):
+        out = decode([model], ids, mask, budgets, cfg, plain_combine(cfg), uniforms)
+    return rows_from_decode(out)
+
+
+def sample_rows(model: nn.Module, contexts: Sequence[Sequence[int]], cfg: SamplingConfig,
                 budgets: torch.Tensor | int | None = None, streams: RowStreams | int | None = None,
                 purpose: str = "student") -> list[RolloutRow]:
     """Sample one response per context with ``model`` alone; one :class:`RolloutRow` per context, in order.
 
     ``budgets`` (default ``cfg.max_new_tokens``) may differ per row. Token t of row i uses value t of row i's
     ``purpose`` stream (``streams``: see :meth:`RowStreams.resolve`). Rows are untagged (student source).
-    A :class:`RowWriter` writes them itself with the same uniforms.
     """
     budgets = cfg.max_new_tokens if budgets is None else budgets
     uniforms = RowStreams.resolve(streams, len(contexts)).uniform(purpose, cfg.max_new_tokens)
-    if isinstance(model, RowWriter):
-        budgets = torch.as_tensor(budgets, dtype=torch.long).expand(len(contexts))
-        return model.write_rows([list(c) for c in contexts], cfg, budgets, uniforms)
-    ids, mask = left_pad(contexts, cfg.pad_token_id)
-    with inference_mode(model):
-        out = decode([model], ids, mask, budgets, cfg, plain_combine(cfg), uniforms)
-    return rows_from_decode(out)
+    return decode_rows(model, contexts, cfg, budgets, uniforms)
+
+
+def teacher_rows(teacher: Teacher, contexts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                 budgets: torch.Tensor | int | None = None,
+                 streams: RowStreams | int | None = None) -> list[RolloutRow]:
+    """The rows ``teacher`` writes (``Teacher.write_rows``), one per context, in order: token t of row i drawn
+    with value t of row i's ``"teacher"`` stream. ``budgets`` as in :func:`sample_rows`; rows are untagged (the
+    caller says what they are)."""
+    if isinstance(teacher, nn.Module):  # deprecated: a raw model, until tropd/gym and its benchmarks pass a Teacher
+        warnings.warn("a model passed where a Teacher is expected: wrap it in tropd.teacher.InProcessTeacher",
+                      DeprecationWarning, stacklevel=3)
+        return sample_rows(teacher, contexts, cfg, budgets, streams, "teacher")
+    budgets = torch.as_tensor(cfg.max_new_tokens if budgets is None else budgets, dtype=torch.long)
+    uniforms = RowStreams.resolve(streams, len(contexts)).uniform("teacher", cfg.max_new_tokens)
+    return teacher.write_rows([list(c) for c in contexts], cfg, budgets.expand(len(contexts)), uniforms)
 
 
 def rows_from_decode(out: DecodeOutput) -> list[RolloutRow]:
@@ -348,16 +361,16 @@ def sample(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConf
     return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, device=model_device(model))
 
 
-def sample_teacher(teacher: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
+def sample_teacher(teacher: Teacher, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
                    streams: RowStreams | int | None = None) -> RolloutBatch:
-    """Teacher-written rollouts for supervised KD (``Needs.rollout == "teacher"``).
+    """Teacher-written rollouts for supervised KD (``Needs.rollout == "teacher"``), on the CPU.
 
     The teacher samples every response; all response positions are tagged as teacher positions
     (``teacher_token_mask``) and ``behavior_logprobs`` are the teacher's sampling log-probs.
     """
-    rows = sample_rows(teacher, prompts, cfg, streams=streams, purpose="teacher")
+    rows = teacher_rows(teacher, prompts, cfg, streams=streams)
     for r in rows:
         r.guidance_length = int(r.tokens.numel())
         r.teacher_row = True
-    return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, device=model_device(teacher))
+    return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id)
 

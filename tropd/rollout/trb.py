@@ -12,7 +12,8 @@ so the KL is non-decreasing in β, ``KL(μ_0‖π_S) = 0`` and ``KL(μ_1‖π_S)
 weight is ``β* = max{β ∈ [0,1] : KL(μ_β‖π_S) ≤ ε}``, found per row by a safeguarded Newton search in float64
 (:func:`solve_beta`).
 
-Budget schedule: ``ε_k = ε_0 (1 − k/K)`` for ``k ≤ K``, then 0 (pure student rollouts; the teacher is not run).
+Budget schedule (:meth:`TRBConfig.budget`): ``ε_k = ε_0 (1 − k/K)`` for ``k ≤ K``, then 0 (pure student
+rollouts; the teacher is not run).
 
 Decoding decision (temperature / top-p): temperature is applied to both models' logits first, the β* search and
 the blend use those tempered distributions, and top-p (or greedy at temperature 0) is applied to the blend last;
@@ -21,8 +22,8 @@ the behaviour log-prob of a token is its log-prob under that final distribution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
@@ -40,35 +41,30 @@ from tropd.rollout.sampling import (
     truncate_logprobs,
 )
 from tropd.rollout.streams import RowStreams
+from tropd.settings import setting
+
+if TYPE_CHECKING:
+    from tropd.teacher.protocol import Teacher
 
 
-@dataclass(frozen=True)
+@dataclass
 class TRBConfig:
     """TRB warm-up blending settings (docs/method.md §4.3); the ``trb`` section of a run's config."""
 
-    eps0: float = field(default=0.02, metadata={"help": (
-        "ε_0: the KL budget KL(μ_β‖π_S) per decoding step at the first training step (docs/method.md §4.3).")})
-    warmup_steps: int = field(default=50, metadata={"help": (
-        "K: training steps over which the budget decays linearly to 0 (then plain student rollouts).")})
-    iters: int = field(default=16, metadata={"help": (
-        "Safeguarded Newton steps for β* per decoded token (float64; each one KL evaluation over the vocabulary).")})
+    eps0: float = setting(0.02, "ε_0: the KL budget KL(μ_β‖π_S) per decoding step at the first training step "
+                                "(docs/method.md §4.3).")
+    warmup_steps: int = setting(50, "K: training steps over which the budget decays linearly to 0 (then plain "
+                                    "student rollouts).")
+    iters: int = setting(16, "Safeguarded Newton steps for β* per decoded token (float64; each one KL evaluation "
+                             "over the vocabulary).")
 
-    def __post_init__(self) -> None:
-        if self.eps0 < 0:
-            raise ValueError(f"trb.eps0 must be >= 0, got {self.eps0}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"trb.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.iters < 1:
-            raise ValueError(f"trb.iters must be >= 1, got {self.iters}")
-
-
-def trb_budget(step: int, eps0: float = 0.02, warmup_steps: int = 50) -> float:
-    """``ε_k = ε_0 (1 − k/K)`` for ``k ≤ K``, else 0 (``K = warmup_steps``; K = 0 gives 0 at every step)."""
-    if step < 0:
-        raise ValueError(f"trb_budget: step must be >= 0, got {step}")
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return 0.0
-    return float(eps0) * (1.0 - step / warmup_steps)
+    def budget(self, step: int) -> float:
+        """``ε_k = ε_0 (1 − k/K)`` for ``k ≤ K``, else 0 (``K = warmup_steps``; K = 0 gives 0 at every step)."""
+        if step < 0:
+            raise ValueError(f"TRB budget: step must be >= 0, got {step}")
+        if self.warmup_steps <= 0 or step >= self.warmup_steps:
+            return 0.0
+        return float(self.eps0) * (1.0 - step / self.warmup_steps)
 
 
 def _scaled(weight: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -136,7 +132,7 @@ def _kl_and_var(s_live: torch.Tensor, d: torch.Tensor, beta: torch.Tensor) -> tu
 
 
 def solve_beta(student_logp: torch.Tensor, teacher_logp: torch.Tensor, eps: torch.Tensor | float,
-               iters: int = 16) -> torch.Tensor:
+               iters: int = TRBConfig.iters) -> torch.Tensor:
     """``β* = max{β ∈ [0,1] : KL(μ_β‖π_S) ≤ ε}`` per row, float64.
 
     Returns 1 where ``KL(π_T‖π_S) ≤ ε`` (``μ_1 = π_T``; compared with a float64 rounding slack of
@@ -181,7 +177,7 @@ def solve_beta(student_logp: torch.Tensor, teacher_logp: torch.Tensor, eps: torc
     return torch.where(full, torch.ones_like(lo), lo)
 
 
-def trb_combine(cfg: SamplingConfig, eps: float, iters: int = 16) -> Combine:
+def trb_combine(cfg: SamplingConfig, eps: float, iters: int = TRBConfig.iters) -> Combine:
     """Step hook for blended decoding: (student, teacher) logits -> (log μ_β* after top-p, β* per row)."""
 
     def combine(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,25 +194,24 @@ def trb_combine(cfg: SamplingConfig, eps: float, iters: int = 16) -> Combine:
     return combine
 
 
-def sample_trb(student: nn.Module, teacher: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
-               eps: float, iters: int = 16, streams: RowStreams | int | None = None) -> RolloutBatch:
-    """Rollouts drawn token by token from ``μ_β*`` (student and teacher run on the same tokens, each with its
-    own KV cache). ``behavior_logprobs`` are log-probs under the blend; ``blend_beta`` holds β* per token and
-    ``blend_beta_per_step`` its mean per step. ``eps ≤ 0`` is plain student sampling (the teacher is not run).
-    Token t of row i uses value t of row i's ``"student"`` stream, as plain sampling does.
+def sample_trb(student: nn.Module, teacher: Teacher | None, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+               *, eps: float, iters: int = TRBConfig.iters, streams: RowStreams | int | None = None) -> RolloutBatch:
+    """Rollouts drawn token by token from ``μ_β*`` (the student and ``teacher.model_for_blending()`` run on the
+    same tokens, each with its own KV cache). ``behavior_logprobs`` are log-probs under the blend; ``blend_beta``
+    holds β* per token and ``blend_beta_per_step`` its mean per step. ``eps ≤ 0`` is plain student sampling (the
+    teacher is not run; it may be None). Token t of row i uses value t of row i's ``"student"`` stream, as plain
+    sampling does.
     """
     device = model_device(student)
     streams = RowStreams.resolve(streams, len(prompts))
-    if eps > 0 and not isinstance(teacher, nn.Module):
-        raise ValueError("TRB blends the teacher's next-token distribution into every decoded token, so it needs "
-                         "the teacher in this process, not behind a teacher server")
     if eps <= 0:
         batch = sample(student, prompts, cfg, streams=streams)
         batch.info["trb_eps"] = 0.0
         return batch
+    teacher_model = teacher.model_for_blending()
     ids, mask = left_pad(prompts, cfg.pad_token_id)
-    with inference_mode(student, teacher):
-        out = decode([student, teacher], ids, mask, cfg.max_new_tokens, cfg, trb_combine(cfg, eps, iters),
+    with inference_mode(student, teacher_model):
+        out = decode([student, teacher_model], ids, mask, cfg.max_new_tokens, cfg, trb_combine(cfg, eps, iters),
                      streams.uniform("student", cfg.max_new_tokens))
     rows = rows_from_decode(out)
     return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, info={"trb_eps": float(eps)}, device=device)

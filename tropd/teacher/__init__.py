@@ -1,8 +1,10 @@
-"""The teacher: what the frozen teacher says about each response position, behind the ``Teacher`` seam."""
+"""The teacher: what the frozen teacher says about each response position, and the rows it writes, behind the
+``Teacher`` protocol."""
 
-from tropd.teacher.scoring import TeacherScores, entropy_from_logprobs, score_with_teacher
+from tropd.teacher.in_process import InProcessTeacher
+from tropd.teacher.protocol import Teacher
 from tropd.teacher.remote import RemoteTeacher, TeacherServerError
-from tropd.teacher.seam import InProcessTeacher, Teacher
+from tropd.teacher.scoring import TEACHER_CHUNK, TeacherScores, entropy_from_logprobs, score_with_teacher
 
-__all__ = ["InProcessTeacher", "RemoteTeacher", "Teacher", "TeacherScores", "TeacherServerError",
+__all__ = ["InProcessTeacher", "RemoteTeacher", "TEACHER_CHUNK", "Teacher", "TeacherScores", "TeacherServerError",
            "entropy_from_logprobs", "score_with_teacher"]

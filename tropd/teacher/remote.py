@@ -1,10 +1,9 @@
-"""A teacher on another process or machine (``model.teacher=http://host:port``), behind the ``Teacher`` seam.
+"""A teacher on another process or machine (``model.teacher=http://host:port``), a :class:`~tropd.teacher.Teacher`.
 
 :class:`RemoteTeacher` talks to ``tropd serve-teacher`` (:mod:`tropd.teacher.server`). It scores rollouts
-(:meth:`RemoteTeacher.score`, the :class:`~tropd.teacher.Teacher` protocol) and writes teacher rows for guidance
-prefixes, GKD and SFT (:meth:`RemoteTeacher.write_rows`, the :class:`~tropd.rollout.sampling.RowWriter`
-protocol) with the trainer's own random uniforms, so a run gives the same result with the teacher in process or
-behind the server.
+(:meth:`RemoteTeacher.score`) and writes teacher rows for guidance prefixes, GKD and SFT
+(:meth:`RemoteTeacher.write_rows`) with the trainer's own random uniforms, so a run gives the same result with
+the teacher in process or behind the server. It cannot blend into TRB rollouts (that needs the model here).
 
 Failures: a connection error, a timeout or a 502/503/504 is retried with exponential backoff (0.5 s doubling,
 at most 10 s apart) for up to ``retry_s`` seconds, so a server restart mid-run costs a wait, not the step; then
@@ -21,7 +20,7 @@ import warnings
 
 import torch
 
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 from tropd.rollout.batch import RolloutBatch, RolloutRow
 from tropd.rollout.sampling import SamplingConfig
 from tropd.teacher import wire
@@ -79,7 +78,7 @@ class RemoteTeacher:
         return (f"{i['model']} at {self.url}: {i.get('num_layers')} layers, {i['num_parameters'] / 1e6:.1f}M params "
                 f"({i.get('dtype')})")
 
-    # -- the Teacher seam ----------------------------------------------------------------------------------
+    # -- the Teacher protocol ------------------------------------------------------------------------------
     def score(self, batch: RolloutBatch, needs: Needs) -> TeacherScores:
         want = needs.teacher_logprobs or needs.teacher_topk or needs.teacher_entropy or needs.teacher_logits
         if not want:
@@ -95,7 +94,6 @@ class RemoteTeacher:
                                                             else v.to(device, torch.float32))
                                 for k, v in scores.as_kwargs().items()})
 
-    # -- the RowWriter protocol ----------------------------------------------------------------------------
     def write_rows(self, contexts: list[list[int]], cfg: SamplingConfig, budgets: torch.Tensor,
                    uniforms: torch.Tensor) -> list[RolloutRow]:
         lengths = torch.tensor([len(c) for c in contexts], dtype=torch.long)
@@ -103,6 +101,10 @@ class RemoteTeacher:
         body = wire.pack({"context_ids": flat, "context_lengths": lengths, "budgets": budgets.long().cpu(),
                           "uniforms": uniforms.double().cpu()}, {"sampling": wire.sampling_to_json(cfg)})
         return wire.unpack_rows(self._request("POST", "/v1/generate", body).content)
+
+    def model_for_blending(self):
+        raise ValueError("TRB blends the teacher's next-token distribution into every decoded token, so it needs "
+                         "the teacher in this process, not behind a teacher server")
 
     # -- transport -----------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None):

@@ -28,7 +28,12 @@ from transformers import PreTrainedModel
 
 from tropd.forward import response_hidden
 from tropd.objectives.head import LMHead
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
+
+
+#: Response positions turned into teacher logits at a time when nothing else is asked (``objective.chunk_size``
+#: null, ``tropd serve-teacher --chunk-size``).
+TEACHER_CHUNK = 512
 
 
 @dataclass
@@ -70,7 +75,7 @@ def score_with_teacher(
     response_start: int,
     tokens: torch.Tensor,
     needs: Needs,
-    chunk_size: int = 512,
+    chunk_size: int = TEACHER_CHUNK,
 ) -> TeacherScores:
     """Teacher scores at each response position of ``input_ids`` (see the module docstring for the math).
 
@@ -102,7 +107,7 @@ def score_with_teacher(
 
 @torch.no_grad()
 def scores_from_hidden(hidden: torch.Tensor, head: LMHead, tokens: torch.Tensor, needs: Needs,
-                       chunk_size: int = 512) -> TeacherScores:
+                       chunk_size: int = TEACHER_CHUNK) -> TeacherScores:
     """Teacher scores from its final hidden states ``[B, T, H]`` at the response positions and its LM head, chunk
     by chunk over the ``B·T`` positions (the math of the module docstring); ``tokens`` ``[B, T]``."""
     batch, steps = tokens.shape

@@ -30,11 +30,11 @@ import torch
 from fastapi import FastAPI, HTTPException, Request  # the `server` extra; FastAPI resolves these names globally
 from fastapi.responses import Response
 
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 from tropd.rollout.batch import left_pad
-from tropd.rollout.sampling import SamplingConfig, decode, inference_mode, plain_combine, rows_from_decode
+from tropd.rollout.sampling import SamplingConfig, decode_rows
 from tropd.teacher import wire
-from tropd.teacher.scoring import TeacherScores, score_with_teacher
+from tropd.teacher.scoring import TEACHER_CHUNK, TeacherScores, score_with_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 class HFEngine:
     """A frozen HF causal LM: scores ``(prompt, response)`` rows and writes continuations of contexts."""
 
-    def __init__(self, model, tokenizer, name: str, chunk_size: int = 512) -> None:
+    def __init__(self, model, tokenizer, name: str, chunk_size: int = TEACHER_CHUNK) -> None:
         from tropd.models import logits_vocab_size, prepare_tokenizer
 
         self.model = model.requires_grad_(False).eval()
@@ -68,10 +68,7 @@ class HFEngine:
                                   response_start, tokens.to(self.device), needs, chunk_size=self.chunk_size)
 
     def write(self, contexts: list[list[int]], cfg: SamplingConfig, budgets: torch.Tensor, uniforms: torch.Tensor):
-        ids, mask = left_pad(contexts, cfg.pad_token_id)
-        with inference_mode(self.model):
-            out = decode([self.model], ids, mask, budgets, cfg, plain_combine(cfg), uniforms)
-        return rows_from_decode(out)
+        return decode_rows(self.model, contexts, cfg, budgets, uniforms)
 
 
 # -- batching ----------------------------------------------------------------------------------------------
@@ -243,16 +240,16 @@ def create_app(engine: HFEngine, token: str | None = None, max_batch_rows: int =
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, device: str = "auto",
-          dtype: str = "float32", chunk_size: int = 512, max_batch_rows: int = 64, console=print) -> None:
+          dtype: str = "float32", chunk_size: int = TEACHER_CHUNK, max_batch_rows: int = 64, console=print) -> None:
     """Load ``model`` and serve it until interrupted. ``port`` 0 picks a free port; the bound address is printed
     as ``tropd serve-teacher: listening on http://HOST:PORT``."""
     import uvicorn
 
-    from tropd.train.run import _DTYPES, load_named_model, resolve_device
+    from tropd.models import DTYPES, load_named_model, resolve_device
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
-    loaded, tokenizer = load_named_model(model, _DTYPES[dtype], resolve_device(device))
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use {', '.join(DTYPES)}")
+    loaded, tokenizer = load_named_model(model, DTYPES[dtype], resolve_device(device))
     engine = HFEngine(loaded, tokenizer, model, chunk_size)
     app = create_app(engine, token, max_batch_rows)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

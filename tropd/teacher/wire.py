@@ -28,7 +28,7 @@ from dataclasses import asdict, fields
 import torch
 from safetensors.torch import load, save
 
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 from tropd.rollout.batch import RolloutRow
 from tropd.rollout.sampling import SamplingConfig
 from tropd.teacher.scoring import TeacherScores

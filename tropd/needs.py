@@ -1,0 +1,53 @@
+"""What an objective asks of the pipeline, so that rollout and teacher compute only that.
+
+An objective declares one :class:`Needs` (``objective.needs``); the sampler reads how rollouts are drawn
+(``rollout``, ``guidance``, ``on_policy_fraction``), the teacher which scores to compute (``teacher_*``,
+``top_k``), the trainer whether to pass ``progress``. This module imports nothing from tropd: every layer may
+read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLLOUT_KINDS = ("student", "teacher", "trb_blend", "gkd_mixed")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What the pipeline must compute for an objective, so it computes only that.
+
+    Attributes:
+        teacher_logprobs: teacher log-prob of each sampled token (``q_t``).
+        teacher_topk: teacher top-k ids and log-probs at each position (``top_k`` of them).
+        teacher_entropy: full-vocabulary teacher entropy at each position.
+        teacher_logits: full teacher logits (full-vocabulary objectives only; the teacher pass chunks them).
+        top_k: k for ``teacher_topk`` (0 when not needed).
+        guidance: the objective trains on teacher-written prefixes (docs/method.md §4.2); the rollout adds them.
+        rollout: how rollouts are drawn: ``"student"`` (plain on-policy), ``"trb_blend"`` (docs/method.md §4.3 warm-up
+            blending), ``"gkd_mixed"`` (GKD: a share of sequences written by the teacher), ``"teacher"`` (the
+            teacher writes whole responses, tagged as teacher positions: supervised KD).
+        on_policy_fraction: with ``"gkd_mixed"`` rollouts (and only then, where it is required), the share λ of
+            sequences the student writes; the teacher writes the other ``1 − λ``.
+        progress: the objective reads ``TokenInputs.progress`` (training curricula).
+    """
+
+    teacher_logprobs: bool = True
+    teacher_topk: bool = False
+    teacher_entropy: bool = False
+    teacher_logits: bool = False
+    top_k: int = 0
+    guidance: bool = False
+    rollout: str = "student"
+    on_policy_fraction: float | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rollout not in ROLLOUT_KINDS:
+            raise ValueError(f"Needs.rollout must be one of {ROLLOUT_KINDS}, got {self.rollout!r}")
+        if self.teacher_topk and self.top_k < 1:
+            raise ValueError("Needs.top_k must be >= 1 when teacher_topk is needed")
+        if (self.rollout == "gkd_mixed") != (self.on_policy_fraction is not None):
+            raise ValueError("Needs.on_policy_fraction (GKD's λ) is given with, and only with, rollout='gkd_mixed'")
+        if self.on_policy_fraction is not None and not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ValueError(f"Needs.on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
