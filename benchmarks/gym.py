@@ -26,7 +26,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds of every other method per knob value")
     p.add_argument("--methods", default=",".join(EXPERIMENT), help="comma-separated methods")
     p.add_argument("--mismatch", default=",".join(f"{m:g}" for m in MISMATCH), help="comma-separated knob values")
-    p.add_argument("--sweep-lrs", default="3e-5,1e-4,3e-4", help="--sweep: learning rates tried per method")
+    p.add_argument("--sweep-lrs", default="5e-5,1e-4,2e-4", help="--sweep: learning rates tried per method")
     p.add_argument("--sweep-mismatch", default="0,1", help="--sweep: knob values the rates are chosen on")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: GymSpec.lrs)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: GymSpec's 200)")
@@ -102,13 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"{args.workers} runs at a time")
     if args.sweep:
-        runs, context = [], None
-        for lr in (float(x) for x in args.sweep_lrs.split(",")):
-            result = run_gym(replace(spec, lr=lr, lrs=()), {m: 1 for m in methods},
-                             check_mismatch(args.sweep_mismatch.split(",")), workdir, workers=args.workers,
-                             split="valid")
-            runs += result["runs"]
-            context = result["context"]
+        result = run_gym(spec, {m: 1 for m in methods}, check_mismatch(args.sweep_mismatch.split(",")), workdir,
+                         workers=args.workers, split="valid", lr_grid=[float(x) for x in args.sweep_lrs.split(",")])
+        runs, context = result["runs"], result["context"]
         best = best_rates(runs)
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1)}
         text = sweep_table(runs, best, meta)

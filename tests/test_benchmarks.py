@@ -62,3 +62,16 @@ def test_activations_quick_shows_checkpointing_keeps_one_hidden_state_per_layer(
         plain = results[f"{precision}, plain"]["bytes_per_token_per_layer"]
         kept = results[f"{precision}, gradient checkpointing"]["bytes_per_token_per_layer"]
         assert kept == hidden_fp32 and plain > 5 * kept, (precision, plain, kept)
+
+
+def test_gym_gradient_noise_quick_measures_every_method(tmp_path, monkeypatch):
+    monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
+    noise = _script("gym_gradient_noise")
+    assert noise.main(["--quick", "--draws", "5", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gym_gradient_noise_quick.json").read_text())
+    for method in noise.METHODS:
+        for size in ("8", "16"):
+            stats = data["methods"][method][size]
+            assert -1.0 <= stats["cos"] <= 1.0 and stats["snr"] > 0, (method, size, stats)
+    assert 0.0 <= data["rewards"]["share_below_tau"] <= 1.0 and set(data["pool_cos_to_exact"]) == {
+        "opd", "fkl_outlier", "sft"}

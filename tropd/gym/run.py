@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from tropd.files import write_text_atomic
 from tropd.gym.models import DecoderSpec, SFTPlan, model_info, trained_model
 from tropd.models import quiet_progress_bars
 
@@ -54,7 +54,13 @@ METHODS: dict[str, tuple[str, dict]] = {
     "trb": ("trb", {}),
     "sft": ("sft", {}),
     "fkl": ("fkl", {}),
+    # the mechanism experiment's contrasts (docs/gym.md): on-policy reverse KL computed exactly over the vocabulary
+    # (GKD with every sample on-policy), and SFT on the start student's own samples (no teacher: a control)
+    "rkl_exact": ("gkd", {"beta": 1.0, "lmbda": 1.0}),
+    "self_sft": ("sft", {}),
 }
+#: Methods whose "teacher" is the run's own starting student.
+SELF_TAUGHT = ("self_sft",)
 CORE = ("opd", "tropd")
 #: The methods of the committed experiment (``fkl``, which the paper reports collapsing, runs on request).
 EXPERIMENT = ("opd", "tropd", "fkl_outlier", "clip_outlier", "mask_outlier", "eopd", "gkd", "trb", "sft")
@@ -108,15 +114,15 @@ class GymSpec:
     student_steps: int = 600
     student_lr: float = 1e-3
     student_schedule: str = "constant"
-    heldout: int = 600
+    heldout: int = 500
     valid: int = 300
-    steps: int = 200
-    prompts_per_step: int = 16
+    steps: int = 150
+    prompts_per_step: int = 32
     rollouts_per_prompt: int = 2
     max_new_tokens: int = 56
     lr: float = 1e-4
     lrs: tuple[tuple[str, float], ...] = ()
-    eval_every: int = 25
+    eval_every: int = 30
     top_k: int = 16
 
     def lr_of(self, method: str) -> float:
@@ -171,7 +177,7 @@ def _evaluator(spec: GymSpec, teacher_folder: Path | None, split: str = "heldout
     return GymEval(eval_problems(spec, split), build_tokenizer(), teacher, spec.max_new_tokens)
 
 
-def build_models(spec: GymSpec, mismatches: Iterable[float], root: Path | None = None,
+def trained_models(spec: GymSpec, mismatches: Iterable[float], root: Path | None = None,
                  log: Callable[[str], None] = print) -> dict:
     """Train (or find cached) the teacher and the starting student of each knob value; returns their folders
     (``students`` keyed by the float) and the held-out evaluation of each (``start_eval`` keyed by
@@ -240,28 +246,25 @@ def run_one(job: RunJob) -> dict:
 
     if "top_k" in objective_keywords(name):
         kwargs = {"top_k": spec.top_k, **kwargs}
-    overrides = [
-        f"model.teacher={job.teacher}", f"model.student={job.student}", "model.device=cpu",
-        f"objective.name={name}", f"objective.kwargs={json.dumps(kwargs)}",
-        f"rollout.max_new_tokens={spec.max_new_tokens}", f"rollout.rollouts_per_prompt={spec.rollouts_per_prompt}",
-        f"data.prompts={job.prompts}", "data.chat_template=false", "data.eval_prompts=0",
-        f"train.steps={spec.steps}", f"train.prompts_per_step={spec.prompts_per_step}",
-        f"train.micro_batch_size={spec.prompts_per_step * spec.rollouts_per_prompt}", f"train.lr={job.lr}",
-        "train.sft_warmup_steps=0", "train.save_every=0", "train.progress=false", f"train.seed={job.seed}",
-        f"train.eval_every={spec.eval_every}", f"train.output_dir={run}",
-    ]
-    cfg = load_config(None, overrides)
+    cfg = load_config().with_overrides(**{
+        "model.teacher": job.student if job.method in SELF_TAUGHT else job.teacher,
+        "model.student": job.student, "model.device": "cpu",
+        "objective.name": name, "objective.kwargs": kwargs,
+        "rollout.max_new_tokens": spec.max_new_tokens, "rollout.rollouts_per_prompt": spec.rollouts_per_prompt,
+        "data.prompts": job.prompts, "data.chat_template": False, "data.eval_prompts": 0,
+        "train.steps": spec.steps, "train.prompts_per_step": spec.prompts_per_step,
+        "train.micro_batch_size": spec.prompts_per_step * spec.rollouts_per_prompt, "train.lr": job.lr,
+        "train.sft_warmup_steps": 0, "train.save_every": 0, "train.progress": False, "train.seed": job.seed,
+        "train.eval_every": spec.eval_every, "train.output_dir": str(run)})
     start = time.perf_counter()
     train_from_config(cfg, console=lambda *_: None, eval_fn=_evaluator(spec, Path(job.teacher), job.split))
-    record = collect(run, job, time.perf_counter() - start)
+    record = read_record(run, job, time.perf_counter() - start)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, done)
+    write_text_atomic(done, json.dumps(record))
     return record
 
 
-def collect(run: Path, job: RunJob, wall_s: float) -> dict:
+def read_record(run: Path, job: RunJob, wall_s: float) -> dict:
     """A run's record (the schema :mod:`tropd.gym.stats` reads) from its ``metrics.jsonl``."""
     from tropd.train.tracking import read_metrics
 
@@ -303,15 +306,15 @@ def write_prompts(spec: GymSpec, path: Path, n: int = 20000) -> Path:
 
     problems = make_dataset(list(spec.families), "train", n, seed=123)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"prompt": p.prompt}) + "\n" for p in problems))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps({"prompt": p.prompt}) + "\n" for p in problems))
     return path
 
 
 def run_gym(spec: GymSpec, seeds: dict[str, int], mismatches: Iterable[float], workdir: Path, workers: int = 2,
-            cache: Path | None = None, log: Callable[[str], None] = print, split: str = "heldout") -> dict:
-    """Build the models, run every job (``workers`` processes of one thread each), return runs and context."""
+            cache: Path | None = None, log: Callable[[str], None] = print, split: str = "heldout",
+            lr_grid: Iterable[float] = ()) -> dict:
+    """Build the models, run every job (``workers`` processes of one thread each), return runs and context.
+    With ``lr_grid``, every job runs once per learning rate of the grid (each method at each rate: a sweep)."""
     for method in seeds:
         method_objective(method)
     mismatches = check_mismatch(mismatches)
@@ -320,10 +323,11 @@ def run_gym(spec: GymSpec, seeds: dict[str, int], mismatches: Iterable[float], w
     workdir = Path(workdir)
     start = time.perf_counter()
     quiet_progress_bars()
-    models = build_models(spec, mismatches, cache, log)
+    models = trained_models(spec, mismatches, cache, log)
     prompts = write_prompts(spec, workdir / spec.key() / "prompts.jsonl",
                             n=min(20000, max(200, spec.steps * spec.prompts_per_step)))
-    jobs = plan_jobs(spec, models, mismatches, seeds, workdir, prompts, split=split)
+    specs = [replace(spec, lr=lr, lrs=()) for lr in lr_grid] or [spec]
+    jobs = [job for each in specs for job in plan_jobs(each, models, mismatches, seeds, workdir, prompts, split=split)]
     log(f"{len(jobs)} runs ({workers} at a time) in {workdir}")
     runs = []
     if workers <= 1:

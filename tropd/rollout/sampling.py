@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -328,10 +327,6 @@ def teacher_rows(teacher: Teacher, contexts: Sequence[Sequence[int]], cfg: Sampl
     """The rows ``teacher`` writes (``Teacher.write_rows``), one per context, in order: token t of row i drawn
     with value t of row i's ``"teacher"`` stream. ``budgets`` as in :func:`sample_rows`; rows are untagged (the
     caller says what they are)."""
-    if isinstance(teacher, nn.Module):  # deprecated: a raw model, until tropd/gym and its benchmarks pass a Teacher
-        warnings.warn("a model passed where a Teacher is expected: wrap it in tropd.teacher.InProcessTeacher",
-                      DeprecationWarning, stacklevel=3)
-        return sample_rows(teacher, contexts, cfg, budgets, streams, "teacher")
     budgets = torch.as_tensor(cfg.max_new_tokens if budgets is None else budgets, dtype=torch.long)
     uniforms = RowStreams.resolve(streams, len(contexts)).uniform("teacher", cfg.max_new_tokens)
     return teacher.write_rows([list(c) for c in contexts], cfg, budgets.expand(len(contexts)), uniforms)
