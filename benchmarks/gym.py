@@ -3,6 +3,7 @@ beat OPD along a continuous teacher-student mismatch?
 
     python benchmarks/gym.py            # the full experiment (docs/gym.md): every method at every knob value
     python benchmarks/gym.py --sweep    # the learning-rate sweep on the validation split behind GymSpec.lrs
+    python benchmarks/gym.py --mechanism   # why on-policy distillation fails from an annealed student (docs/gym.md)
     python benchmarks/gym.py --quick    # tiny models, 4 steps: checks the pipeline end to end (seconds)
 
 A teacher (Llama decoder trained from scratch, cached) and one starting student per value of the mismatch knob
@@ -11,6 +12,11 @@ trains from each start with the same budget and its own learning rate (``GymSpec
 with ``--core-seeds`` seeds (run first), the other methods with ``--seeds``. Finished runs are kept under
 ``--workdir``: an interrupted invocation continues where it stopped. Writes ``<out>/<stem>.{json,md,png}``
 (``gym``, ``gym_sweep`` or ``gym_quick``).
+
+``--mechanism`` runs the contrasts of docs/gym.md's mechanism section (:data:`MECHANISM`): K1 ``opd``, the exact
+on-policy reverse KL (``rkl_exact``), SFT on teacher samples and SFT on the student's own samples (``self_sft``,
+no teacher) from an annealed start and from the gym's constant-lr start, and from an annealed start with a teacher
+trained to recover from corrupted steps; one learning rate for all; writes ``gym_mechanism.{json,md}``.
 
 ``--sweep`` trains every method at each of ``--sweep-lrs`` on the knob values ``--sweep-mismatch``, one seed,
 evaluated on the validation split (never the held-out problems), and prints each method's best rate by mean
@@ -26,10 +32,57 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+#: condition -> (GymSpec changes, learning rate, methods) of ``--mechanism``. The annealed start is the SFT recipe
+#: run to convergence (cosine decay to 0) instead of stopped in its constant-rate phase.
+ANNEALED = {"student_schedule": "cosine", "student_lr": 3e-3, "student_steps": 400}
+MECHANISM = {
+    "annealed start": (ANNEALED, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
+    "annealed start, lr 3e-4": (ANNEALED, 3e-4, ("opd", "rkl_exact", "sft")),
+    "annealed start, teacher trained to recover": ({**ANNEALED, "teacher_recovery": 0.2}, 1e-4, ("opd", "rkl_exact")),
+    "constant-lr start (the gym's)": ({}, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
+}
+
+
+def run_mechanism(spec, seeds: int, workdir: Path, workers: int, quick: bool = False) -> dict:
+    """Every :data:`MECHANISM` condition at knob value 0; ``{condition: {"runs", "context"}}`` (``quick``: the
+    schedules and teachers change, the tiny spec's sizes stay)."""
+    from tropd.gym.run import run_gym
+
+    out = {}
+    for condition, (changes, lr, methods) in MECHANISM.items():
+        if quick:
+            changes = {k: v for k, v in changes.items() if k not in ("student_steps", "student_lr")}
+        each = replace(spec, **changes, lr=lr, lrs=())
+        out[condition] = run_gym(each, {m: seeds for m in methods}, (0.0,), workdir, workers=workers)
+    return out
+
+
+def mechanism_table(results: dict, meta: dict) -> str:
+    from tropd.gym.stats import summarise
+
+    lines = ["# Why on-policy distillation fails from an annealed student: the gym's mechanism contrasts", "",
+             f"- **command**: `{meta['command']}`", f"- **machine**: {meta['machine']}",
+             f"- **duration**: {meta['duration'] / 60:.0f} min", f"- **budget**: {meta['budget']}", "",
+             "Matched students (mismatch 0). Held-out accuracy in %, mean ± 95% t interval over seeds; gain = final "
+             "− start, in points.", "",
+             "| condition | start acc | method | n | final acc | gain | final teacher NLL | grad-norm p99 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for condition, result in results.items():
+        start = result["context"]["mismatch_start"]["0"]["accuracy"]
+        for row in summarise(result["runs"], result["context"]):
+            gain = f"{100 * row['gain']:+.1f}" + ("" if math.isnan(row["gain_ci"]) else f" ± {100 * row['gain_ci']:.1f}")
+            final = f"{100 * row['final_acc']:.1f}" + ("" if math.isnan(row["final_acc_ci"])
+                                                       else f" ± {100 * row['final_acc_ci']:.1f}")
+            lines.append(f"| {condition} | {100 * start:.1f} | {row['method']} | {row['n']} | {final} | {gain} | "
+                         f"{row['final_teacher_nll']:.3f} | {row['grad_p99']:.3g} |")
+    return "\n".join(lines + [""])
 
 
 def best_rates(runs: list[dict]) -> dict[str, tuple[float, float]]:
@@ -72,11 +125,13 @@ def sweep_table(runs: list[dict], best: dict, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tropd.gym.run import CORE, EXPERIMENT, MISMATCH, QUICK, GymSpec, check_mismatch, run_gym, write_outputs
+    from tropd.gym.run import (CORE, EXPERIMENT, MISMATCH, QUICK, GymSpec, _jsonable, check_mismatch, run_gym,
+                               write_outputs)
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, 4 steps, opd/tropd/gkd, one seed")
     p.add_argument("--sweep", action="store_true", help="the learning-rate sweep on the validation split")
+    p.add_argument("--mechanism", action="store_true", help="the mechanism contrasts (docs/gym.md)")
     p.add_argument("--core-seeds", type=int, default=5, help="seeds of opd and tropd per knob value")
     p.add_argument("--seeds", type=int, default=3, help="seeds of every other method per knob value")
     p.add_argument("--methods", default=",".join(EXPERIMENT), help="comma-separated methods")
@@ -100,6 +155,19 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"{args.workers} runs at a time")
+    if args.mechanism:
+        results = run_mechanism(spec, 1 if args.quick else 2, workdir, args.workers, args.quick)
+        meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1),
+                "budget": f"{spec.steps} steps of {spec.prompts_per_step} prompts x {spec.rollouts_per_prompt} "
+                          "rollouts, one learning rate for every method (the condition's)"}
+        text = mechanism_table(results, meta)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = args.stem or ("gym_mechanism_quick" if args.quick else "gym_mechanism")
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(_jsonable({"meta": meta, "results": results}), indent=1) + "\n")
+        print(text)
+        return 0
     if args.sweep:
         result = run_gym(spec, {m: 1 for m in methods}, check_mismatch(args.sweep_mismatch.split(",")), workdir,
                          workers=args.workers, split="valid", lr_grid=[float(x) for x in args.sweep_lrs.split(",")])

@@ -179,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from tropd.gym.models import model_info
     from tropd.gym.run import QUICK, GymSpec, trained_models
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
             "duration": time.perf_counter() - start, "pool": pool, "draws": args.draws, "mismatch": args.mismatch,
             "student": student.name, "teacher": Path(models["teacher"]).name,
-            "start_accuracy": model_info(student)["eval"]["accuracy"]}
+            "start_accuracy": models["start_eval"][f"{args.mismatch:g}"]["accuracy"]}
     text = table(result, meta)
     print(text)
     out = Path(args.out)

@@ -204,6 +204,23 @@ def test_benchmark_sweep_picks_each_methods_best_rate_on_validation(tmp_path, mo
     assert bench.best_rates(runs) == {"a": (3e-4, pytest.approx(0.35))}
 
 
+def test_benchmark_mechanism_quick_runs_every_contrast(tmp_path, monkeypatch):
+    bench = _benchmark()
+    monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
+    assert bench.main(["--quick", "--mechanism", "--workers", "1", "--workdir", str(tmp_path / "w"),
+                       "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gym_mechanism_quick.json").read_text())
+    assert set(data["results"]) == set(bench.MECHANISM)
+    for condition, (_, lr, methods) in bench.MECHANISM.items():
+        runs = data["results"][condition]["runs"]
+        assert {r["method"] for r in runs} == set(methods) and {r["lr"] for r in runs} == {lr}
+    recovering = data["results"]["annealed start, teacher trained to recover"]["context"]["spec"]
+    assert recovering["teacher_recovery"] == 0.2 and recovering["student_schedule"] == "cosine"
+    text = (tmp_path / "gym_mechanism_quick.md").read_text()
+    assert "| annealed start | " in text and "self_sft" in text
+
+
 def _benchmark():
     import importlib.util
 

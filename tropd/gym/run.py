@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tropd.files import write_text_atomic
-from tropd.gym.models import DecoderSpec, SFTPlan, model_info, trained_model
+from tropd.gym.models import DecoderSpec, SFTPlan, trained_model
 from tropd.models import quiet_progress_bars
 
 TEACHER = DecoderSpec(hidden=128, layers=4, heads=4, intermediate=384)
@@ -178,28 +178,28 @@ def _evaluator(spec: GymSpec, teacher_folder: Path | None, split: str = "heldout
 
 
 def trained_models(spec: GymSpec, mismatches: Iterable[float], root: Path | None = None,
-                 log: Callable[[str], None] = print) -> dict:
-    """Train (or find cached) the teacher and the starting student of each knob value; returns their folders
-    (``students`` keyed by the float) and the held-out evaluation of each (``start_eval`` keyed by
-    :func:`mismatch_name`)."""
+                   log: Callable[[str], None] = print) -> dict:
+    """Train (or find cached) the teacher and the starting student of each knob value, and evaluate each on this
+    spec's held-out problems (afresh: the cache holds weights, not evaluations, so another held-out size never
+    shows a stale start). Returns their folders (``students`` keyed by the float) and evaluations
+    (``teacher_eval``; ``start_eval`` keyed by :func:`mismatch_name`)."""
+    from tropd.models import load_causal_lm
+
+    def evaluate(folder: Path, teacher_folder: Path | None) -> dict:
+        result = _evaluator(spec, teacher_folder)(load_causal_lm(folder)[0].eval())
+        return {k: v for k, v in result.items() if k != "sample"}
+
     log(f"teacher: {spec.teacher}, SFT {spec.teacher_steps} steps")
-    teacher = trained_model(spec.teacher, spec.teacher_plan(), root, log,
-                            evaluate=lambda m, tok: _eval_with(spec, None, m))
-    out = {"teacher": str(teacher), "teacher_eval": model_info(teacher)["eval"], "students": {}, "start_eval": {}}
+    teacher = trained_model(spec.teacher, spec.teacher_plan(), root, log)
+    out = {"teacher": str(teacher), "teacher_eval": evaluate(teacher, None), "students": {}, "start_eval": {}}
     log(f"teacher held-out accuracy: {out['teacher_eval']['accuracy']:.3f}")
     for mismatch in check_mismatch(mismatches):
-        folder = trained_model(spec.student, spec.student_plan(mismatch), root, log,
-                               evaluate=lambda m, tok: _eval_with(spec, teacher, m), init=teacher.name)
+        folder = trained_model(spec.student, spec.student_plan(mismatch), root, log)
         out["students"][mismatch] = str(folder)
-        ev = out["start_eval"][mismatch_name(mismatch)] = model_info(folder)["eval"]
+        ev = out["start_eval"][mismatch_name(mismatch)] = evaluate(folder, teacher)
         log(f"student at mismatch {mismatch_name(mismatch)}: held-out accuracy {ev['accuracy']:.3f}, teacher NLL "
             f"{ev['teacher_nll']:.3f}")
     return out
-
-
-def _eval_with(spec: GymSpec, teacher_folder: Path | None, model) -> dict:
-    result = _evaluator(spec, teacher_folder)(model)
-    return {k: v for k, v in result.items() if k != "sample"}
 
 
 @dataclass(frozen=True)
