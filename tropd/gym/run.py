@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tropd.files import write_text_atomic
 from tropd.gym.models import DecoderSpec, SFTPlan, trained_model
+from tropd.gym.stats import level_name
 from tropd.models import quiet_progress_bars
 
 TEACHER = DecoderSpec(hidden=128, layers=4, heads=4, intermediate=384)
@@ -64,11 +65,6 @@ SELF_TAUGHT = ("self_sft",)
 CORE = ("opd", "tropd")
 #: The methods of the committed experiment (``fkl``, which the paper reports collapsing, runs on request).
 EXPERIMENT = ("opd", "tropd", "fkl_outlier", "clip_outlier", "mask_outlier", "eopd", "gkd", "trb", "sft")
-
-
-def mismatch_name(mismatch: float) -> str:
-    """The knob value as written in folders, reports and JSON keys: ``0.25``, ``1``."""
-    return f"{float(mismatch):g}"
 
 
 def check_mismatch(values: Iterable[float]) -> tuple[float, ...]:
@@ -182,7 +178,7 @@ def trained_models(spec: GymSpec, mismatches: Iterable[float], root: Path | None
     """Train (or find cached) the teacher and the starting student of each knob value, and evaluate each on this
     spec's held-out problems (afresh: the cache holds weights, not evaluations, so another held-out size never
     shows a stale start). Returns their folders (``students`` keyed by the float) and evaluations
-    (``teacher_eval``; ``start_eval`` keyed by :func:`mismatch_name`)."""
+    (``teacher_eval``; ``start_eval`` keyed by :func:`tropd.gym.stats.level_name`)."""
     from tropd.models import load_causal_lm
 
     def evaluate(folder: Path, teacher_folder: Path | None) -> dict:
@@ -196,8 +192,8 @@ def trained_models(spec: GymSpec, mismatches: Iterable[float], root: Path | None
     for mismatch in check_mismatch(mismatches):
         folder = trained_model(spec.student, spec.student_plan(mismatch), root, log)
         out["students"][mismatch] = str(folder)
-        ev = out["start_eval"][mismatch_name(mismatch)] = evaluate(folder, teacher)
-        log(f"student at mismatch {mismatch_name(mismatch)}: held-out accuracy {ev['accuracy']:.3f}, teacher NLL "
+        ev = out["start_eval"][level_name(mismatch)] = evaluate(folder, teacher)
+        log(f"student at mismatch {level_name(mismatch)}: held-out accuracy {ev['accuracy']:.3f}, teacher NLL "
             f"{ev['teacher_nll']:.3f}")
     return out
 
@@ -224,7 +220,7 @@ def run_folder(job: RunJob) -> Path:
     """``<workdir>/<spec key>/mismatch-<m>/<method>-lr<lr>-seed<seed>`` (``-valid`` appended when evaluated on the
     validation split)."""
     name = f"{job.method}-lr{job.lr:g}-seed{job.seed}" + ("-valid" if job.split == "valid" else "")
-    return Path(job.workdir) / job.spec.key() / f"mismatch-{mismatch_name(job.mismatch)}" / name
+    return Path(job.workdir) / job.spec.key() / f"mismatch-{level_name(job.mismatch)}" / name
 
 
 def run_one(job: RunJob) -> dict:
@@ -382,7 +378,7 @@ def write_outputs(result: dict, out: Path, stem: str, meta: dict, compare: tuple
 
 def _progress(log, record: dict, done: int, total: int) -> None:
     acc = record["accuracy"]
-    log(f"[{done}/{total}] mismatch {mismatch_name(record['mismatch']):5s} {record['method']:13s} seed "
+    log(f"[{done}/{total}] mismatch {level_name(record['mismatch']):5s} {record['method']:13s} seed "
         f"{record['seed']} (lr {record['lr']:g}): accuracy {acc[0]:.3f} -> {acc[-1]:.3f} ({record['wall_s']:.0f}s)")
 
 
