@@ -108,7 +108,7 @@ def sweep_table(runs: list[dict], best: dict, meta: dict) -> str:
     levels = sorted({r["mismatch"] for r in runs})
     cell = {(r["method"], r["lr"], r["mismatch"]): final_accuracy(r) for r in runs}
     lines = ["# Gym learning-rate sweep (validation split)", "", f"- **command**: `{meta['command']}`",
-             f"- **machine**: {meta['machine']}", f"- **duration**: {meta['duration'] / 60:.0f} min", "",
+             f"- **machine**: {meta['machine']}", f"- **duration**: {meta['duration'] / 60:.0f} min", f"- **budget**: {meta['budget']}", "",
              "Final accuracy (%) on the validation problems, one seed, per learning rate and knob value; the chosen "
              "rate (best mean over the knob values) in bold.", "",
              "| method | " + " | ".join(f"lr {lr:g}: " + ", ".join(f"m={level_name(m)}" for m in levels)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-lrs", default="5e-5,1e-4,2e-4", help="--sweep: learning rates tried per method")
     p.add_argument("--sweep-mismatch", default="0,1", help="--sweep: knob values the rates are chosen on")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: GymSpec.lrs)")
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default: GymSpec's 200)")
+    p.add_argument("--steps", type=int, default=None, help=f"steps per run (default: GymSpec's {GymSpec.steps})")
     p.add_argument("--stem", default=None, help="output name (default: gym, gym_sweep or gym_quick)")
     p.add_argument("--workers", type=int, default=2, help="runs at once (one CPU thread each)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "gym-benchmark"), help="run folders (resumable)")
@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                          workers=args.workers, split="valid", lr_grid=[float(x) for x in args.sweep_lrs.split(",")])
         runs, context = result["runs"], result["context"]
         best = best_rates(runs)
-        meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1)}
+        meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1),
+                "budget": f"{spec.steps} steps of {spec.prompts_per_step} prompts x {spec.rollouts_per_prompt} "
+                          "rollouts"}
         text = sweep_table(runs, best, meta)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -112,13 +112,13 @@ class GymSpec:
     student_schedule: str = "constant"
     heldout: int = 500
     valid: int = 300
-    steps: int = 150
+    steps: int = 300
     prompts_per_step: int = 32
     rollouts_per_prompt: int = 2
     max_new_tokens: int = 56
     lr: float = 1e-4
     lrs: tuple[tuple[str, float], ...] = ()
-    eval_every: int = 30
+    eval_every: int = 50
     top_k: int = 16
 
     def lr_of(self, method: str) -> float:
