@@ -39,9 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-#: condition -> (GymSpec changes, learning rate, methods) of ``--mechanism``. The annealed start is the SFT recipe
-#: run to convergence (cosine decay to 0) instead of stopped in its constant-rate phase.
-ANNEALED = {"student_schedule": "cosine", "student_lr": 3e-3, "student_steps": 400}
+from tropd.gym.run import ANNEALED  # noqa: E402
+
+#: condition -> (GymSpec changes, learning rate, methods) of ``--mechanism`` (ANNEALED: students trained to
+#: convergence, as in the first gym).
 MECHANISM = {
     "annealed start": (ANNEALED, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
     "annealed start, lr 3e-4": (ANNEALED, 3e-4, ("opd", "rkl_exact", "sft")),

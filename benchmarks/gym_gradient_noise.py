@@ -150,7 +150,7 @@ def table(result: dict, meta: dict) -> str:
     rw = result["rewards"]
     lines = ["# Gradient noise of each method on the gym's start student", "",
              f"`{meta['command']}` on {meta['machine']}; {meta['duration']:.0f} s. Student `{meta['student']}` "
-             f"(held-out accuracy {100 * meta['start_accuracy']:.1f}%), teacher `{meta['teacher']}`; pool of "
+             f"({meta['start']} start, held-out accuracy {100 * meta['start_accuracy']:.1f}%), teacher `{meta['teacher']}`; pool of "
              f"{meta['pool']} rows per method, {meta['draws']} random batches per size.", "",
              "| method | " + " | ".join(f"cos to E g, b = {b}" for b in sizes) + " | "
              + " | ".join(f"SNR, b = {b}" for b in sizes) + " |",
@@ -174,15 +174,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=1024, help="rows per method (the expected gradient's sample)")
     p.add_argument("--sizes", default="32,128", help="batch sizes (rows per step) to measure")
     p.add_argument("--draws", type=int, default=200, help="random batches per size")
+    p.add_argument("--annealed", action="store_true",
+                   help="measure on the annealed start student (tropd.gym.run.ANNEALED) instead of the gym's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
     import torch
 
-    from tropd.gym.run import QUICK, GymSpec, trained_models
+    from dataclasses import replace
+
+    from tropd.gym.run import ANNEALED, QUICK, GymSpec, trained_models
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     spec = QUICK if args.quick else GymSpec()
+    if args.annealed:
+        spec = replace(spec, **ANNEALED)
     pool = min(args.pool, 32) if args.quick else args.pool
     sizes = [8, 16] if args.quick else [int(s) for s in args.sizes.split(",")]
     if max(sizes) >= pool:
@@ -194,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": "python benchmarks/gym_gradient_noise.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
             "duration": time.perf_counter() - start, "pool": pool, "draws": args.draws, "mismatch": args.mismatch,
-            "student": student.name, "teacher": Path(models["teacher"]).name,
+            "student": student.name, "start": "annealed" if args.annealed else "constant-lr (the gym's)",
+            "teacher": Path(models["teacher"]).name,
             "start_accuracy": models["start_eval"][f"{args.mismatch:g}"]["accuracy"]}
     text = table(result, meta)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "gym_gradient_noise_quick" if args.quick else "gym_gradient_noise"
+    stem = "gym_gradient_noise" + ("_annealed" if args.annealed else "") + ("_quick" if args.quick else "")
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, **result}, indent=1) + "\n")
     (out / f"{stem}.md").write_text(text)
     return 0

@@ -64,11 +64,15 @@ def test_activations_quick_shows_checkpointing_keeps_one_hidden_state_per_layer(
         assert kept == hidden_fp32 and plain > 5 * kept, (precision, plain, kept)
 
 
-def test_gym_gradient_noise_quick_measures_every_method(tmp_path, monkeypatch):
+@pytest.mark.parametrize("start", ["constant", "annealed"])
+def test_gym_gradient_noise_quick_measures_every_method(tmp_path, monkeypatch, start):
     monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
     noise = _script("gym_gradient_noise")
-    assert noise.main(["--quick", "--draws", "5", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "gym_gradient_noise_quick.json").read_text())
+    flags = ["--annealed"] if start == "annealed" else []
+    assert noise.main(["--quick", "--draws", "5", "--out", str(tmp_path), *flags]) == 0
+    stem = "gym_gradient_noise" + ("_annealed" if start == "annealed" else "") + "_quick"
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert data["meta"]["start"].startswith(start)
     for method in noise.METHODS:
         for size in ("8", "16"):
             stats = data["methods"][method][size]

@@ -255,3 +255,9 @@ def test_cli_refuses_a_knob_value_outside_0_1_before_any_work(tmp_path, capsys, 
 def test_cli_refuses_a_missing_plugin_in_one_line(tmp_path, capsys):
     assert main(["gym", "--quick", "--plugin", "no_such_module_xyz", "--workdir", str(tmp_path / "w")]) == 2
     assert "--plugin no_such_module_xyz: cannot import it" in capsys.readouterr().err
+
+
+def test_cli_help_states_the_gyms_real_step_budget(capsys):
+    with pytest.raises(SystemExit):
+        main(["gym", "--help"])
+    assert f"the gym's {gym_run.GymSpec.steps};" in " ".join(capsys.readouterr().out.split())

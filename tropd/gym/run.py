@@ -148,6 +148,10 @@ class GymSpec:
                        steps=self.student_steps, lr=self.student_lr, schedule=self.student_schedule, seed=1)
 
 
+#: GymSpec changes that make the starting students *annealed*: the SFT recipe run to convergence (cosine decay to
+#: 0) instead of stopped in its constant-rate phase. The first gym's students; docs/gym.md's mechanism contrasts them.
+ANNEALED: dict = {"student_schedule": "cosine", "student_lr": 3e-3, "student_steps": 400}
+
 QUICK = GymSpec(teacher=DecoderSpec(hidden=32, layers=1, heads=2, intermediate=64), teacher_steps=30,
                 teacher_examples=600, student=DecoderSpec(hidden=16, layers=1, heads=2, intermediate=32),
                 student_steps=10, heldout=40, valid=20, steps=4, prompts_per_step=4, rollouts_per_prompt=1,
