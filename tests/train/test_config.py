@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tropd.cli import main
+from tropd.rollout import GuidanceConfig, TRBConfig
 from tropd.train.config import ConfigError, load_config
 
 
@@ -61,3 +62,41 @@ def test_help_config_shows_what_a_run_makes_of_null_and_auto(capsys):
     out = capsys.readouterr().out
     assert "guidance.enabled = None   (a run uses: False)" in out
     assert "objective.chunk_size = 64   (a run uses: loss 64, teacher 64)" in out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: GuidanceConfig(guided_fraction=2), "guidance.guided_fraction must be in [0, 1], got 2"),
+    (lambda: GuidanceConfig(guided_fraction="half"), "guidance.guided_fraction must be a number, got 'half'"),
+    (lambda: GuidanceConfig(anneal_steps=0), "guidance.anneal_steps must be >= 1 or null, got 0"),
+    (lambda: GuidanceConfig(enabled="yes"), "guidance.enabled must be true, false or null, got 'yes'"),
+    (lambda: TRBConfig(eps0=-0.1), "trb.eps0 must be >= 0, got -0.1"),
+    (lambda: TRBConfig(warmup_steps=2.5), "trb.warmup_steps must be an integer, got 2.5"),
+    (lambda: TRBConfig(iters=0), "trb.iters must be >= 1, got 0"),
+])
+def test_guidance_and_trb_sections_check_their_ranges_when_built(make, message):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert str(err.value) == message and err.value.key == message.split()[0]
+
+
+def test_validate_rechecks_sections_changed_in_place():
+    cfg = load_config()
+    cfg.trb.iters = 0
+    with pytest.raises(ConfigError, match=r"trb\.iters must be >= 1, got 0"):
+        cfg.validate()
+    cfg = load_config()
+    cfg.guidance.guided_fraction = 1.5
+    with pytest.raises(ConfigError, match=r"guidance\.guided_fraction must be in \[0, 1\], got 1.5"):
+        cfg.validate()
+
+
+def test_build_run_validates_a_config_built_in_code(tmp_path):
+    """A config changed in code is checked by build_run as load_config checks a file: the error names the key,
+    before any prompt is read or model loaded (the teacher here does not exist)."""
+    from tests.train.runs import write_config
+    from tropd.train.build import build_accelerator, build_run
+
+    cfg = load_config(write_config(tmp_path, tmp_path / "no-teacher"))
+    cfg.train.lr = -1.0
+    with pytest.raises(ConfigError, match="train.lr must be a positive number"):
+        build_run(cfg, build_accelerator(cfg))

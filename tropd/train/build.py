@@ -84,7 +84,12 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, resume_from: Path | N
     """Every part of a run of ``cfg`` on ``accelerator``'s device (module docstring). ``resume_from``: the
     checkpoint folder whose student (or LoRA adapters) the run continues from. ``eval_fn`` replaces the default
     held-out evaluation; ``make_sampler(student, teacher, sampling_config)`` the default
-    :class:`~tropd.rollout.sampler.KVCacheSampler` (docs/extending.md)."""
+    :class:`~tropd.rollout.sampler.KVCacheSampler` (docs/extending.md).
+
+    ``cfg`` is validated first (:meth:`~tropd.train.config.RunConfig.validate`, :class:`ConfigError` naming the
+    key), as ``load_config`` validates a config file, so a config built or changed in code is checked the same
+    way before anything is read or loaded."""
+    cfg.validate()
     train_rows, held_out = read_prompts(cfg)
     objective, warmup = build_objectives(cfg)
     torch.manual_seed(cfg.train.seed)

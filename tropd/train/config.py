@@ -26,20 +26,9 @@ from tropd.objectives.head import FUSED_CHUNK
 from tropd.rollout.guidance import GuidanceConfig
 from tropd.rollout.sampling import KV_CACHES
 from tropd.rollout.trb import TRBConfig
-from tropd.settings import setting
+from tropd.settings import ConfigError, setting
 from tropd.teacher.remote import is_url
 from tropd.teacher.scoring import TEACHER_CHUNK
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the key and what is allowed.
-
-    ``key`` is the dotted key at fault when one is (``load_config`` uses it to say whether the value came from
-    the config file or from the command line)."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass
@@ -231,12 +220,8 @@ class RunConfig:
         if g.enabled and not obj.needs.guidance:
             raise ConfigError(f"guidance.enabled=true, but objective {o.name!r} puts no loss on teacher-prefix "
                               "positions; use objective.name=tropd or set guidance.enabled=false", "guidance.enabled")
-        _check(0 <= g.guided_fraction <= 1, "guidance.guided_fraction", f"must be in [0, 1], got {g.guided_fraction}")
-        _check(g.anneal_steps is None or g.anneal_steps >= 1, "guidance.anneal_steps",
-               f"must be >= 1 or null, got {g.anneal_steps}")
-        _check(b.eps0 >= 0, "trb.eps0", f"must be >= 0, got {b.eps0}")
-        _check(b.warmup_steps >= 0, "trb.warmup_steps", f"must be >= 0, got {b.warmup_steps}")
-        _check(b.iters >= 1, "trb.iters", f"must be >= 1, got {b.iters}")
+        g.check()  # the sections' own range checks (also run when they are constructed)
+        b.check()
         _check(t.steps >= 1, "train.steps", "must be >= 1")
         _check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
