@@ -100,3 +100,22 @@ def test_build_run_validates_a_config_built_in_code(tmp_path):
     cfg.train.lr = -1.0
     with pytest.raises(ConfigError, match="train.lr must be a positive number"):
         build_run(cfg, build_accelerator(cfg))
+
+
+def test_with_overrides_merges_a_section_into_the_config():
+    """A whole section given as a dict sets the keys it names and keeps the others (this config's, not the
+    built-in defaults); nested sections merge too; a dict-valued setting is replaced whole."""
+    base = load_config().with_overrides(**{"train.steps": 30, "train.seed": 7, "model.lora.r": 4,
+                                           "objective.kwargs": {"top_k": 16, "beta": 0.01}})
+    dotted = base.with_overrides(**{"train.lr": 1e-3})
+    for merged in (base.with_overrides(train={"lr": 1e-3}), base.with_overrides(**{"train": {"lr": 1e-3}})):
+        assert merged == dotted
+        assert (merged.train.lr, merged.train.steps, merged.train.seed) == (1e-3, 30, 7)
+    lora = base.with_overrides(model={"lora": {"alpha": 8.0}})
+    assert (lora.model.lora.r, lora.model.lora.alpha, lora.model.teacher) == (4, 8.0, base.model.teacher)
+    assert base.with_overrides(**{"model.lora": {"alpha": 8.0}}) == lora
+    kwargs = base.with_overrides(objective={"kwargs": {"top_k": 8}})
+    assert kwargs.objective.kwargs == {"top_k": 8} and kwargs.objective.name == base.objective.name
+    assert load_config(None, ["train.steps=30", "train={lr: 0.001}"]).train.steps == 30  # the command line too
+    with pytest.raises(ConfigError, match=r"override \"train=\{'stepz': 3\}\": unknown config key train.stepz"):
+        base.with_overrides(train={"stepz": 3})

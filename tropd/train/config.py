@@ -256,8 +256,12 @@ class RunConfig:
     def with_overrides(self, **values: Any) -> RunConfig:
         """A new config: this one with dotted keys set to Python values, checked as ``tropd train`` checks its
         ``section.key=value`` arguments (unknown keys, types, every cross-field rule), e.g.
-        ``cfg.with_overrides(**{"train.lr": 1e-4, "objective.kwargs": {"top_k": 16}})``. ``self`` is unchanged;
-        an error (:class:`ConfigError`) names the override at fault."""
+        ``cfg.with_overrides(**{"train.lr": 1e-4, "objective.kwargs": {"top_k": 16}})``.
+
+        A key naming a whole section, ``cfg.with_overrides(train={"lr": 1e-4})`` (or ``**{"model.lora": {"r": 8}}``),
+        merges the given keys into that section: its other keys keep this config's values (nested sections are
+        merged the same way). A dict-valued setting such as ``objective.kwargs`` is replaced whole. ``self`` is
+        unchanged; an error (:class:`ConfigError`) names the override at fault."""
         data = self.to_dict()
         for key, value in values.items():
             _set(data, key, copy.deepcopy(value), f"override {key}")
@@ -357,7 +361,8 @@ def _type_name(tp: Any) -> str:
 
 
 def apply_override(data: dict, item: str) -> str:
-    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a nested dict in place; returns the key."""
+    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a nested dict in place; returns the key.
+    A mapping given for a whole section (``train={lr: 1e-4}``) is merged into it (:func:`_set`)."""
     if "=" not in item:
         raise ConfigError(f"command-line override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
     key, raw = item.split("=", 1)
@@ -372,14 +377,40 @@ def apply_override(data: dict, item: str) -> str:
 
 
 def _set(data: dict, key: str, value: Any, where: str) -> None:
-    """Set the dotted ``key`` of a nested dict to ``value`` in place (missing sections are created)."""
-    node = data
+    """Set the dotted ``key`` of a nested dict to ``value`` in place (missing sections are created). When ``key``
+    names a section (``train``, ``model.lora``) and ``value`` is a mapping, its keys are merged into the section's
+    (recursively for nested sections): the keys it does not name keep their values. A dict-valued setting
+    (``objective.kwargs``) is a value, replaced whole."""
+    node, section = data, RunConfig
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{where}: {part} is not a section")
-    node[parts[-1]] = value
+        section = _section_of(section, part)
+    last = parts[-1]
+    sub = _section_of(section, last)
+    if sub is not None and isinstance(value, dict) and isinstance(node.get(last), dict):
+        _merge(node[last], value, sub)
+    else:
+        node[last] = value
+
+
+def _section_of(cls: type | None, name: str) -> type | None:
+    """The dataclass of section ``cls``'s field ``name`` when that field is a section, else None."""
+    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    tp = typing.get_type_hints(cls)[name]
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _merge(node: dict, values: dict, cls: type) -> None:
+    for name, value in values.items():
+        sub = _section_of(cls, name)
+        if sub is not None and isinstance(value, dict) and isinstance(node.get(name), dict):
+            _merge(node[name], value, sub)
+        else:
+            node[name] = value
 
 
 def _looks_numeric(text: str) -> bool:
