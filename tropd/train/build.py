@@ -34,8 +34,9 @@ from torch import nn
 from tropd.eval.distill import DistillEval
 from tropd.forward import enable_gradient_checkpointing
 from tropd.lora import AdaptersDisabled, add_adapters, is_adapter_folder, load_adapters
-from tropd.models import (DTYPES, base_student, check_compatible, check_models_compatible, load_causal_lm,
-                          load_named_model, logits_vocab_size, prepare_tokenizer, quiet_progress_bars, resolve_device)
+from tropd.models import (DTYPES, base_student, check_compatible, check_models_compatible, context_length,
+                          describe_size, load_causal_lm, load_named_model, logits_vocab_size, prepare_tokenizer,
+                          quiet_progress_bars, resolve_device)
 from tropd.objectives import Objective, get_objective
 from tropd.rollout import SamplingConfig
 from tropd.rollout.sampler import KVCacheSampler, Sampler
@@ -163,8 +164,7 @@ def prompt_token_limit(cfg: RunConfig, student: nn.Module, teacher: Teacher) -> 
     """``data.max_prompt_tokens``, or the shorter model context minus ``rollout.max_new_tokens``."""
     if cfg.data.max_prompt_tokens is not None:
         return cfg.data.max_prompt_tokens
-    contexts = [getattr(student.config.get_text_config(), "max_position_embeddings", None), teacher.context_length]
-    contexts = [c for c in contexts if isinstance(c, int) and c > 0]
+    contexts = [c for c in (context_length(student), teacher.context_length) if c is not None]
     if not contexts:
         return 1 << 30
     limit = min(contexts) - cfg.rollout.max_new_tokens
@@ -247,8 +247,7 @@ def describe_models(cfg: RunConfig, student: nn.Module, teacher: Teacher, proces
     shared = " (the student's base, adapters disabled)" if m.shares_teacher_base() else ""
     sharded = "" if not m.fsdp else (f", sharded over {processes} processes (FSDP2)" if processes > 1
                                      else " (model.fsdp: one process, unsharded)")
-    return (f"teacher: {teacher.describe()}{shared}; student: {student.config.num_hidden_layers} layers, "
-            f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params{lora}{sharded} "
+    return (f"teacher: {teacher.describe()}{shared}; student: {describe_size(student)}{lora}{sharded} "
             f"(loaded in {load_s:.0f}s)")
 
 
