@@ -197,7 +197,7 @@ def encode_prompts(cfg: RunConfig, rows, tok, limit: int, kind: str, notes: list
 
 # -- models ---------------------------------------------------------------------------------------------------
 def load_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.device | str | None = None, *,
-                top_k: int = 0) -> tuple[nn.Module, Teacher, object]:
+                top_k: int | None = None) -> tuple[nn.Module, Teacher, object]:
     """``(student, teacher, tokenizer)`` on ``device`` (default: ``model.device``).
 
     The teacher is a :class:`~tropd.teacher.RemoteTeacher` for a ``model.teacher`` URL, else an
@@ -206,9 +206,14 @@ def load_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.d
     loaded, derived from the teacher (:func:`~tropd.models.base_student`), or resumed from a checkpoint; with
     ``model.lora`` it carries trainable LoRA adapters (fresh, or the checkpoint's) on a frozen base, and under
     self-distillation the teacher is that base with the adapters disabled (:class:`~tropd.lora.AdaptersDisabled`).
-    Student and teacher are checked to share a tokenizer (and a vocabulary of at least ``top_k``, the teacher
-    top-k the objective reads); the one returned is the in-process teacher's, else the student's."""
+    Student and teacher are always checked to share a tokenizer and a logits vocabulary, whatever the objective
+    reads of the teacher (top-k, full logits or sampled-token log-probs), and that vocabulary to hold at least
+    ``top_k`` ids, the teacher top-k the objective reads (default: that of ``cfg``'s objective; :func:`build_run`
+    passes the one of the objective it built). The tokenizer returned is the in-process teacher's, else the
+    student's."""
     m = cfg.model
+    if top_k is None:
+        top_k = build_objective(cfg.objective).needs.top_k
     device = device if device is not None else resolve_device(m.device)
     remote, teacher, tok = None, None, None
     if is_url(m.teacher):
