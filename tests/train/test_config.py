@@ -119,3 +119,23 @@ def test_with_overrides_merges_a_section_into_the_config():
     assert load_config(None, ["train.steps=30", "train={lr: 0.001}"]).train.steps == 30  # the command line too
     with pytest.raises(ConfigError, match=r"override \"train=\{'stepz': 3\}\": unknown config key train.stepz"):
         base.with_overrides(train={"stepz": 3})
+
+
+def test_help_config_with_a_teacher_server_shows_what_such_a_run_uses(capsys):
+    """With model.teacher a URL, the teacher's dtype and chunk are the server's and the student's device is the
+    only device of this run: --help-config shows that, not the in-process teacher's values."""
+    assert main(["train", "--help-config", "model.teacher=http://127.0.0.1:9", "model.student=/some/student",
+                 "model.teacher_dtype=bfloat16"]) == 0
+    out = capsys.readouterr().out
+    for line in ("model.teacher_dtype = 'bfloat16'   (not used: the teacher server's own dtype applies (tropd "
+                 "serve-teacher --dtype))",
+                 "objective.chunk_size = None   (a run uses: loss 1024, teacher as the server was started (tropd "
+                 "serve-teacher --chunk-size))",
+                 "the teacher runs on the server)",
+                 "model.student_layers = 24   (not used: model.student is given)"):
+        assert line in out, line
+    assert "model.teacher_timeout = 300.0\n" in out  # read: no note
+    assert main(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "model.teacher_timeout = 300.0   (not used: model.teacher is not a teacher server)" in out
+    assert "model.teacher_dtype = None   (a run uses: 'float32')" in out

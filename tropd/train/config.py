@@ -471,20 +471,25 @@ def resolved_values(cfg: RunConfig) -> dict[str, str]:
     import torch
 
     m, o, t = cfg.model, cfg.objective, cfg.train
+    served = is_url(m.teacher)
     keywords = {k: v for k, v in objective_keywords(o.name).items() if k != "chunk_size"}
     needs = get_objective(o.name, chunk_size=o.chunk_size, **o.kwargs).needs
     loss_chunk = (o.chunk_size or FUSED_CHUNK) if o.fused else (o.chunk_size or "all positions at once")
-    out = {"objective.chunk_size": f"loss {loss_chunk}, teacher {o.chunk_size or TEACHER_CHUNK}"}
+    teacher_chunk = "as the server was started (tropd serve-teacher --chunk-size)" if served else o.chunk_size or TEACHER_CHUNK
+    out = {"objective.chunk_size": f"loss {loss_chunk}, teacher {teacher_chunk}"}
     if set(keywords) - set(o.kwargs):
         out["objective.kwargs"] = repr({**keywords, **o.kwargs})
     if m.student is None:
         base = (f"the teacher's {m.student_layers} layers of" if m.student_layers is not None
                 else "LoRA adapters on" if m.shares_teacher_base() else "a copy of")
         out["model.student"] = f"{base} {m.teacher}"
-    if m.teacher_dtype is None:
+    if m.teacher_dtype is None and not served:
         out["model.teacher_dtype"] = repr(m.dtype)
     if m.device == "auto":
         out["model.device"] = repr("cuda" if torch.cuda.is_available() else "cpu")
+    if served:
+        out["model.device"] = f"{out.get('model.device', repr(m.device))} for the student; the teacher runs on " \
+                              "the server"
     if cfg.guidance.enabled is None:
         out["guidance.enabled"] = repr(needs.guidance)
     if cfg.guidance.anneal_steps is None:
@@ -496,12 +501,26 @@ def resolved_values(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
+def unused_values(cfg: RunConfig) -> dict[str, str]:
+    """The keys a run of ``cfg`` does not read, whatever their value, and why, by dotted key."""
+    m = cfg.model
+    out = {}
+    if is_url(m.teacher):
+        out["model.teacher_dtype"] = "the teacher server's own dtype applies (tropd serve-teacher --dtype)"
+    else:
+        out["model.teacher_timeout"] = out["model.teacher_retry_s"] = "model.teacher is not a teacher server"
+    if m.student is not None:
+        out["model.student_layers"] = "model.student is given"
+    return out
+
+
 def config_help(cfg: RunConfig | None = None) -> str:
     """Every key with the value ``cfg`` uses (default: the embedded default, what a plain ``tropd train`` runs),
-    what a run makes of it when it leaves the choice to the run (:func:`resolved_values`), the built-in default
+    what a run makes of it when it leaves the choice to the run (:func:`resolved_values`) or that a run does not
+    read it (:func:`unused_values`, e.g. ``model.teacher_dtype`` with a teacher server), the built-in default
     when it differs, and the help text."""
     cfg = cfg if cfg is not None else load_config()
-    resolved = resolved_values(cfg)
+    resolved, unused = resolved_values(cfg), unused_values(cfg)
     lines = []
 
     def describe(section, prefix: str) -> None:
@@ -512,7 +531,8 @@ def config_help(cfg: RunConfig | None = None) -> str:
                 continue
             key = f"{prefix}{f.name}"
             builtin = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            note = f"   (a run uses: {resolved[key]})" if key in resolved else ""
+            note = (f"   (not used: {unused[key]})" if key in unused
+                    else f"   (a run uses: {resolved[key]})" if key in resolved else "")
             note += "" if value == builtin else f"   (built-in default: {builtin!r})"
             lines.append(f"  {key} = {value!r}{note}\n      {f.metadata.get('help', '')}")
 
