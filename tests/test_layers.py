@@ -152,6 +152,15 @@ def test_objectives_import_torch_only():
             assert {part(t) for t in GRAPH[m][0]} <= {"tropd.objectives", "tropd.needs"}, m
 
 
+def test_integrations_use_the_objectives_only():
+    """An integration (TRL) brings its own trainer, models and generation: of tropd it uses the objectives and
+    what they read (needs), never the trainer, config, teacher or models."""
+    for m in MODULES:
+        if part(m) == "tropd.integrations":
+            used = {part(t) for t in GRAPH[m][0]} - {"tropd.integrations"}
+            assert used <= {"tropd.objectives", "tropd.needs"}, f"{m} imports {sorted(GRAPH[m][0])}"
+
+
 def test_no_circles():
     """A depth-first walk over the module graph finds no module that (indirectly) imports itself."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
