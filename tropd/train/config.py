@@ -475,7 +475,8 @@ def resolved_values(cfg: RunConfig) -> dict[str, str]:
     keywords = {k: v for k, v in objective_keywords(o.name).items() if k != "chunk_size"}
     needs = get_objective(o.name, chunk_size=o.chunk_size, **o.kwargs).needs
     loss_chunk = (o.chunk_size or FUSED_CHUNK) if o.fused else (o.chunk_size or "all positions at once")
-    teacher_chunk = "as the server was started (tropd serve-teacher --chunk-size)" if served else o.chunk_size or TEACHER_CHUNK
+    teacher_chunk = ("as the server was started (tropd serve-teacher --chunk-size)" if served
+                     else o.chunk_size or TEACHER_CHUNK)
     out = {"objective.chunk_size": f"loss {loss_chunk}, teacher {teacher_chunk}"}
     if set(keywords) - set(o.kwargs):
         out["objective.kwargs"] = repr({**keywords, **o.kwargs})
