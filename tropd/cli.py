@@ -23,14 +23,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(config_help(cfg))
         return 0
-    from tropd.report import write_report
     from tropd.train.run import train_from_config
 
     summary = train_from_config(cfg, resume=args.resume, override_config=args.override_config)
-    if summary["main_process"] and not summary.get("already_complete"):
-        summary["report"] = str(write_report(summary["run_dir"]))
-        _print_summary(summary)
+    if not summary["main_process"]:
+        return 130 if summary["interrupted"] else 0
+    run_dir = Path(summary["run_dir"])
+    if summary.get("already_complete"):
+        if not _report_due(summary):
+            return 0
+        print(f"{run_dir}: its report was never written (it failed or was interrupted): writing it")
+        report = _write_report(run_dir)
+        if report is None:
+            return 1
+        print(f"report: {report}")
+        return 0
+    report = _write_report(run_dir)
+    if report is None:
+        return 1
+    summary["report"] = report
+    _print_summary(summary)
     return 130 if summary["interrupted"] else 0
+
+
+def _report_due(summary: dict) -> bool:
+    """``tropd train`` began writing this run's report (summary.json has a ``report`` key) and did not finish:
+    the key is null, or names a file that is gone. A run trained in code (no key) never gets one here."""
+    from pathlib import Path
+
+    return "report" in summary and (summary["report"] is None or not Path(summary["report"]).is_file())
+
+
+def _write_report(run_dir) -> str | None:
+    """Write the report of a run that trained (``tropd report``) and return its path; ``summary.json`` says
+    ``"report": null`` until it is written, so that ``--resume`` of the finished run writes a missing one. If
+    writing fails, say so in one line on stderr (the run itself is saved) and return None."""
+    import json
+
+    from tropd.files import write_text_atomic
+    from tropd.report import write_report
+
+    done = run_dir / "summary.json"
+    record = json.loads(done.read_text())
+    write_text_atomic(done, json.dumps({**record, "report": None}, indent=2))
+    try:
+        path = str(write_report(run_dir))
+    except Exception as err:  # noqa: BLE001  (any failure: the run is saved, only its report is missing)
+        if os.environ.get("TROPD_DEBUG"):
+            raise
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"tropd train: error: the run is saved, but writing its report failed: {type(err).__name__}"
+              f"{': ' + cause if cause else ''}; `tropd train --run-dir {run_dir} --resume` writes it",
+              file=sys.stderr)
+        return None
+    write_text_atomic(done, json.dumps({**record, "report": path}, indent=2))
+    return path
 
 
 def _print_summary(summary: dict) -> None:

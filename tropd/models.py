@@ -631,6 +631,19 @@ def prepare_tokenizer(tok):
 # --------------------------------------------------------------------------------------------- compatibility
 
 
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence ``model`` takes, in tokens (``max_position_embeddings`` of its text config), or None
+    when its config does not say."""
+    value = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def describe_size(model: PreTrainedModel) -> str:
+    """``"<N> layers, <P>M params"`` of a causal LM, for the console."""
+    return (f"{model.config.get_text_config().num_hidden_layers} layers, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params")
+
+
 def logits_vocab_size(model: PreTrainedModel) -> int:
     """Size V of the model's logits (rows of the output embedding; may exceed ``len(tokenizer)`` when padded)."""
     head = model.get_output_embeddings()

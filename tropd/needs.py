@@ -27,8 +27,9 @@ class Needs:
         rollout: how rollouts are drawn: ``"student"`` (plain on-policy), ``"trb_blend"`` (docs/method.md §4.3 warm-up
             blending), ``"gkd_mixed"`` (GKD: a share of sequences written by the teacher), ``"teacher"`` (the
             teacher writes whole responses, tagged as teacher positions: supervised KD).
-        on_policy_fraction: with ``"gkd_mixed"`` rollouts (and only then, where it is required), the share λ of
-            sequences the student writes; the teacher writes the other ``1 − λ``.
+        on_policy_fraction: GKD's λ, the share of sequences the student writes (the teacher writes the other
+            ``1 − λ``), in [0, 1]. Required with ``"gkd_mixed"`` rollouts, which have no default for it (the
+            ``gkd`` objective passes its ``lmbda``, 0.5 unless set); must stay None with any other rollout.
         progress: the objective reads ``TokenInputs.progress`` (training curricula).
     """
 
@@ -47,7 +48,11 @@ class Needs:
             raise ValueError(f"Needs.rollout must be one of {ROLLOUT_KINDS}, got {self.rollout!r}")
         if self.teacher_topk and self.top_k < 1:
             raise ValueError("Needs.top_k must be >= 1 when teacher_topk is needed")
-        if (self.rollout == "gkd_mixed") != (self.on_policy_fraction is not None):
-            raise ValueError("Needs.on_policy_fraction (GKD's λ) is given with, and only with, rollout='gkd_mixed'")
+        if self.rollout == "gkd_mixed" and self.on_policy_fraction is None:
+            raise ValueError("Needs(rollout='gkd_mixed') requires on_policy_fraction: GKD's λ, the share in [0, 1] of "
+                             "sequences the student writes (the gkd objective passes its lmbda); there is no default")
+        if self.rollout != "gkd_mixed" and self.on_policy_fraction is not None:
+            raise ValueError(f"Needs.on_policy_fraction={self.on_policy_fraction} applies only to rollout='gkd_mixed' "
+                             f"(GKD's λ), not rollout={self.rollout!r}; leave it None")
         if self.on_policy_fraction is not None and not 0.0 <= self.on_policy_fraction <= 1.0:
             raise ValueError(f"Needs.on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")

@@ -1,15 +1,45 @@
 """How a config section declares its keys: ``setting(default, help)``.
 
 Every section of a run's config is a dataclass whose fields are ``setting``\\s: one default and one help text per
-key, stated once (``tropd train --help-config`` prints them), checked in one place
-(:meth:`tropd.train.config.RunConfig.validate`). Most sections live in ``tropd/train/config.py``; ``guidance``
-and ``trb`` live beside the rollout code that reads them. This module imports nothing from tropd.
+key, stated once (``tropd train --help-config`` prints them), checked by
+:meth:`tropd.train.config.RunConfig.validate`, which raises :class:`ConfigError` naming the key. Most sections
+live in ``tropd/train/config.py``; ``guidance`` and ``trb`` live beside the rollout code that reads them, and
+check their own ranges (``check()``, also on construction, so a section built in code is checked too);
+``validate`` runs those checks with the others. This module imports nothing from tropd.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and what is allowed.
+
+    ``key`` is the dotted key at fault when one is (``load_config`` uses it to say whether the value came from
+    the config file or from the command line)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def require(ok: bool, key: str, what: str) -> None:
+    """Raise :class:`ConfigError` ``"<key> <what>"`` for ``key`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} {what}", key)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value: Any) -> bool:
+    """An int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:

@@ -69,3 +69,18 @@ def test_reopold_2stage_switches_at_half():
     assert not torch.equal(s1, s2)
     for prog, tl in outs.items():
         assert torch.equal(tl, s1 if prog < 0.5 else s2), prog
+
+
+def test_gkd_mixed_needs_its_on_policy_fraction_with_a_clear_error():
+    """GKD's λ has no default in Needs (the gkd objective passes its lmbda): leaving it out, or giving it to
+    another rollout kind, is one error saying which."""
+    from tropd.needs import Needs
+
+    assert get_objective("gkd").needs.on_policy_fraction == 0.5  # the objective's documented default lmbda
+    assert get_objective("gkd", lmbda=0.25).needs.on_policy_fraction == 0.25
+    with pytest.raises(ValueError, match=r"Needs\(rollout='gkd_mixed'\) requires on_policy_fraction: GKD's λ"):
+        Needs(teacher_logits=True, rollout="gkd_mixed")
+    with pytest.raises(ValueError, match=r"on_policy_fraction=0.5 applies only to rollout='gkd_mixed'.*'student'"):
+        Needs(on_policy_fraction=0.5)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got 1.5"):
+        Needs(rollout="gkd_mixed", on_policy_fraction=1.5)

@@ -70,6 +70,10 @@ class RaisingTeacher:
         raise AssertionError("the teacher must not be run here")
 
     score = write_rows = model_for_blending = _refuse
+    context_length = None
+
+    def describe(self) -> str:
+        return "a teacher that must not be run"
 
 
 def fresh_logits(model: nn.Module, prompt: Sequence[int], response: Sequence[int]) -> torch.Tensor:

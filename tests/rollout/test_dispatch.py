@@ -42,7 +42,7 @@ def test_gkd_extremes(student, teacher, prompts):
         sample_gkd_mixed(student, InProcessTeacher(teacher), prompts, cfg, lmbda=1.5)
 
 
-def _collect(student, teacher, prompts, needs, step=0, **kw):
+def _sample(student, teacher, prompts, needs, step=0, **kw):
     teacher = InProcessTeacher(teacher) if isinstance(teacher, torch.nn.Module) else teacher
     return sample_for_needs(student, teacher, prompts, make_cfg(max_new_tokens=6), needs, step=step,
                             total_steps=10, streams=5, **kw)
@@ -50,32 +50,32 @@ def _collect(student, teacher, prompts, needs, step=0, **kw):
 
 def test_dispatch_plain_and_guidance(student, teacher, prompts):
     plain = sample(student, prompts, make_cfg(max_new_tokens=6), streams=5)
-    b = _collect(student, RaisingTeacher(), prompts, Needs())
+    b = _sample(student, RaisingTeacher(), prompts, Needs())
     assert torch.equal(b.tokens, plain.tokens)
-    b = _collect(student, None, prompts, Needs(guidance=True), guidance_settings=GuidanceConfig(enabled=False))
+    b = _sample(student, None, prompts, Needs(guidance=True), guidance_settings=GuidanceConfig(enabled=False))
     assert torch.equal(b.tokens, plain.tokens)
-    b = _collect(student, teacher, prompts * 2, Needs(guidance=True))
+    b = _sample(student, teacher, prompts * 2, Needs(guidance=True))
     assert b.guidance_lengths.gt(0).any() and b.info["guidance_cap"] == 6
     assert torch.equal(b.teacher_token_mask.sum(1), b.guidance_lengths)
-    late = _collect(student, RaisingTeacher(), prompts, Needs(guidance=True), step=10)
+    late = _sample(student, RaisingTeacher(), prompts, Needs(guidance=True), step=10)
     assert late.guidance_lengths.eq(0).all()
 
 
 def test_dispatch_trb(student, teacher, prompts):
     needs = Needs(teacher_logits=True, rollout="trb_blend")
     settings = TRBConfig(eps0=0.04, warmup_steps=4, iters=50)
-    b = _collect(student, teacher, prompts, needs, step=2, trb_settings=settings)
+    b = _sample(student, teacher, prompts, needs, step=2, trb_settings=settings)
     assert b.blend_beta is not None and b.info["trb_eps"] == pytest.approx(0.02)
-    after = _collect(student, RaisingTeacher(), prompts, needs, step=4, trb_settings=settings)
+    after = _sample(student, RaisingTeacher(), prompts, needs, step=4, trb_settings=settings)
     assert after.blend_beta is None and after.info["trb_eps"] == 0.0
 
 
 def test_dispatch_gkd_and_teacher(student, teacher, prompts):
-    b = _collect(student, teacher, prompts, Needs(teacher_logits=True, rollout="gkd_mixed", on_policy_fraction=0.0))
+    b = _sample(student, teacher, prompts, Needs(teacher_logits=True, rollout="gkd_mixed", on_policy_fraction=0.0))
     assert b.teacher_rows.all() and not b.teacher_token_mask.any()
     with pytest.raises(ValueError, match="on_policy_fraction"):
-        _collect(student, teacher, prompts, Needs(rollout="gkd_mixed"))
-    sft = _collect(student, teacher, prompts, Needs(teacher_logprobs=False, rollout="teacher"))
+        _sample(student, teacher, prompts, Needs(rollout="gkd_mixed"))
+    sft = _sample(student, teacher, prompts, Needs(teacher_logprobs=False, rollout="teacher"))
     assert torch.equal(sft.teacher_token_mask, sft.loss_mask) and sft.teacher_rows.all()
     assert torch.equal(sft.guidance_lengths, sft.response_lengths)
     for i, prompt in enumerate(prompts):
@@ -84,6 +84,6 @@ def test_dispatch_gkd_and_teacher(student, teacher, prompts):
 
 def test_dispatch_errors(student, teacher, prompts):
     with pytest.raises(ValueError, match="guidance"):
-        _collect(student, teacher, prompts, Needs(guidance=True, rollout="trb_blend"))
+        _sample(student, teacher, prompts, Needs(guidance=True, rollout="trb_blend"))
     with pytest.raises(ValueError, match="teacher"):
-        _collect(student, None, prompts, Needs(guidance=True))
+        _sample(student, None, prompts, Needs(guidance=True))

@@ -69,6 +69,35 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, teacher_dir, capsys)
     assert snapshot(run) == before  # no eval rerun, no rows appended, no checkpoint or summary rewritten
 
 
+def test_a_report_that_fails_is_an_error_and_resume_writes_it(tmp_path, teacher_dir, capsys, monkeypatch):
+    """Training finished but writing the report failed: exit 1 with one line naming the cause; --resume of the
+    finished run then writes the missing report instead of only saying the run is complete."""
+    import tropd.report
+
+    def broken(run_dir):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tropd.report, "write_report", broken)
+    path = write_config(tmp_path, teacher_dir, train={"steps": 2})
+    assert main(["train", "--config", str(path), "data.eval_prompts=0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the run is saved, but writing its report failed: OSError: No space left" in err
+    run = tmp_path / "run"
+    assert json.loads((run / "summary.json").read_text())["report"] is None
+    assert not (run / "report" / "summary.md").exists()
+
+    monkeypatch.undo()
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "is complete (2 of 2 steps)" in out and "its report was never written" in out
+    report = run / "report" / "summary.md"
+    assert f"report: {report.resolve()}" in out and report.is_file()
+    assert json.loads((run / "summary.json").read_text())["report"] == str(report.resolve())
+    before = snapshot(run)
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0  # now complete with its report: nothing to do
+    assert "report" not in capsys.readouterr().out.split("nothing to do")[1] and snapshot(run) == before
+
+
 def test_fresh_run_refuses_a_folder_holding_any_file(tmp_path, teacher_dir, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")

@@ -6,7 +6,7 @@ logging and checkpointing. Per micro-batch, on TRL's prompts and the student's c
 - the student's and the teacher's final hidden states at the completion positions, from TRL's own
   ``_get_last_hidden_state`` (the student's through the DDP/FSDP wrapper, as TRL routes it);
 - teacher scores (sampled-token log-prob, top-k, entropy, full logits: only what the objective needs) from the
-  teacher's hidden states and LM head, chunk by chunk (:func:`tropd.teacher.scoring.scores_from_hidden`);
+  teacher's hidden states and LM head, chunk by chunk (:func:`tropd.objectives.teacher_scores.scores_from_hidden`);
 - behaviour log-probs ``b_t = log softmax(z_t / τ)[y_t]`` of the student at TRL's sampling temperature τ (the
   distribution the completion was drawn from; no gradient);
 - the loss: the objective on the fused path (student hidden states + LM head, chunked; no ``[B, T, V]`` logits),
@@ -20,6 +20,9 @@ guidance (``tropd``: TRL's generation cannot start a completion with teacher-wri
 TrOPD without guidance), objectives that need other rollouts (``trb``, ``gkd``'s teacher rows, ``sft``), and
 sampling with ``top_p`` < 1, ``top_k`` or ``min_p`` (the behaviour log-probs would need the truncated
 distribution).
+
+The adapter uses tropd's objectives layer only (``get_objective``, ``TokenInputs``, the LM head and the teacher
+scores' math), never its trainer, config or models (``tests/test_layers.py`` checks this).
 """
 
 from __future__ import annotations
@@ -27,11 +30,9 @@ from __future__ import annotations
 import torch
 from trl import DistillationTrainer
 
-from tropd.objectives import TokenInputs
+from tropd.objectives import TokenInputs, get_objective
 from tropd.objectives.head import FUSED_CHUNK, LMHead
-from tropd.teacher.scoring import scores_from_hidden
-from tropd.train.build import build_objective
-from tropd.train.config import ObjectiveConfig
+from tropd.objectives.teacher_scores import scores_from_hidden
 
 
 def sampled_logprobs(hidden: torch.Tensor, head: LMHead, tokens: torch.Tensor, temperature: float = 1.0,
@@ -58,8 +59,7 @@ class TrOPDTrainer(DistillationTrainer):
 
     def __init__(self, *args, objective: str = "fkl_outlier", objective_kwargs: dict | None = None,
                  chunk_size: int = FUSED_CHUNK, **kwargs) -> None:
-        self.tropd_objective = build_objective(ObjectiveConfig(name=objective, kwargs=dict(objective_kwargs or {}),
-                                                               chunk_size=chunk_size))
+        self.tropd_objective = get_objective(objective, chunk_size=chunk_size, **dict(objective_kwargs or {}))
         self.tropd_chunk_size = chunk_size
         needs = self.tropd_objective.needs
         if needs.guidance:

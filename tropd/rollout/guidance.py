@@ -37,7 +37,7 @@ from torch import nn
 from tropd.rollout.batch import RolloutBatch, RolloutRow
 from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows, teacher_rows
 from tropd.rollout.streams import RowStreams
-from tropd.settings import setting
+from tropd.settings import is_int, is_number, require, setting
 
 if TYPE_CHECKING:
     from tropd.teacher.protocol import Teacher
@@ -53,6 +53,22 @@ class GuidanceConfig:
                                           "count, stochastic rounding).")
     anneal_steps: int | None = setting(None, "T_anneal: steps over which the prefix cap decays to 0; null = all "
                                              "training steps of the objective.")
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Each key's type and range; :class:`~tropd.settings.ConfigError` naming the key (``guidance.*``)."""
+        require(self.enabled is None or isinstance(self.enabled, bool), "guidance.enabled",
+                f"must be true, false or null, got {self.enabled!r}")
+        require(is_number(self.guided_fraction), "guidance.guided_fraction",
+                f"must be a number, got {self.guided_fraction!r}")
+        require(0 <= self.guided_fraction <= 1, "guidance.guided_fraction",
+                f"must be in [0, 1], got {self.guided_fraction}")
+        require(self.anneal_steps is None or is_int(self.anneal_steps), "guidance.anneal_steps",
+                f"must be an integer or null, got {self.anneal_steps!r}")
+        require(self.anneal_steps is None or self.anneal_steps >= 1, "guidance.anneal_steps",
+                f"must be >= 1 or null, got {self.anneal_steps}")
 
 
 def guidance_cap(step: int, total_steps: int, max_new_tokens: int, anneal_steps: int | None = None) -> int:

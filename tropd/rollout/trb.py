@@ -41,7 +41,7 @@ from tropd.rollout.sampling import (
     truncate_logprobs,
 )
 from tropd.rollout.streams import RowStreams
-from tropd.settings import setting
+from tropd.settings import is_int, is_number, require, setting
 
 if TYPE_CHECKING:
     from tropd.teacher.protocol import Teacher
@@ -57,6 +57,18 @@ class TRBConfig:
                                     "student rollouts).")
     iters: int = setting(16, "Safeguarded Newton steps for β* per decoded token (float64; each one KL evaluation "
                              "over the vocabulary).")
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Each key's type and range; :class:`~tropd.settings.ConfigError` naming the key (``trb.*``)."""
+        require(is_number(self.eps0), "trb.eps0", f"must be a number, got {self.eps0!r}")
+        require(self.eps0 >= 0, "trb.eps0", f"must be >= 0, got {self.eps0}")
+        require(is_int(self.warmup_steps), "trb.warmup_steps", f"must be an integer, got {self.warmup_steps!r}")
+        require(self.warmup_steps >= 0, "trb.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(is_int(self.iters), "trb.iters", f"must be an integer, got {self.iters!r}")
+        require(self.iters >= 1, "trb.iters", f"must be >= 1, got {self.iters}")
 
     def budget(self, step: int) -> float:
         """``ε_k = ε_0 (1 − k/K)`` for ``k ≤ K``, else 0 (``K = warmup_steps``; K = 0 gives 0 at every step)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tropd.models import context_length, describe_size
 from tropd.needs import Needs
 from tropd.rollout.batch import RolloutBatch, RolloutRow
 from tropd.rollout.sampling import SamplingConfig, decode_rows
@@ -32,9 +33,8 @@ class InProcessTeacher:
 
     @property
     def context_length(self) -> int | None:
-        """The longest sequence the model takes (``max_position_embeddings``), when its config says."""
-        return getattr(self._model.config.get_text_config(), "max_position_embeddings", None)
+        """The longest sequence the model takes (:func:`~tropd.models.context_length`), when its config says."""
+        return context_length(self._model)
 
     def describe(self) -> str:
-        return (f"{self._model.config.num_hidden_layers} layers, "
-                f"{sum(p.numel() for p in self._model.parameters()) / 1e6:.1f}M params")
+        return describe_size(self._model)

@@ -11,6 +11,10 @@ A teacher does two things for the pipeline:
 TRB blending decodes the teacher token by token beside the student, which only a model in this process can do:
 ``model_for_blending()`` gives that model, and a teacher elsewhere raises a ``ValueError`` saying so.
 
+It also says what it is: ``context_length`` (the longest sequence it takes, which bounds the prompts a run
+accepts) and ``describe()`` (one line for the console). Callers use these, never attributes of one
+implementation.
+
 Implementations: :class:`~tropd.teacher.InProcessTeacher` (a frozen model in this process, the default) and
 :class:`~tropd.teacher.RemoteTeacher` (the client of ``tropd serve-teacher``).
 """
@@ -44,4 +48,13 @@ class Teacher(Protocol):
 
     def model_for_blending(self) -> nn.Module:
         """The teacher as a model decoded in this process beside the student (TRB); ValueError if it is not."""
+        ...
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence (prompt and response) the teacher takes, in tokens; None when it does not say."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the console: which model, where, how large."""
         ...

@@ -70,15 +70,20 @@ class RemoteTeacher:
         self.info = self._request("GET", "/v1/info").json()
         self.last_compute_s = float("nan")  # server-side seconds of the last scoring batch (header x-tropd-compute-s)
         self.vocab_size = int(self.info["vocab_size"])
-        self.context_length = self.info.get("context_length")
         self.tokenizer = _TokenizerView(self.info["tokenizer"])
+
+    # -- the Teacher protocol ------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        """The served model's longest sequence, from ``/v1/info`` (None when the server does not say)."""
+        value = self.info.get("context_length")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
     def describe(self) -> str:
         i = self.info
         return (f"{i['model']} at {self.url}: {i.get('num_layers')} layers, {i['num_parameters'] / 1e6:.1f}M params "
                 f"({i.get('dtype')})")
 
-    # -- the Teacher protocol ------------------------------------------------------------------------------
     def score(self, batch: RolloutBatch, needs: Needs) -> TeacherScores:
         want = needs.teacher_logprobs or needs.teacher_topk or needs.teacher_entropy or needs.teacher_logits
         if not want:

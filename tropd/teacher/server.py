@@ -43,18 +43,19 @@ class HFEngine:
     """A frozen HF causal LM: scores ``(prompt, response)`` rows and writes continuations of contexts."""
 
     def __init__(self, model, tokenizer, name: str, chunk_size: int = TEACHER_CHUNK) -> None:
-        from tropd.models import logits_vocab_size, prepare_tokenizer
+        from tropd.models import context_length, logits_vocab_size, prepare_tokenizer
 
         self.model = model.requires_grad_(False).eval()
         self.tokenizer = prepare_tokenizer(tokenizer) or tokenizer
         self.name, self.chunk_size = name, chunk_size
         self.device = next(model.parameters()).device
         self.vocab_size = logits_vocab_size(model)
+        self.context_length = context_length(model)
 
     def info(self) -> dict:
         tok, config = self.tokenizer, self.model.config.get_text_config()
         return {"model": self.name, "vocab_size": self.vocab_size,
-                "context_length": getattr(config, "max_position_embeddings", None),
+                "context_length": self.context_length,
                 "num_layers": getattr(config, "num_hidden_layers", None),
                 "num_parameters": sum(p.numel() for p in self.model.parameters()),
                 "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),

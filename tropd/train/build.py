@@ -34,8 +34,9 @@ from torch import nn
 from tropd.eval.distill import DistillEval
 from tropd.forward import enable_gradient_checkpointing
 from tropd.lora import AdaptersDisabled, add_adapters, is_adapter_folder, load_adapters
-from tropd.models import (DTYPES, base_student, check_compatible, check_models_compatible, load_causal_lm,
-                          load_named_model, logits_vocab_size, prepare_tokenizer, quiet_progress_bars, resolve_device)
+from tropd.models import (DTYPES, base_student, check_compatible, check_models_compatible, context_length,
+                          describe_size, load_causal_lm, load_named_model, logits_vocab_size, prepare_tokenizer,
+                          quiet_progress_bars, resolve_device)
 from tropd.objectives import Objective, get_objective
 from tropd.rollout import SamplingConfig
 from tropd.rollout.sampler import KVCacheSampler, Sampler
@@ -84,7 +85,12 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, resume_from: Path | N
     """Every part of a run of ``cfg`` on ``accelerator``'s device (module docstring). ``resume_from``: the
     checkpoint folder whose student (or LoRA adapters) the run continues from. ``eval_fn`` replaces the default
     held-out evaluation; ``make_sampler(student, teacher, sampling_config)`` the default
-    :class:`~tropd.rollout.sampler.KVCacheSampler` (docs/extending.md)."""
+    :class:`~tropd.rollout.sampler.KVCacheSampler` (docs/extending.md).
+
+    ``cfg`` is validated first (:meth:`~tropd.train.config.RunConfig.validate`, :class:`ConfigError` naming the
+    key), as ``load_config`` validates a config file, so a config built or changed in code is checked the same
+    way before anything is read or loaded."""
+    cfg.validate()
     train_rows, held_out = read_prompts(cfg)
     objective, warmup = build_objectives(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -158,8 +164,7 @@ def prompt_token_limit(cfg: RunConfig, student: nn.Module, teacher: Teacher) -> 
     """``data.max_prompt_tokens``, or the shorter model context minus ``rollout.max_new_tokens``."""
     if cfg.data.max_prompt_tokens is not None:
         return cfg.data.max_prompt_tokens
-    contexts = [getattr(student.config.get_text_config(), "max_position_embeddings", None), teacher.context_length]
-    contexts = [c for c in contexts if isinstance(c, int) and c > 0]
+    contexts = [c for c in (context_length(student), teacher.context_length) if c is not None]
     if not contexts:
         return 1 << 30
     limit = min(contexts) - cfg.rollout.max_new_tokens
@@ -192,7 +197,7 @@ def encode_prompts(cfg: RunConfig, rows, tok, limit: int, kind: str, notes: list
 
 # -- models ---------------------------------------------------------------------------------------------------
 def load_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.device | str | None = None, *,
-                top_k: int = 0) -> tuple[nn.Module, Teacher, object]:
+                top_k: int | None = None) -> tuple[nn.Module, Teacher, object]:
     """``(student, teacher, tokenizer)`` on ``device`` (default: ``model.device``).
 
     The teacher is a :class:`~tropd.teacher.RemoteTeacher` for a ``model.teacher`` URL, else an
@@ -201,9 +206,14 @@ def load_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.d
     loaded, derived from the teacher (:func:`~tropd.models.base_student`), or resumed from a checkpoint; with
     ``model.lora`` it carries trainable LoRA adapters (fresh, or the checkpoint's) on a frozen base, and under
     self-distillation the teacher is that base with the adapters disabled (:class:`~tropd.lora.AdaptersDisabled`).
-    Student and teacher are checked to share a tokenizer (and a vocabulary of at least ``top_k``, the teacher
-    top-k the objective reads); the one returned is the in-process teacher's, else the student's."""
+    Student and teacher are always checked to share a tokenizer and a logits vocabulary, whatever the objective
+    reads of the teacher (top-k, full logits or sampled-token log-probs), and that vocabulary to hold at least
+    ``top_k`` ids, the teacher top-k the objective reads (default: that of ``cfg``'s objective; :func:`build_run`
+    passes the one of the objective it built). The tokenizer returned is the in-process teacher's, else the
+    student's."""
     m = cfg.model
+    if top_k is None:
+        top_k = build_objective(cfg.objective).needs.top_k
     device = device if device is not None else resolve_device(m.device)
     remote, teacher, tok = None, None, None
     if is_url(m.teacher):
@@ -242,8 +252,7 @@ def describe_models(cfg: RunConfig, student: nn.Module, teacher: Teacher, proces
     shared = " (the student's base, adapters disabled)" if m.shares_teacher_base() else ""
     sharded = "" if not m.fsdp else (f", sharded over {processes} processes (FSDP2)" if processes > 1
                                      else " (model.fsdp: one process, unsharded)")
-    return (f"teacher: {teacher.describe()}{shared}; student: {student.config.num_hidden_layers} layers, "
-            f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params{lora}{sharded} "
+    return (f"teacher: {teacher.describe()}{shared}; student: {describe_size(student)}{lora}{sharded} "
             f"(loaded in {load_s:.0f}s)")
 
 

@@ -26,20 +26,9 @@ from tropd.objectives.head import FUSED_CHUNK
 from tropd.rollout.guidance import GuidanceConfig
 from tropd.rollout.sampling import KV_CACHES
 from tropd.rollout.trb import TRBConfig
-from tropd.settings import setting
+from tropd.settings import ConfigError, setting
 from tropd.teacher.remote import is_url
 from tropd.teacher.scoring import TEACHER_CHUNK
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the key and what is allowed.
-
-    ``key`` is the dotted key at fault when one is (``load_config`` uses it to say whether the value came from
-    the config file or from the command line)."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass
@@ -231,12 +220,8 @@ class RunConfig:
         if g.enabled and not obj.needs.guidance:
             raise ConfigError(f"guidance.enabled=true, but objective {o.name!r} puts no loss on teacher-prefix "
                               "positions; use objective.name=tropd or set guidance.enabled=false", "guidance.enabled")
-        _check(0 <= g.guided_fraction <= 1, "guidance.guided_fraction", f"must be in [0, 1], got {g.guided_fraction}")
-        _check(g.anneal_steps is None or g.anneal_steps >= 1, "guidance.anneal_steps",
-               f"must be >= 1 or null, got {g.anneal_steps}")
-        _check(b.eps0 >= 0, "trb.eps0", f"must be >= 0, got {b.eps0}")
-        _check(b.warmup_steps >= 0, "trb.warmup_steps", f"must be >= 0, got {b.warmup_steps}")
-        _check(b.iters >= 1, "trb.iters", f"must be >= 1, got {b.iters}")
+        g.check()  # the sections' own range checks (also run when they are constructed)
+        b.check()
         _check(t.steps >= 1, "train.steps", "must be >= 1")
         _check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -271,8 +256,12 @@ class RunConfig:
     def with_overrides(self, **values: Any) -> RunConfig:
         """A new config: this one with dotted keys set to Python values, checked as ``tropd train`` checks its
         ``section.key=value`` arguments (unknown keys, types, every cross-field rule), e.g.
-        ``cfg.with_overrides(**{"train.lr": 1e-4, "objective.kwargs": {"top_k": 16}})``. ``self`` is unchanged;
-        an error (:class:`ConfigError`) names the override at fault."""
+        ``cfg.with_overrides(**{"train.lr": 1e-4, "objective.kwargs": {"top_k": 16}})``.
+
+        A key naming a whole section, ``cfg.with_overrides(train={"lr": 1e-4})`` (or ``**{"model.lora": {"r": 8}}``),
+        merges the given keys into that section: its other keys keep this config's values (nested sections are
+        merged the same way). A dict-valued setting such as ``objective.kwargs`` is replaced whole. ``self`` is
+        unchanged; an error (:class:`ConfigError`) names the override at fault."""
         data = self.to_dict()
         for key, value in values.items():
             _set(data, key, copy.deepcopy(value), f"override {key}")
@@ -372,7 +361,8 @@ def _type_name(tp: Any) -> str:
 
 
 def apply_override(data: dict, item: str) -> str:
-    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a nested dict in place; returns the key."""
+    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a nested dict in place; returns the key.
+    A mapping given for a whole section (``train={lr: 1e-4}``) is merged into it (:func:`_set`)."""
     if "=" not in item:
         raise ConfigError(f"command-line override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
     key, raw = item.split("=", 1)
@@ -387,14 +377,40 @@ def apply_override(data: dict, item: str) -> str:
 
 
 def _set(data: dict, key: str, value: Any, where: str) -> None:
-    """Set the dotted ``key`` of a nested dict to ``value`` in place (missing sections are created)."""
-    node = data
+    """Set the dotted ``key`` of a nested dict to ``value`` in place (missing sections are created). When ``key``
+    names a section (``train``, ``model.lora``) and ``value`` is a mapping, its keys are merged into the section's
+    (recursively for nested sections): the keys it does not name keep their values. A dict-valued setting
+    (``objective.kwargs``) is a value, replaced whole."""
+    node, section = data, RunConfig
     parts = key.split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{where}: {part} is not a section")
-    node[parts[-1]] = value
+        section = _section_of(section, part)
+    last = parts[-1]
+    sub = _section_of(section, last)
+    if sub is not None and isinstance(value, dict) and isinstance(node.get(last), dict):
+        _merge(node[last], value, sub)
+    else:
+        node[last] = value
+
+
+def _section_of(cls: type | None, name: str) -> type | None:
+    """The dataclass of section ``cls``'s field ``name`` when that field is a section, else None."""
+    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    tp = typing.get_type_hints(cls)[name]
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _merge(node: dict, values: dict, cls: type) -> None:
+    for name, value in values.items():
+        sub = _section_of(cls, name)
+        if sub is not None and isinstance(value, dict) and isinstance(node.get(name), dict):
+            _merge(node[name], value, sub)
+        else:
+            node[name] = value
 
 
 def _looks_numeric(text: str) -> bool:
@@ -455,20 +471,26 @@ def resolved_values(cfg: RunConfig) -> dict[str, str]:
     import torch
 
     m, o, t = cfg.model, cfg.objective, cfg.train
+    served = is_url(m.teacher)
     keywords = {k: v for k, v in objective_keywords(o.name).items() if k != "chunk_size"}
     needs = get_objective(o.name, chunk_size=o.chunk_size, **o.kwargs).needs
     loss_chunk = (o.chunk_size or FUSED_CHUNK) if o.fused else (o.chunk_size or "all positions at once")
-    out = {"objective.chunk_size": f"loss {loss_chunk}, teacher {o.chunk_size or TEACHER_CHUNK}"}
+    teacher_chunk = ("as the server was started (tropd serve-teacher --chunk-size)" if served
+                     else o.chunk_size or TEACHER_CHUNK)
+    out = {"objective.chunk_size": f"loss {loss_chunk}, teacher {teacher_chunk}"}
     if set(keywords) - set(o.kwargs):
         out["objective.kwargs"] = repr({**keywords, **o.kwargs})
     if m.student is None:
         base = (f"the teacher's {m.student_layers} layers of" if m.student_layers is not None
                 else "LoRA adapters on" if m.shares_teacher_base() else "a copy of")
         out["model.student"] = f"{base} {m.teacher}"
-    if m.teacher_dtype is None:
+    if m.teacher_dtype is None and not served:
         out["model.teacher_dtype"] = repr(m.dtype)
     if m.device == "auto":
         out["model.device"] = repr("cuda" if torch.cuda.is_available() else "cpu")
+    if served:
+        out["model.device"] = f"{out.get('model.device', repr(m.device))} for the student; the teacher runs on " \
+                              "the server"
     if cfg.guidance.enabled is None:
         out["guidance.enabled"] = repr(needs.guidance)
     if cfg.guidance.anneal_steps is None:
@@ -480,12 +502,26 @@ def resolved_values(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
+def unused_values(cfg: RunConfig) -> dict[str, str]:
+    """The keys a run of ``cfg`` does not read, whatever their value, and why, by dotted key."""
+    m = cfg.model
+    out = {}
+    if is_url(m.teacher):
+        out["model.teacher_dtype"] = "the teacher server's own dtype applies (tropd serve-teacher --dtype)"
+    else:
+        out["model.teacher_timeout"] = out["model.teacher_retry_s"] = "model.teacher is not a teacher server"
+    if m.student is not None:
+        out["model.student_layers"] = "model.student is given"
+    return out
+
+
 def config_help(cfg: RunConfig | None = None) -> str:
     """Every key with the value ``cfg`` uses (default: the embedded default, what a plain ``tropd train`` runs),
-    what a run makes of it when it leaves the choice to the run (:func:`resolved_values`), the built-in default
+    what a run makes of it when it leaves the choice to the run (:func:`resolved_values`) or that a run does not
+    read it (:func:`unused_values`, e.g. ``model.teacher_dtype`` with a teacher server), the built-in default
     when it differs, and the help text."""
     cfg = cfg if cfg is not None else load_config()
-    resolved = resolved_values(cfg)
+    resolved, unused = resolved_values(cfg), unused_values(cfg)
     lines = []
 
     def describe(section, prefix: str) -> None:
@@ -496,7 +532,8 @@ def config_help(cfg: RunConfig | None = None) -> str:
                 continue
             key = f"{prefix}{f.name}"
             builtin = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            note = f"   (a run uses: {resolved[key]})" if key in resolved else ""
+            note = (f"   (not used: {unused[key]})" if key in unused
+                    else f"   (a run uses: {resolved[key]})" if key in resolved else "")
             note += "" if value == builtin else f"   (built-in default: {builtin!r})"
             lines.append(f"  {key} = {value!r}{note}\n      {f.metadata.get('help', '')}")
 

@@ -9,8 +9,8 @@ same prompts for a step and keeps its contiguous share of the rollouts. Every ra
 ``(seed, step)`` and the row's index in the global batch (:class:`~tropd.rollout.RowStreams`: sampled tokens,
 guidance, GKD sources, trust masks), so the result does not depend on the number of processes or on how rows
 are chunked (up to floating-point summation order). The loss is normalised by the global token count; only the
-main process writes logs, reports and checkpoints. A run stopped after step ``k`` and resumed from its
-checkpoint replays exactly.
+main process writes the metrics log and checkpoints (the report is ``tropd train``'s, after the run). A run
+stopped after step ``k`` and resumed from its checkpoint replays exactly.
 
 Streaming: a step's rollouts are drawn first (they fix the global token count); then each micro-batch is scored
 by the teacher, turned into a loss and backpropagated before the next is scored, so teacher tensors (full
