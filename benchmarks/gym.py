@@ -15,8 +15,8 @@ with ``--core-seeds`` seeds (run first), the other methods with ``--seeds``. Fin
 
 ``--mechanism`` runs the contrasts of docs/gym.md's mechanism section (:data:`MECHANISM`): K1 ``opd``, the exact
 on-policy reverse KL (``rkl_exact``), SFT on teacher samples and SFT on the student's own samples (``self_sft``,
-no teacher) from an annealed start and from the gym's constant-lr start, and from an annealed start with a teacher
-trained to recover from corrupted steps; one learning rate for all; writes ``gym_mechanism.{json,md}``.
+no teacher) from an annealed start and from the gym's constant-lr start; one learning rate for all; writes
+``gym_mechanism.{json,md}``.
 
 ``--sweep`` trains every method at each of ``--sweep-lrs`` on the knob values ``--sweep-mismatch``, one seed,
 evaluated on the validation split (never the held-out problems), and prints each method's best rate by mean
@@ -45,8 +45,6 @@ from tropd.gym.run import ANNEALED  # noqa: E402
 #: convergence, as in the first gym).
 MECHANISM = {
     "annealed start": (ANNEALED, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
-    "annealed start, lr 3e-4": (ANNEALED, 3e-4, ("opd", "rkl_exact", "sft")),
-    "annealed start, teacher trained to recover": ({**ANNEALED, "teacher_recovery": 0.2}, 1e-4, ("opd", "rkl_exact")),
     "constant-lr start (the gym's)": ({}, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
 }
 

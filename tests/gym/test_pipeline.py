@@ -215,8 +215,9 @@ def test_benchmark_mechanism_quick_runs_every_contrast(tmp_path, monkeypatch):
     for condition, (_, lr, methods) in bench.MECHANISM.items():
         runs = data["results"][condition]["runs"]
         assert {r["method"] for r in runs} == set(methods) and {r["lr"] for r in runs} == {lr}
-    recovering = data["results"]["annealed start, teacher trained to recover"]["context"]["spec"]
-    assert recovering["teacher_recovery"] == 0.2 and recovering["student_schedule"] == "cosine"
+    annealed = data["results"]["annealed start"]["context"]["spec"]
+    assert annealed["student_schedule"] == "cosine" and annealed["teacher_recovery"] == 0.0
+    assert data["results"]["constant-lr start (the gym's)"]["context"]["spec"]["student_schedule"] == "constant"
     text = (tmp_path / "gym_mechanism_quick.md").read_text()
     assert "| annealed start | " in text and "self_sft" in text
 
