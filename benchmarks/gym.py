@@ -76,7 +76,8 @@ def mechanism_table(results: dict, meta: dict) -> str:
     for condition, result in results.items():
         start = result["context"]["mismatch_start"]["0"]["accuracy"]
         for row in summarise(result["runs"], result["context"]):
-            gain = f"{100 * row['gain']:+.1f}" + ("" if math.isnan(row["gain_ci"]) else f" ± {100 * row['gain_ci']:.1f}")
+            ci = row["gain_ci"]
+            gain = f"{100 * row['gain']:+.1f}" + ("" if math.isnan(ci) else f" ± {100 * ci:.1f}")
             final = f"{100 * row['final_acc']:.1f}" + ("" if math.isnan(row["final_acc_ci"])
                                                        else f" ± {100 * row['final_acc_ci']:.1f}")
             lines.append(f"| {condition} | {100 * start:.1f} | {row['method']} | {row['n']} | {final} | {gain} | "
@@ -107,7 +108,8 @@ def sweep_table(runs: list[dict], best: dict, meta: dict) -> str:
     levels = sorted({r["mismatch"] for r in runs})
     cell = {(r["method"], r["lr"], r["mismatch"]): final_accuracy(r) for r in runs}
     lines = ["# Gym learning-rate sweep (validation split)", "", f"- **command**: `{meta['command']}`",
-             f"- **machine**: {meta['machine']}", f"- **duration**: {meta['duration'] / 60:.0f} min", f"- **budget**: {meta['budget']}", "",
+             f"- **machine**: {meta['machine']}", f"- **duration**: {meta['duration'] / 60:.0f} min",
+             f"- **budget**: {meta['budget']}", "",
              "Final accuracy (%) on the validation problems, one seed, per learning rate and knob value; the chosen "
              "rate (best mean over the knob values) in bold.", "",
              "| method | " + " | ".join(f"lr {lr:g}: " + ", ".join(f"m={level_name(m)}" for m in levels)
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mechanism", action="store_true", help="the mechanism contrasts (docs/gym.md)")
     p.add_argument("--core-seeds", type=int, default=5, help="seeds of opd and tropd per knob value")
     p.add_argument("--seeds", type=int, default=3, help="seeds of every other method per knob value")
+    p.add_argument("--inner-seeds", type=int, default=None,
+                   help="seeds of every method but opd at knob values strictly inside (0, 1) (default: as at 0 and 1)")
     p.add_argument("--methods", default=",".join(EXPERIMENT), help="comma-separated methods")
     p.add_argument("--mismatch", default=",".join(f"{m:g}" for m in MISMATCH), help="comma-separated knob values")
     p.add_argument("--sweep-lrs", default="5e-5,1e-4,2e-4", help="--sweep: learning rates tried per method")
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     mismatches = (0.0, 1.0) if args.quick else check_mismatch(args.mismatch.split(","))
     seeds = {m: (1 if args.quick else args.core_seeds if m in CORE else args.seeds) for m in methods}
-    result = run_gym(spec, seeds, mismatches, workdir, workers=args.workers)
+    inner = None if args.inner_seeds is None else {m: args.inner_seeds for m in methods if m != "opd"}
+    result = run_gym(spec, seeds, mismatches, workdir, workers=args.workers, inner_seeds=inner)
     lrs = ", ".join(f"{m} {spec.lr_of(m):g}" for m in methods)
     meta = {"command": command, "duration": round(time.perf_counter() - start, 1),
             "budget": f"{spec.steps} steps of {spec.prompts_per_step} prompts x {spec.rollouts_per_prompt} "

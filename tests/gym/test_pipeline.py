@@ -262,3 +262,15 @@ def test_cli_help_states_the_gyms_real_step_budget(capsys):
     with pytest.raises(SystemExit):
         main(["gym", "--help"])
     assert f"the gym's {gym_run.GymSpec.steps};" in " ".join(capsys.readouterr().out.split())
+
+
+def test_inner_seeds_apply_strictly_inside_the_knob_range_only():
+    models = {"teacher": "T", "students": {0.0: "S0", 0.5: "S5", 1.0: "S1"}}
+    jobs = gym_run.plan_jobs(SPEC, models, (0.0, 0.5, 1.0), {"opd": 3, "sft": 3}, Path("w"), Path("p.jsonl"),
+                             inner_seeds={"sft": 1})
+    count = {}
+    for job in jobs:
+        count[(job.method, job.mismatch)] = count.get((job.method, job.mismatch), 0) + 1
+    assert count == {("opd", 0.0): 3, ("opd", 0.5): 3, ("opd", 1.0): 3, ("sft", 0.0): 3, ("sft", 0.5): 1,
+                     ("sft", 1.0): 3}
+    assert [j.seed for j in jobs if (j.method, j.mismatch) == ("sft", 0.5)] == [0]

@@ -117,7 +117,9 @@ class GymSpec:
     rollouts_per_prompt: int = 2
     max_new_tokens: int = 56
     lr: float = 1e-4
-    lrs: tuple[tuple[str, float], ...] = ()
+    lrs: tuple[tuple[str, float], ...] = (("clip_outlier", 5e-05), ("eopd", 5e-05), ("fkl_outlier", 5e-05),
+                                          ("gkd", 2e-04), ("mask_outlier", 5e-05), ("opd", 5e-05), ("sft", 1e-04),
+                                          ("trb", 2e-04), ("tropd", 5e-05))
     eval_every: int = 50
     top_k: int = 16
 
@@ -287,14 +289,21 @@ def read_record(run: Path, job: RunJob, wall_s: float) -> dict:
 
 
 def plan_jobs(spec: GymSpec, models: dict, mismatches: tuple[float, ...], seeds: dict[str, int], workdir: Path,
-              prompts: Path, threads: int = 1, split: str = "heldout") -> list[RunJob]:
-    """Every (mismatch, method, seed) job, seed by seed; the core comparison first within each."""
+              prompts: Path, threads: int = 1, split: str = "heldout",
+              inner_seeds: dict[str, int] | None = None) -> list[RunJob]:
+    """Every (mismatch, method, seed) job, seed by seed; the core comparison first within each. ``inner_seeds``
+    (method -> seeds) replaces ``seeds`` at knob values strictly between 0 and 1 for the methods it names."""
     order = sorted(seeds, key=lambda m: (m not in CORE, list(METHODS).index(m) if m in METHODS else 99))
+    inner_seeds = inner_seeds or {}
+
+    def n_seeds(method: str, mismatch: float) -> int:
+        return inner_seeds.get(method, seeds[method]) if 0.0 < mismatch < 1.0 else seeds[method]
+
     jobs = []
     for seed in range(max(seeds.values(), default=0)):
         for mismatch in mismatches:
             for method in order:
-                if seed < seeds[method]:
+                if seed < n_seeds(method, mismatch):
                     jobs.append(RunJob(spec, mismatch, method, seed, models["teacher"], models["students"][mismatch],
                                        str(workdir), str(prompts), threads, split))
     return jobs
@@ -312,9 +321,10 @@ def write_prompts(spec: GymSpec, path: Path, n: int = 20000) -> Path:
 
 def run_gym(spec: GymSpec, seeds: dict[str, int], mismatches: Iterable[float], workdir: Path, workers: int = 2,
             cache: Path | None = None, log: Callable[[str], None] = print, split: str = "heldout",
-            lr_grid: Iterable[float] = ()) -> dict:
+            lr_grid: Iterable[float] = (), inner_seeds: dict[str, int] | None = None) -> dict:
     """Build the models, run every job (``workers`` processes of one thread each), return runs and context.
-    With ``lr_grid``, every job runs once per learning rate of the grid (each method at each rate: a sweep)."""
+    With ``lr_grid``, every job runs once per learning rate of the grid (each method at each rate: a sweep);
+    ``inner_seeds`` as in :func:`plan_jobs`."""
     for method in seeds:
         method_objective(method)
     mismatches = check_mismatch(mismatches)
@@ -327,7 +337,9 @@ def run_gym(spec: GymSpec, seeds: dict[str, int], mismatches: Iterable[float], w
     prompts = write_prompts(spec, workdir / spec.key() / "prompts.jsonl",
                             n=min(20000, max(200, spec.steps * spec.prompts_per_step)))
     specs = [replace(spec, lr=lr, lrs=()) for lr in lr_grid] or [spec]
-    jobs = [job for each in specs for job in plan_jobs(each, models, mismatches, seeds, workdir, prompts, split=split)]
+    jobs = [job for each in specs
+            for job in plan_jobs(each, models, mismatches, seeds, workdir, prompts, split=split,
+                                 inner_seeds=inner_seeds)]
     log(f"{len(jobs)} runs ({workers} at a time) in {workdir}")
     runs = []
     if workers <= 1:
@@ -349,6 +361,7 @@ def run_gym(spec: GymSpec, seeds: dict[str, int], mismatches: Iterable[float], w
         "eval_problems": spec.heldout if split == "heldout" else spec.valid,
         "spec": _jsonable(asdict(spec)),
         "seeds": seeds,
+        "inner_seeds": inner_seeds or {},
         "wall_s": round(time.perf_counter() - start, 1),
     }
     return {"runs": runs, "context": context}
