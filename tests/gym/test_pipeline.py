@@ -274,3 +274,16 @@ def test_inner_seeds_apply_strictly_inside_the_knob_range_only():
     assert count == {("opd", 0.0): 3, ("opd", 0.5): 3, ("opd", 1.0): 3, ("sft", 0.0): 3, ("sft", 0.5): 1,
                      ("sft", 1.0): 3}
     assert [j.seed for j in jobs if (j.method, j.mismatch) == ("sft", 0.5)] == [0]
+
+
+def test_a_run_stopped_early_writes_no_record_and_runs_again(tmp_path, monkeypatch):
+    """A stop request (SIGTERM) ends training cleanly before the last step: that is not a finished run."""
+    from tropd.train import run as train_run
+
+    original = train_run.train_from_config
+    monkeypatch.setattr(train_run, "train_from_config",
+                        lambda cfg, **k: original(cfg.with_overrides(**{"train.steps": 1}), **k))
+    with pytest.raises(RuntimeError, match="stopped at step 1 of 2"):
+        gym_run.run_gym(SPEC, {"opd": 1}, (0.0,), tmp_path / "w", workers=1, cache=tmp_path / "cache",
+                        log=lambda *_: None)
+    assert not list((tmp_path / "w").rglob("record.json"))

@@ -157,7 +157,7 @@ ANNEALED: dict = {"student_schedule": "cosine", "student_lr": 3e-3, "student_ste
 QUICK = GymSpec(teacher=DecoderSpec(hidden=32, layers=1, heads=2, intermediate=64), teacher_steps=30,
                 teacher_examples=600, student=DecoderSpec(hidden=16, layers=1, heads=2, intermediate=32),
                 student_steps=10, heldout=40, valid=20, steps=4, prompts_per_step=4, rollouts_per_prompt=1,
-                max_new_tokens=24, eval_every=2)
+                max_new_tokens=24, eval_every=2, lrs=())  # the tuned rates are the full-size models'; one lr here
 
 
 def eval_problems(spec: GymSpec, split: str = "heldout"):
@@ -261,6 +261,9 @@ def run_one(job: RunJob) -> dict:
     start = time.perf_counter()
     train_from_config(cfg, console=lambda *_: None, eval_fn=_evaluator(spec, Path(job.teacher), job.split))
     record = read_record(run, job, time.perf_counter() - start)
+    if record["last_step"] < spec.steps:  # stopped early (a stop request, e.g. SIGTERM): not a finished run
+        raise RuntimeError(f"gym run {run} stopped at step {record['last_step']} of {spec.steps}; no record.json "
+                           "written, so the next invocation runs it again")
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     write_text_atomic(done, json.dumps(record))
     return record
@@ -282,7 +285,8 @@ def read_record(run: Path, job: RunJob, wall_s: float) -> dict:
         "teacher_nll": [r.get("eval/teacher_nll", nan) for r in evals],
         "entropy": [r.get("student_entropy", nan) for r in train],
         "grad_norm": [r.get("grad_norm", nan) for r in train],
-        "steps": len(train), "wall_s": round(wall_s, 1),
+        "steps": len(train), "last_step": max((int(r["step"]) for r in rows if "step" in r), default=0),
+        "wall_s": round(wall_s, 1),
         "family_accuracy": {k.split("/", 2)[2]: v for k, v in evals[-1].items()
                             if k.startswith("eval/accuracy/")} if evals else {},
     }
