@@ -19,6 +19,7 @@ import yaml
 from tropd.files import write_text_atomic
 from tropd.train.checkpoint import ResumeState, clean_partial_saves, latest_checkpoint
 from tropd.train.config import ConfigError, RunConfig
+from tropd.train.lock import LOCK_FILE
 
 CONFIG_FILE = "config.yaml"
 #: Keys that may differ on resume: where the run lives, whether a progress bar is drawn, and how the student's
@@ -66,10 +67,11 @@ def open_run(cfg: RunConfig, resume: bool, override_config: bool = False, clean:
     Reads only, except that ``clean`` removes the leftovers of an interrupted save (one process does it)."""
     run_dir = cfg.run_dir()
     if not resume:
-        if run_dir.exists() and any(run_dir.iterdir()):
+        held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.exists() else []
+        if held:
             hint = ("continue it with --resume" if (run_dir / CONFIG_FILE).is_file()
                     else "empty it or choose another folder")
-            raise FileExistsError(f"{run_dir} is not empty ({', '.join(sorted(p.name for p in run_dir.iterdir())[:4])}"
+            raise FileExistsError(f"{run_dir} is not empty ({', '.join(held[:4])}"
                                   f"); a fresh run needs a new or empty folder: {hint}, or choose another --run-dir")
         return OpenedRun()
     saved_path = run_dir / CONFIG_FILE

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from tropd.files import write_text_atomic
 from tropd.train.build import EvalFn, MakeSampler, build_accelerator, build_run
 from tropd.train.config import RunConfig
+from tropd.train.lock import RunFolderBusyError, RunLock
 from tropd.train.resume import open_run, write_run_config
 from tropd.train.trainer import Trainer
 
@@ -24,7 +26,8 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     share one precomputed evaluation between many runs; ``make_sampler(student, teacher, sampling_config)`` the
     default sampler (docs/extending.md).
 
-    Order: accelerator → run directory (checked; the checkpoint to resume found) → the run's parts → trainer."""
+    Order: accelerator → run directory (locked for the run's life, checked; the checkpoint to resume found) → the
+    run's parts → trainer. A second process in the same run directory is refused (:mod:`tropd.train.lock`)."""
     accelerator = build_accelerator(cfg)
     main = accelerator.is_main_process
     console = console if main else (lambda *_: None)
@@ -32,6 +35,36 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
         from accelerate.utils import broadcast_object_list
 
         cfg.train.output_dir = broadcast_object_list([str(cfg.run_dir())])[0]
+    run_dir = cfg.run_dir()
+    lock = _lock_run_dir(run_dir, accelerator)
+    try:
+        return _train_locked(cfg, accelerator, resume, override_config, console, eval_fn, make_sampler)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(run_dir: Path, accelerator) -> RunLock | None:
+    """The run folder's lock, taken by the main process (:mod:`tropd.train.lock`); every process raises
+    :class:`RunFolderBusyError` when another run holds it."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except RunFolderBusyError as err:
+            refusal = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise RunFolderBusyError(refusal)
+    return lock
+
+
+def _train_locked(cfg: RunConfig, accelerator, resume: bool, override_config: bool, console,
+                  eval_fn: EvalFn | None, make_sampler: MakeSampler | None) -> dict:
+    main = accelerator.is_main_process
     run_dir = cfg.run_dir()
     opened = open_run(cfg, resume, override_config, clean=main)
     accelerator.wait_for_everyone()  # every process checked the folder before the main one writes into it

@@ -1,0 +1,135 @@
+"""Hostile cases of data loss and silent overwrite: two processes in one run folder, a crash in the middle of a
+checkpoint's replacement, paths the command line mangled, a data file changed under a run, a ``latest`` pointer
+that leaves the run. Each case is reproduced on tiny models and must end in one line naming what to do, or in
+intact data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.train.runs import write_config
+from tropd.cli import main
+from tropd.train.config import load_config
+from tropd.train.lock import LOCK_FILE, RunFolderBusyError, RunLock
+from tropd.train.run import train_from_config
+from tropd.train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+QUIET = {"console": lambda *_: None}
+
+
+def run_once(tmp_path: Path, teacher_dir: Path, *overrides: str, **sections) -> Path:
+    cfg = load_config(write_config(tmp_path, teacher_dir, **sections), ["data.eval_prompts=0", *overrides])
+    train_from_config(cfg, **QUIET)
+    return tmp_path / "run"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tropd train: error: "), err
+    return err
+
+
+# -- one process per run folder ------------------------------------------------------------------------------
+HOLD = ("import sys; from tropd.train.lock import RunLock; lock = RunLock.acquire(sys.argv[1]); "
+        "print('locked', flush=True); sys.stdin.read(); lock.release()")
+
+
+class Holder:
+    """Another process holding a run folder's lock until closed."""
+
+    def __init__(self, run: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def __enter__(self) -> Holder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def test_a_second_fresh_run_in_a_held_folder_is_refused_naming_the_holder(tmp_path, teacher_dir, capsys):
+    config = write_config(tmp_path, teacher_dir)
+    run = tmp_path / "run"
+    with Holder(run) as holder:
+        assert main(["train", "--config", str(config), "data.eval_prompts=0"]) == 2
+        err = one_error_line(capsys)
+        assert f"{run} is in use by another tropd process (pid {holder.proc.pid} on" in err and "--run-dir" in err
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing written beside the holder's lock
+    assert not run.exists()  # the holder made the folder and removed what it made
+
+
+def test_a_second_resume_of_a_held_run_is_refused_and_changes_nothing(tmp_path, teacher_dir, capsys):
+    run = run_once(tmp_path, teacher_dir, "train.steps=2")
+    (run / "summary.json").unlink()  # as if the run had died right after its last save: a resume would train
+    with Holder(run) as holder:
+        before = snapshot(run)
+        assert main(["train", "--run-dir", str(run), "--resume"]) == 2
+        assert f"is in use by another tropd process (pid {holder.proc.pid} on" in one_error_line(capsys)
+        assert snapshot(run) == before
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0  # the holder gone, the folder is free
+    assert not (run / LOCK_FILE).exists()
+
+
+def test_the_lock_is_held_for_the_whole_run_fresh_and_resumed(tmp_path, teacher_dir, monkeypatch):
+    run = tmp_path / "run"
+    refusals = []
+    original = Trainer.run_step
+
+    def run_step(self, step):  # a second process starting mid-run
+        with pytest.raises(RunFolderBusyError, match=f"pid {os.getpid()} on") as err:
+            RunLock.acquire(run)
+        refusals.append(str(err.value))
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "run_step", run_step)
+    run_once(tmp_path, teacher_dir)  # 4 steps, saved at 2 and 4
+    assert len(refusals) == 4 and not (run / LOCK_FILE).exists()
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "latest").write_text("step-000002\n")
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0
+    assert len(refusals) == 6 and not (run / LOCK_FILE).exists()
+
+
+def test_a_stale_lock_file_of_a_dead_process_blocks_nothing(tmp_path, teacher_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text("pid 999999 on elsewhere\n")  # left by a killed run: no process holds the lock
+    run_once(tmp_path, teacher_dir, "train.steps=1")
+    assert (run / "summary.json").is_file() and not (run / LOCK_FILE).exists()
+
+
+def test_a_refused_start_leaves_no_folder_behind(tmp_path, capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "holds no run" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.slow
+def test_under_accelerate_every_process_refuses_a_held_folder(tmp_path, teacher_dir):
+    """Only the main process takes the lock; the refusal reaches every process (none waits for it forever)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    config = write_config(tmp_path, teacher_dir, data={"eval_prompts": 0})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    with Holder(tmp_path / "run") as holder:
+        proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+                               "-m", "tropd", "train", "--config", str(config)],
+                              capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"is in use by another tropd process (pid {holder.proc.pid} on") == 2, proc.stderr[-3000:]
