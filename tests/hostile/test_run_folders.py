@@ -133,3 +133,72 @@ def test_under_accelerate_every_process_refuses_a_held_folder(tmp_path, teacher_
                               capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0
     assert proc.stderr.count(f"is in use by another tropd process (pid {holder.proc.pid} on") == 2, proc.stderr[-3000:]
+
+
+# -- checkpoints: the newest complete copy is never deleted ------------------------------------------------
+def test_a_kill_between_the_two_renames_of_a_resave_loses_no_checkpoint(tmp_path, teacher_dir, capsys):
+    """save_checkpoint replaces an existing step-N by renaming it aside (.step-N.old-PID), then the complete
+    temporary folder in; a kill between the renames leaves two complete copies and no step-N. The next --resume
+    puts the set-aside one back instead of deleting both as leftovers ("no readable checkpoint")."""
+    run = run_once(tmp_path, teacher_dir, train={"keep_checkpoints": 1})  # 4 steps: only step-000004 is kept
+    ckpts = run / "checkpoints"
+    expected = snapshot(ckpts / "step-000004")
+    os.replace(ckpts / "step-000004", ckpts / ".step-000004.old-4242")  # the crashed state, as pid 4242 left it
+    shutil.copytree(ckpts / ".step-000004.old-4242", ckpts / ".step-000004.tmp-4242")
+    (run / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "restored 1 complete checkpoint(s) that an interrupted save had set aside: step-000004" in out
+    assert "removed 1 leftover(s) of an interrupted save: .step-000004.tmp-4242" in out
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000004"]
+    assert snapshot(ckpts / "step-000004") == expected
+
+
+def test_an_incomplete_set_aside_copy_is_still_a_leftover(tmp_path, teacher_dir, capsys):
+    run = run_once(tmp_path, teacher_dir)  # checkpoints at steps 2 and 4
+    ckpts = run / "checkpoints"
+    (ckpts / ".step-000006.old-4242").mkdir()  # half of a folder: never a checkpoint
+    (ckpts / ".step-000006.old-4242" / "model.safetensors").write_bytes(b"partial")
+    (run / "summary.json").unlink()
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0
+    assert "removed 1 leftover(s) of an interrupted save: .step-000006.old-4242" in capsys.readouterr().out
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002", "step-000004"]
+
+
+def test_a_stop_request_during_a_periodic_save_does_not_save_that_step_again(tmp_path, teacher_dir, monkeypatch):
+    import tropd.train.trainer as trainer_module
+
+    saved_steps = []
+    save_checkpoint, save = trainer_module.save_checkpoint, Trainer.save
+
+    def counting_save_checkpoint(run_dir, step, *args, **kwargs):
+        saved_steps.append(step)
+        return save_checkpoint(run_dir, step, *args, **kwargs)
+
+    def stopped_while_saving(self, step):  # Ctrl-C arrives while the periodic save of step 2 is written
+        path = save(self, step)
+        self._stop_requested = True
+        return path
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", counting_save_checkpoint)
+    monkeypatch.setattr(Trainer, "save", stopped_while_saving)
+    cfg = load_config(write_config(tmp_path, teacher_dir), ["data.eval_prompts=0"])
+    summary = train_from_config(cfg, **QUIET)
+    assert summary["interrupted"] and summary["steps_done"] == 2
+    assert saved_steps == [2] and summary["checkpoint"].endswith("step-000002")
+
+
+def test_a_latest_pointer_that_leaves_the_run_is_refused(tmp_path, teacher_dir, capsys):
+    other = run_once(tmp_path / "other", teacher_dir, "train.steps=2", train={"save_every": 0})
+    run = run_once(tmp_path / "mine", teacher_dir, "train.steps=2", train={"save_every": 0})
+    (run / "summary.json").unlink()
+    pointer = run / "checkpoints" / "latest"
+    for target in ["../../../other/run/checkpoints/step-000002", str(other / "checkpoints" / "step-000002"),
+                   "step-000002/../../../../other/run/checkpoints/step-000002"]:
+        pointer.write_text(target + "\n")
+        before = snapshot(run)
+        assert main(["train", "--run-dir", str(run), "--resume"]) == 2
+        err = one_error_line(capsys)
+        assert f"{pointer} names {target!r}, which is not a step-* folder of this run" in err
+        assert snapshot(run) == before

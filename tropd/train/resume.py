@@ -4,8 +4,9 @@
 - ``--resume`` compares the settings it was given with the run's ``config.yaml`` and refuses any difference,
   listed key by key, unless ``override_config``; an accepted change is recorded as a comment at the top of
   ``config.yaml`` (the file stays loadable with ``--config``).
-- Before resuming, the leftovers of an interrupted save are removed and a corrupt latest checkpoint is skipped
-  for the newest readable one (:mod:`tropd.train.checkpoint`).
+- Before resuming, a complete checkpoint that an interrupted save set aside is put back, the leftovers of an
+  interrupted save are removed and a corrupt latest checkpoint is skipped for the newest readable one
+  (:mod:`tropd.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from tropd.files import write_text_atomic
-from tropd.train.checkpoint import ResumeState, clean_partial_saves, latest_checkpoint
+from tropd.train.checkpoint import (ResumeState, clean_partial_saves, latest_checkpoint,
+                                    restore_interrupted_saves)
 from tropd.train.config import ConfigError, RunConfig
 from tropd.train.lock import LOCK_FILE
 
@@ -64,7 +66,8 @@ def format_changes(changes: list[tuple[str, object, object]]) -> str:
 
 def open_run(cfg: RunConfig, resume: bool, override_config: bool = False, clean: bool = True) -> OpenedRun:
     """Check that ``cfg``'s run directory can be started (fresh) or resumed, and find what to resume from.
-    Reads only, except that ``clean`` removes the leftovers of an interrupted save (one process does it)."""
+    Reads only, except that ``clean`` tidies the checkpoints after an interrupted save (:func:`tidy_checkpoints`;
+    one process does it, before the others look)."""
     run_dir = cfg.run_dir()
     if not resume:
         held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.exists() else []
@@ -77,11 +80,7 @@ def open_run(cfg: RunConfig, resume: bool, override_config: bool = False, clean:
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
         raise FileNotFoundError(f"--resume: {run_dir} holds no run ({saved_path} is missing); run without --resume")
-    opened = OpenedRun()
-    removed = clean_partial_saves(run_dir) if clean else []
-    if removed:
-        opened.notes.append(f"removed {len(removed)} leftover(s) of an interrupted save: "
-                            + ", ".join(p.name for p in removed))
+    opened = OpenedRun(notes=tidy_checkpoints(run_dir) if clean else [])
     try:
         saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -97,6 +96,20 @@ def open_run(cfg: RunConfig, resume: bool, override_config: bool = False, clean:
     else:
         opened.notes.append(f"{run_dir} has no checkpoint yet (it stopped before its first save): starting at step 0")
     return opened
+
+
+def tidy_checkpoints(run_dir: Path) -> list[str]:
+    """After an interrupted save: put back a complete checkpoint left aside, then remove the leftovers
+    (:mod:`tropd.train.checkpoint`); returns notes for the console. One process does it, holding the run's lock."""
+    notes = []
+    restored = restore_interrupted_saves(run_dir)
+    if restored:
+        notes.append(f"restored {len(restored)} complete checkpoint(s) that an interrupted save had set aside: "
+                     + ", ".join(p.name for p in restored))
+    removed = clean_partial_saves(run_dir)
+    if removed:
+        notes.append(f"removed {len(removed)} leftover(s) of an interrupted save: " + ", ".join(p.name for p in removed))
+    return notes
 
 
 def write_run_config(run_dir: Path, config_yaml: str, changes: list[tuple[str, object, object]], step: int) -> None:

@@ -11,7 +11,7 @@ from tropd.files import write_text_atomic
 from tropd.train.build import EvalFn, MakeSampler, build_accelerator, build_run
 from tropd.train.config import RunConfig
 from tropd.train.lock import RunFolderBusyError, RunLock
-from tropd.train.resume import open_run, write_run_config
+from tropd.train.resume import CONFIG_FILE, open_run, tidy_checkpoints, write_run_config
 from tropd.train.trainer import Trainer
 
 
@@ -66,7 +66,10 @@ def _train_locked(cfg: RunConfig, accelerator, resume: bool, override_config: bo
                   eval_fn: EvalFn | None, make_sampler: MakeSampler | None) -> dict:
     main = accelerator.is_main_process
     run_dir = cfg.run_dir()
-    opened = open_run(cfg, resume, override_config, clean=main)
+    tidied = tidy_checkpoints(run_dir) if main and resume and (run_dir / CONFIG_FILE).is_file() else []
+    accelerator.wait_for_everyone()  # the checkpoints are tidied before any process looks for one
+    opened = open_run(cfg, resume, override_config, clean=False)
+    opened.notes[:0] = tidied
     accelerator.wait_for_everyone()  # every process checked the folder before the main one writes into it
     for note in opened.notes:
         console(note)

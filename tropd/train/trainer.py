@@ -122,6 +122,7 @@ class Trainer:
         self.start_step = load_trainer_state(resume.path, self.optimizer, shard) if resume is not None else 0
         self._stop_requested = False
         self._nonfinite_in_a_row = 0
+        self._saved: tuple[int, Path] | None = None  # (step, folder) of this process's last save
 
     @property
     def is_main(self) -> bool:
@@ -277,6 +278,7 @@ class Trainer:
             path = save_checkpoint(self.run_dir, step, self.student, self.tokenizer, self.optimizer,
                                    self.config_yaml, keep=self.cfg.train.keep_checkpoints, states=states)
         self.accelerator.wait_for_everyone()
+        self._saved = (step, path)
         return path
 
     def evaluate(self, step: int, log: MetricsLog | None) -> dict:
@@ -327,7 +329,12 @@ class Trainer:
             result["steps_done"] = step
             result["interrupted"] = step < t.steps
             latest = self.run_dir / "checkpoints" / f"step-{step:06d}"
-            result["checkpoint"] = self.save(step) if step > self.start_step or not latest.is_dir() else latest
+            if self._saved is not None and self._saved[0] == step:  # e.g. stopped right after a periodic save:
+                result["checkpoint"] = self._saved[1]  # the same state; saving it again would replace a good copy
+            elif step > self.start_step or not latest.is_dir():
+                result["checkpoint"] = self.save(step)
+            else:
+                result["checkpoint"] = latest
             if not result["interrupted"]:
                 result["eval_after"] = self.evaluate(step, log)
         finally:
