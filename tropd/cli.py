@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run directory (--run-dir)")
     t.add_argument("--override-config", action="store_true",
                    help="with --resume: accept settings that differ from the run's (recorded in its config.yaml)")
-    t.add_argument("--run-dir", default=None, help="shorthand for train.output_dir=...")
+    t.add_argument("--run-dir", default=None, help="shorthand for train.output_dir=... (the folder as written)")
     t.add_argument("--help-config", action="store_true",
                    help="list every config key with the value this command would use, and its help")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.name=opd train.lr=1e-4")

@@ -202,3 +202,34 @@ def test_a_latest_pointer_that_leaves_the_run_is_refused(tmp_path, teacher_dir, 
         err = one_error_line(capsys)
         assert f"{pointer} names {target!r}, which is not a step-* folder of this run" in err
         assert snapshot(run) == before
+
+
+# -- paths on the command line are taken as written --------------------------------------------------------
+@pytest.mark.parametrize("key", ["train.output_dir", "model.student", "model.teacher", "data.prompts"])
+@pytest.mark.parametrize("written", ["runs/exp #2", "/models/student #v2", "null", "~", "2024", "1e-3", "yes",
+                                     "[a, b]", "{x: 1}", "a: b"])
+def test_a_path_override_is_the_string_as_written(tmp_path, teacher_dir, key, written):
+    cfg = load_config(write_config(tmp_path, teacher_dir), [f"{key}={written}"])
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == written
+
+
+def test_run_dir_and_path_keys_as_written_on_the_command_line(tmp_path, teacher_dir, capsys):
+    config = str(write_config(tmp_path, teacher_dir))
+    for run_dir in ("runs/exp #2", "null", "~", "2024"):
+        assert main(["train", "--config", config, "--run-dir", run_dir, "model.student=/models/student #v2",
+                     "--help-config"]) == 0
+        out = capsys.readouterr().out
+        assert f"train.output_dir = {run_dir!r}" in out and "model.student = '/models/student #v2'" in out
+    assert main(["train", "--config", config, "model.student=", "--help-config"]) == 0  # empty: null
+    assert "model.student = None" in capsys.readouterr().out
+    missing = tmp_path / "data #1.jsonl"  # the whole name reaches the error, not 'data'
+    assert main(["train", "--config", config, f"data.prompts={missing}"]) == 2
+    assert f"no such prompt file or folder: {missing}" in one_error_line(capsys)
+
+
+def test_a_run_in_a_folder_named_with_a_hash(tmp_path, teacher_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(write_config(tmp_path, teacher_dir))
+    assert main(["train", "--config", config, "--run-dir", "exp #2", "train.steps=1", "data.eval_prompts=0"]) == 0
+    assert (tmp_path / "exp #2" / "summary.json").is_file() and not (tmp_path / "exp").exists()

