@@ -5,6 +5,8 @@ intact data."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -202,6 +204,48 @@ def test_a_latest_pointer_that_leaves_the_run_is_refused(tmp_path, teacher_dir, 
         err = one_error_line(capsys)
         assert f"{pointer} names {target!r}, which is not a step-* folder of this run" in err
         assert snapshot(run) == before
+
+
+# -- a data file changed under a run -------------------------------------------------------------------------
+def _write_rows(path: Path, n: int) -> None:
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?"}) + "\n" for i in range(n)))
+
+
+def test_a_changed_data_file_is_refused_on_resume_unless_overridden(tmp_path, teacher_dir, capsys):
+    data = tmp_path / "prompts.jsonl"
+    _write_rows(data, 20)
+    run = run_once(tmp_path, teacher_dir, data={"prompts": str(data)})  # checkpoints at steps 2 and 4
+    recorded = json.loads((run / "data_fingerprint.json").read_text())
+    assert recorded == {"data.prompts": str(data), "fingerprint": {
+        "sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "bytes": data.stat().st_size, "rows": 20}}
+    (run / "summary.json").unlink()  # as if the run had stopped after step 2
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    (run / "checkpoints" / "latest").write_text("step-000002\n")
+    _write_rows(data, 21)  # same path, other content
+    before = snapshot(run)
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 2
+    err = one_error_line(capsys)
+    assert f"--resume with settings that differ from {run / 'config.yaml'}: data.prompts content " \
+           "(data_fingerprint.json): 'sha256 " in err and "20 rows' -> 'sha256 " in err and "21 rows'" in err
+    assert "--override-config" in err and snapshot(run) == before
+
+    assert main(["train", "--run-dir", str(run), "--resume", "--override-config"]) == 0
+    assert "resumed at step 2 with --override-config: data.prompts content" in (run / "config.yaml").read_text()
+    assert json.loads((run / "data_fingerprint.json").read_text())["fingerprint"]["rows"] == 21
+
+
+def test_an_unchanged_data_file_resumes_and_a_missing_one_is_named(tmp_path, teacher_dir, capsys):
+    data = tmp_path / "prompts.jsonl"
+    _write_rows(data, 20)
+    run = run_once(tmp_path, teacher_dir, data={"prompts": str(data)})
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "latest").write_text("step-000002\n")
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    data.rename(tmp_path / "elsewhere.jsonl")
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 2
+    assert f"no such prompt file or folder: {data} (data.prompts)" in one_error_line(capsys)
+    (tmp_path / "elsewhere.jsonl").rename(data)
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0
 
 
 # -- paths on the command line are taken as written --------------------------------------------------------

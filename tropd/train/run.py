@@ -11,7 +11,8 @@ from tropd.files import write_text_atomic
 from tropd.train.build import EvalFn, MakeSampler, build_accelerator, build_run
 from tropd.train.config import RunConfig
 from tropd.train.lock import RunFolderBusyError, RunLock
-from tropd.train.resume import CONFIG_FILE, open_run, tidy_checkpoints, write_run_config
+from tropd.train.resume import (CONFIG_FILE, open_run, tidy_checkpoints, write_data_fingerprint,
+                                write_run_config)
 from tropd.train.trainer import Trainer
 
 
@@ -89,6 +90,7 @@ def _train_locked(cfg: RunConfig, accelerator, resume: bool, override_config: bo
     trainer = Trainer(cfg, parts, run_dir, resume=found)
     if main:
         write_run_config(run_dir, trainer.config_yaml, opened.changes, trainer.start_step)
+        write_data_fingerprint(run_dir, cfg.data.prompts, opened.data)
     result = trainer.train()
     if not main:
         return {**result, "run_dir": str(run_dir.resolve()), "main_process": False}
