@@ -128,7 +128,8 @@ def tidy_checkpoints(run_dir: Path) -> list[str]:
                      + ", ".join(p.name for p in restored))
     removed = clean_partial_saves(run_dir)
     if removed:
-        notes.append(f"removed {len(removed)} leftover(s) of an interrupted save: " + ", ".join(p.name for p in removed))
+        notes.append(f"removed {len(removed)} leftover(s) of an interrupted save: "
+                     + ", ".join(p.name for p in removed))
     return notes
 
 
