@@ -24,9 +24,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(config_help(cfg))
         return 0
     from tropd.report import write_report
+    from tropd.train.errors import NoStepTrainedError
     from tropd.train.run import train_from_config
 
-    summary = train_from_config(cfg, resume=args.resume, override_config=args.override_config)
+    try:
+        summary = train_from_config(cfg, resume=args.resume, override_config=args.override_config)
+    except NoStepTrainedError as err:  # report what the run did, then fail with the cause
+        if err.summary["main_process"]:
+            err.summary["report"] = str(write_report(err.summary["run_dir"]))
+            _print_summary(err.summary)
+        raise
     if summary["main_process"] and not summary.get("already_complete"):
         summary["report"] = str(write_report(summary["run_dir"]))
         _print_summary(summary)
@@ -38,6 +45,10 @@ def _print_summary(summary: dict) -> None:
     print(f"\nrun directory: {summary['run_dir']}")
     print(f"steps: {summary['steps_done']}{' (interrupted: resume with --resume)' if summary['interrupted'] else ''}"
           f"  wall time: {summary['wall_time_s']}s")
+    skipped, run = summary.get("nonfinite_steps", 0), summary.get("steps_run", summary["steps_done"])
+    if skipped:
+        print(f"skipped: {skipped} of the {run} step(s) run had a non-finite loss or gradient and left the weights "
+              f"unchanged{' (none trained)' if skipped == run else ''}; nonfinite_reason in metrics.jsonl says why")
     print(f"checkpoint: {summary['checkpoint']}\nreport: {summary['report']}")
     keys = [k for k in ("teacher_text_nll", "teacher_text_ppl", "distinct_ratio", "task_score") if k in after]
     if keys:

@@ -10,6 +10,7 @@ from pathlib import Path
 from tropd.files import write_text_atomic
 from tropd.train.build import EvalFn, MakeSampler, build_accelerator, build_run
 from tropd.train.config import RunConfig
+from tropd.train.errors import NoStepTrainedError
 from tropd.train.lock import RunFolderBusyError, RunLock
 from tropd.train.resume import (CONFIG_FILE, open_run, tidy_checkpoints, write_data_fingerprint,
                                 write_run_config)
@@ -28,7 +29,9 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     default sampler (docs/extending.md).
 
     Order: accelerator → run directory (locked for the run's life, checked; the checkpoint to resume found) → the
-    run's parts → trainer. A second process in the same run directory is refused (:mod:`tropd.train.lock`)."""
+    run's parts → trainer. A second process in the same run directory is refused (:mod:`tropd.train.lock`). A run
+    whose every step was skipped as non-finite writes its summary, then raises
+    :class:`~tropd.train.errors.NoStepTrainedError` with the cause (the student did not train)."""
     accelerator = build_accelerator(cfg)
     main = accelerator.is_main_process
     console = console if main else (lambda *_: None)
@@ -92,12 +95,27 @@ def _train_locked(cfg: RunConfig, accelerator, resume: bool, override_config: bo
         write_run_config(run_dir, trainer.config_yaml, opened.changes, trainer.start_step)
         write_data_fingerprint(run_dir, cfg.data.prompts, opened.data)
     result = trainer.train()
+    steps_run = result["steps_done"] - trainer.start_step
+    failure = None
+    if steps_run > 0 and result["nonfinite_steps"] == steps_run:  # not one step changed the weights
+        first = trainer.start_step + 1
+        failure = (f"no step trained: {'the' if steps_run == 1 else 'all'} {steps_run} step(s) run (steps {first}–"
+                   f"{result['steps_done']}) were skipped for a non-finite loss or gradient, so the student is "
+                   f"unchanged; last cause: {result['last_nonfinite_reason']}. Likely causes: NaN/inf in the student's "
+                   "or the teacher's weights, a learning rate too high (train.lr), half precision overflowing "
+                   "(model.mixed_precision=no is safest)")
     if not main:
+        if failure is not None:
+            raise NoStepTrainedError(failure, {**result, "main_process": False})
         return {**result, "run_dir": str(run_dir.resolve()), "main_process": False}
-    summary = {"run_dir": str(run_dir.resolve()), "steps_done": result["steps_done"],
+    summary = {"run_dir": str(run_dir.resolve()), "steps_done": result["steps_done"], "steps_run": steps_run,
                "interrupted": result["interrupted"], "checkpoint": str(result["checkpoint"]),
                "eval_before": result.get("eval_before", {}), "eval_after": result.get("eval_after", {}),
                "nonfinite_steps": result["nonfinite_steps"], "wall_time_s": round(time.perf_counter() - t0, 1),
                "num_processes": accelerator.num_processes}
+    if failure is not None:
+        summary["failed"] = failure
     write_text_atomic(done_file, json.dumps(summary, indent=2))
+    if failure is not None:
+        raise NoStepTrainedError(failure, {**summary, "main_process": True})
     return {**summary, "main_process": True}

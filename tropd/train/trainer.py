@@ -293,7 +293,8 @@ class Trainer:
 
     def train(self) -> dict:
         """Run (or resume) training; returns {'steps_done', 'interrupted', 'checkpoint', 'eval_before', 'eval_after',
-        'nonfinite_steps'} (evaluations on the main process only)."""
+        'nonfinite_steps', 'last_nonfinite_reason'} (evaluations on the main process only; the non-finite count is
+        of the steps this call ran, from ``start_step`` to ``steps_done``)."""
         t = self.cfg.train
         resumed = self.start_step > 0
         log = None
@@ -307,7 +308,8 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=t.steps, initial=self.start_step, desc="tropd", unit="step", dynamic_ncols=True)
-        result = {"steps_done": self.start_step, "interrupted": False, "checkpoint": None, "nonfinite_steps": 0}
+        result = {"steps_done": self.start_step, "interrupted": False, "checkpoint": None, "nonfinite_steps": 0,
+                  "last_nonfinite_reason": None}
         try:
             result["eval_before"] = (log.eval_at(0) if log else {}) if resumed else self.evaluate(0, log)
             step = self.start_step
@@ -317,6 +319,7 @@ class Trainer:
                 if log is not None:
                     log.log(record)
                 result["nonfinite_steps"] += record["nonfinite"]
+                result["last_nonfinite_reason"] = record.get("nonfinite_reason", result["last_nonfinite_reason"])
                 self._check_nonfinite(record)
                 if bar is not None:
                     bar.update(1)

@@ -1,0 +1,92 @@
+"""Hostile cases of silent success: a run that trained on no step, objective settings that cannot be meant (NaN,
+inf, ``true`` for a count), a config key given twice, a data row whose answer is NaN. Each must end in one line
+naming the setting, key or file and line, or (for skipped steps) be said in the printed summary and summary.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train.runs import write_config
+from tropd.cli import main
+from tropd.train.config import load_config
+from tropd.train.errors import NoStepTrainedError
+from tropd.train.run import train_from_config
+from tropd.train.trainer import Trainer
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tropd train: error: "), err
+    return err
+
+
+# -- a run that trained on no step -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nan_student(teacher_dir, tmp_path_factory) -> Path:
+    """The teacher's weights with one NaN in the LM head: every loss is NaN, every step is skipped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("nan-student")
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[7, 3] = float("nan")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:objective.fused")  # the NaN head fails the fused loss's own probe
+def test_a_run_whose_every_step_was_skipped_fails_with_the_cause(tmp_path, teacher_dir, nan_student, capsys):
+    # 2 steps and max_nonfinite_steps=3: the in-a-row guard never fires; before, this exited 0 with a normal summary
+    config = write_config(tmp_path, teacher_dir, model={"student": str(nan_student)},
+                          train={"steps": 2, "save_every": 0, "max_nonfinite_steps": 3})
+    assert main(["train", "--config", str(config), "data.eval_prompts=0"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1 and err.startswith("tropd train: error: no step trained: all 2 step(s) run "
+                                                   "(steps 1–2) were skipped"), err
+    assert "last cause:" in err and "NaN/inf in the student's" in err
+    assert "skipped: 2 of the 2 step(s) run had a non-finite loss or gradient" in captured.out
+    assert "(none trained)" in captured.out
+    run = tmp_path / "run"
+    report = (run / "report" / "summary.md").read_text()
+    assert "**No step trained**: every one of the 2 logged steps was skipped" in report
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["nonfinite_steps"] == summary["steps_run"] == 2 and summary["failed"].startswith("no step trained")
+
+
+@pytest.mark.filterwarnings("ignore:objective.fused")
+def test_the_api_raises_too(tmp_path, teacher_dir, nan_student):
+    cfg = load_config(write_config(tmp_path, teacher_dir, model={"student": str(nan_student)}),
+                      ["data.eval_prompts=0", "train.steps=1", "train.save_every=0"])
+    with pytest.raises(NoStepTrainedError, match=r"no step trained: the 1 step\(s\) run \(steps 1–1\)") as err:
+        train_from_config(cfg, console=lambda *_: None)
+    assert err.value.summary["nonfinite_steps"] == 1
+
+
+def test_skipped_steps_are_in_the_summary_of_a_run_that_trained(tmp_path, teacher_dir, monkeypatch, capsys):
+    original_run, original_acc = Trainer.run_step, Trainer.accumulate
+
+    def run_step(self, step):
+        self._poison = step == 1
+        return original_run(self, step)
+
+    def accumulate(self, *args):
+        parts = original_acc(self, *args)
+        if self._poison:  # the second step's gradient overflows
+            next(self.student.parameters()).grad.fill_(float("nan"))
+        return parts
+
+    monkeypatch.setattr(Trainer, "run_step", run_step)
+    monkeypatch.setattr(Trainer, "accumulate", accumulate)
+    config = write_config(tmp_path, teacher_dir, train={"steps": 3, "save_every": 0})
+    assert main(["train", "--config", str(config), "data.eval_prompts=0"]) == 0
+    assert "skipped: 1 of the 3 step(s) run had a non-finite loss or gradient" in capsys.readouterr().out
+    report = (tmp_path / "run" / "report" / "summary.md").read_text()
+    assert "**1 of 3 logged steps were skipped** for a non-finite loss or gradient" in report
+    assert "steps 2. Last cause: the gradient norm was nan" in report
+
