@@ -5,14 +5,20 @@ naming the setting, key or file and line, or (for skipped steps) be said in the 
 from __future__ import annotations
 
 import json
+import math
+import typing
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.train.runs import write_config
 from tropd.cli import main
-from tropd.train.config import load_config
+from tropd.objectives import get_objective, list_objectives, objective_keywords
+from tropd.objectives.keywords import ObjectiveKeywordError
+from tropd.objectives.registry import objective_class
+from tropd.train.config import ConfigError, load_config
 from tropd.train.errors import NoStepTrainedError
 from tropd.train.run import train_from_config
 from tropd.train.trainer import Trainer
@@ -89,4 +95,71 @@ def test_skipped_steps_are_in_the_summary_of_a_run_that_trained(tmp_path, teache
     report = (tmp_path / "run" / "report" / "summary.md").read_text()
     assert "**1 of 3 logged steps were skipped** for a non-finite loss or gradient" in report
     assert "steps 2. Last cause: the gradient norm was nan" in report
+
+
+# -- objective keywords: type and range at construction ------------------------------------------------------
+def _float_keywords():
+    """(objective, keyword) for every keyword annotated float."""
+    for name in list_objectives():
+        hints = typing.get_type_hints(objective_class(name).__init__)
+        for key in objective_keywords(name):
+            if hints.get(key) is float:
+                yield name, key
+
+
+@pytest.mark.parametrize("name, key", list(_float_keywords()))
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_float_keyword_is_refused_by_every_objective(name, key, value):
+    with pytest.raises(ObjectiveKeywordError, match=rf"^{name}: {key} must be a finite number") as err:
+        get_objective(name, **{key: value})
+    assert err.value.key == key and isinstance(err.value, ValueError) and isinstance(err.value, TypeError)
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("tropd", {"beta": math.nan}, r"tropd: beta must be a finite number in \[0, inf\), got nan"),
+    ("tropd", {"beta": -1e-3}, r"tropd: beta must be a finite number in \[0, inf\), got -0.001"),
+    ("tropd", {"top_k": True}, r"tropd: top_k must be an integer in \[1, inf\), got True \(bool\)"),
+    ("tropd", {"top_k": 8.0}, r"tropd: top_k must be an integer in \[1, inf\), got 8.0"),
+    ("tropd", {"top_k": 0, "outlier": "mask"}, r"tropd: top_k must be an integer in \[1, inf\), got 0"),
+    ("tropd", {"chunk_size": True}, r"tropd: chunk_size must be None or an integer in \[1, inf\), got True"),
+    ("fkl", {"top_k": False}, r"fkl: top_k must be an integer in \[1, inf\), got False \(bool\)"),
+    ("jsd", {"jsd_beta": 1.0}, r"jsd: jsd_beta must be a finite number in \(0, 1\), got 1.0"),
+    ("gkd", {"lmbda": math.inf}, r"gkd: lmbda must be a finite number in \[0, 1\], got inf"),
+    ("entropy_opd", {"entropy_top_frac": 0}, r"entropy_opd: entropy_top_frac must be a finite number in \(0, 1\]"),
+    ("reopold_2stage", {"stage": 3}, r"reopold_2stage: stage must be None or an integer in \[1, 2\], got 3"),
+    ("trb", {"trb_support": True}, r"trb: trb_support must be an integer in \[1, inf\), got True"),
+])
+def test_objective_keywords_are_type_and_range_checked(name, kwargs, message):
+    with pytest.raises(ObjectiveKeywordError, match=message):
+        get_objective(name, **kwargs)
+    with pytest.raises(ValueError, match=message):  # the classes themselves check, not only the registry
+        objective_class(name)(**kwargs)
+
+
+def test_good_keywords_still_build():
+    import numpy as np
+
+    assert get_objective("tropd", top_k=np.int64(4), beta=0, tau=-1).needs.top_k == 4  # an int for a float is fine
+    assert get_objective("reopold_2stage", stage=None).stage is None
+    assert get_objective("gkd", beta=1, lmbda=0.0).beta == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.kwargs.beta=nan", "objective.kwargs.beta: tropd: beta must be a finite number in [0, inf), got nan"),
+    ("objective.kwargs.beta=.inf", "objective.kwargs.beta: tropd: beta must be a finite number in [0, inf), got inf"),
+    ("objective.kwargs.top_k=true",
+     "objective.kwargs.top_k: tropd: top_k must be an integer in [1, inf), got True (bool)"),
+])
+def test_the_config_refuses_them_naming_the_key(tmp_path, teacher_dir, override, message, capsys):
+    config = write_config(tmp_path, teacher_dir)
+    with pytest.raises(ConfigError) as err:
+        load_config(config, [override])
+    assert str(err.value) == f"command-line override {override!r}: {message}"
+    assert main(["train", "--config", str(config), override]) == 2
+    assert message in one_error_line(capsys)
+    data = yaml.safe_load(config.read_text())
+    data["objective"]["kwargs"]["beta"] = float("nan")  # written in the file: .nan
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=rf"^{config}: objective.kwargs.beta: tropd: beta must be a finite"):
+        load_config(config)
 

@@ -181,8 +181,11 @@ class RunConfig:
                                   f"objective.kwargs.{key}")
         try:  # built here only to check its settings and read its needs (the run's: tropd.train.build)
             obj = get_objective(o.name, chunk_size=o.chunk_size, **o.kwargs)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"objective.kwargs: {err}", "objective.kwargs") from None
+        except (TypeError, ValueError) as err:  # a keyword's type or range: ObjectiveKeywordError names it
+            named = getattr(err, "key", None)
+            key = ("objective.chunk_size" if named == "chunk_size" else f"objective.kwargs.{named}" if named
+                   else "objective.kwargs")
+            raise ConfigError(f"{key}: {err}", key) from None
         m = self.model
         _check(m.teacher is not None, "model.teacher", "is not set: name the teacher on the command line, e.g. "
                "model.teacher=/path/to/hf-model (and model.student=/path/to/hf-model)")
