@@ -18,6 +18,7 @@ from tropd.cli import main
 from tropd.objectives import get_objective, list_objectives, objective_keywords
 from tropd.objectives.keywords import ObjectiveKeywordError
 from tropd.objectives.registry import objective_class
+from tropd.tasks import DataFormatError, load_prompts
 from tropd.train.config import ConfigError, load_config
 from tropd.train.errors import NoStepTrainedError
 from tropd.train.run import train_from_config
@@ -163,3 +164,48 @@ def test_the_config_refuses_them_naming_the_key(tmp_path, teacher_dir, override,
     with pytest.raises(ConfigError, match=rf"^{config}: objective.kwargs.beta: tropd: beta must be a finite"):
         load_config(config)
 
+
+# -- duplicate keys in a config file -------------------------------------------------------------------------
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  lr: 1.0e-3\n  steps: 4\n  lr: 1.0e-2\n", "train.lr", (2, 4)),
+    ("train:\n  steps: 4\nmodel:\n  device: cpu\ntrain:\n  lr: 1.0e-2\n", "train", (1, 5)),
+    ("objective:\n  kwargs: {top_k: 8, top_k: 16}\n", "objective.kwargs.top_k", (2, 2)),
+])
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, text, key, lines, capsys):
+    config = tmp_path / "dup.yaml"
+    config.write_text(text)
+    message = (f"config file {config}: key {key} is given twice (lines {lines[0]} and {lines[1]}); YAML would "
+               "silently keep the last one: delete one of them")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == message
+    assert main(["train", "--config", str(config)]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_the_same_key_in_two_sections_is_no_duplicate(tmp_path, teacher_dir):
+    data = yaml.safe_load(write_config(tmp_path, teacher_dir).read_text())
+    data["objective"]["kwargs"]["beta"] = 1e-3  # beta in objective.kwargs, and trb/gkd-like names elsewhere
+    (tmp_path / "ok.yaml").write_text(yaml.safe_dump(data) + "guidance:\n  enabled: true\n")
+    assert load_config(tmp_path / "ok.yaml").guidance.enabled is True
+
+
+# -- a data row whose answer is NaN ------------------------------------------------------------------------
+@pytest.mark.parametrize("answer", ["NaN", "Infinity", "-Infinity"])
+def test_a_nan_answer_in_a_jsonl_row_is_refused_naming_file_and_line(tmp_path, teacher_dir, answer, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "1 + 1?", "answer": "2"}\n{"prompt": "2 + 2?", "answer": ' + answer + '}\n')
+    with pytest.raises(DataFormatError) as err:
+        load_prompts(data)
+    assert str(err.value).startswith(f"{data}:line 2: field 'answer': expected a finite number or a string, got ")
+    config = write_config(tmp_path, teacher_dir, data={"prompts": str(data)})
+    assert main(["train", "--config", str(config)]) == 2
+    assert f"{data}:line 2: field 'answer'" in one_error_line(capsys)
+    assert len(load_prompts(data, on_error="skip")) == 1  # data.skip_bad_rows skips (and counts) it instead
+
+
+def test_a_nan_answer_in_a_json_array_is_refused(tmp_path):
+    data = tmp_path / "rows.json"
+    data.write_text('[\n  {"prompt": "1 + 1?", "answer": 2},\n  {"prompt": "2 + 2?", "answer": NaN}\n]\n')
+    with pytest.raises(DataFormatError, match=rf"^{data}:line 3: field 'answer': expected a finite number"):
+        load_prompts(data)

@@ -433,11 +433,34 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+def _refuse_duplicate_keys(node: yaml.Node, source: Path, prefix: str = "") -> None:
+    """A key given twice in one mapping (YAML would keep the last one without a word) is refused, naming it."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, source, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = f"{prefix}{key_node.value}" if isinstance(key_node, yaml.ScalarNode) else None
+        if key is not None:
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"config file {source}: key {key} is given twice (lines {lines[key]} and {line}); "
+                                  "YAML would silently keep the last one: delete one of them", key)
+            lines[key] = line
+        _refuse_duplicate_keys(value_node, source, f"{key}." if key is not None else prefix)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _refuse_duplicate_keys(node, path)
+        data = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
