@@ -277,3 +277,12 @@ def test_a_run_in_a_folder_named_with_a_hash(tmp_path, teacher_dir, monkeypatch)
     config = str(write_config(tmp_path, teacher_dir))
     assert main(["train", "--config", config, "--run-dir", "exp #2", "train.steps=1", "data.eval_prompts=0"]) == 0
     assert (tmp_path / "exp #2" / "summary.json").is_file() and not (tmp_path / "exp").exists()
+
+
+def test_a_run_folder_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path, teacher_dir, capsys):
+    config = str(write_config(tmp_path, teacher_dir))
+    (tmp_path / "taken").write_text("a file")
+    assert main(["train", "--config", config, "--run-dir", str(tmp_path / "taken")]) == 2
+    assert f"{tmp_path / 'taken'} is a file, not a run folder" in one_error_line(capsys)
+    assert main(["train", "--config", config, "--run-dir", str(tmp_path / "taken" / "run")]) == 2
+    assert f"cannot open the run folder {tmp_path / 'taken' / 'run'}" in one_error_line(capsys)

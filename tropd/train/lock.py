@@ -39,6 +39,8 @@ class RunLock:
     def acquire(cls, run_dir: str | Path) -> RunLock:
         """Lock ``run_dir`` (created when missing) or raise :class:`RunFolderBusyError`."""
         run_dir = Path(run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise FileExistsError(f"{run_dir} is a file, not a run folder; choose another --run-dir")
         created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_FILE

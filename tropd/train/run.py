@@ -56,13 +56,16 @@ def _lock_run_dir(run_dir: Path, accelerator) -> RunLock | None:
         try:
             lock = RunLock.acquire(run_dir)
         except RunFolderBusyError as err:
-            refusal = str(err)
+            refusal = (True, str(err))
+        except OSError as err:  # a file by that name, no permission: every process stops with one line
+            refusal = (False, str(err) if isinstance(err, FileExistsError) and not err.errno
+                       else f"cannot open the run folder {run_dir} ({err.strerror or err}); choose another --run-dir")
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         refusal = broadcast_object_list([refusal])[0]
     if refusal is not None:
-        raise RunFolderBusyError(refusal)
+        raise (RunFolderBusyError if refusal[0] else FileExistsError)(refusal[1])
     return lock
 
 
