@@ -23,9 +23,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(config_help(cfg))
         return 0
+    from tropd.train.errors import NoStepTrainedError
     from tropd.train.run import train_from_config
 
-    summary = train_from_config(cfg, resume=args.resume, override_config=args.override_config)
+    try:
+        summary = train_from_config(cfg, resume=args.resume, override_config=args.override_config)
+    except NoStepTrainedError as err:  # report what the run did, then fail with the cause
+        if err.summary["main_process"]:
+            err.summary["report"] = _write_report(Path(err.summary["run_dir"]))
+            _print_summary(err.summary)
+        raise
     if not summary["main_process"]:
         return 130 if summary["interrupted"] else 0
     run_dir = Path(summary["run_dir"])
@@ -85,6 +92,10 @@ def _print_summary(summary: dict) -> None:
     print(f"\nrun directory: {summary['run_dir']}")
     print(f"steps: {summary['steps_done']}{' (interrupted: resume with --resume)' if summary['interrupted'] else ''}"
           f"  wall time: {summary['wall_time_s']}s")
+    skipped, run = summary.get("nonfinite_steps", 0), summary.get("steps_run", summary["steps_done"])
+    if skipped:
+        print(f"skipped: {skipped} of the {run} step(s) run had a non-finite loss or gradient and left the weights "
+              f"unchanged{' (none trained)' if skipped == run else ''}; nonfinite_reason in metrics.jsonl says why")
     print(f"checkpoint: {summary['checkpoint']}\nreport: {summary['report']}")
     keys = [k for k in ("teacher_text_nll", "teacher_text_ppl", "distinct_ratio", "task_score") if k in after]
     if keys:
@@ -194,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run directory (--run-dir)")
     t.add_argument("--override-config", action="store_true",
                    help="with --resume: accept settings that differ from the run's (recorded in its config.yaml)")
-    t.add_argument("--run-dir", default=None, help="shorthand for train.output_dir=...")
+    t.add_argument("--run-dir", default=None, help="shorthand for train.output_dir=... (the folder as written)")
     t.add_argument("--help-config", action="store_true",
                    help="list every config key with the value this command would use, and its help")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.name=opd train.lr=1e-4")

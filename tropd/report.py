@@ -3,9 +3,9 @@
 Each figure stacks one panel per group of quantities that share a unit and a scale (losses, fractions,
 token counts, ...), so no small quantity is flattened against a large one; every panel names its unit on the
 y axis and marks the end of the SFT warm-up (the step where the logged ``phase`` changes) with a dashed line.
-``summary.md`` compares the first and last step of each phase separately (warm-up, then the objective), then
-lists the held-out evaluations. Non-finite values are logged as ``null``: they are gaps in the plots and
-``NaN`` in the tables.
+``summary.md`` says first which steps were skipped as non-finite (if any), compares the first and last step of
+each phase separately (warm-up, then the objective), then lists the held-out evaluations. Non-finite values are
+logged as ``null``: they are gaps in the plots and ``NaN`` in the tables.
 """
 
 from __future__ import annotations
@@ -154,6 +154,20 @@ def _phase_tables(groups: list[tuple[str, list[dict]]]) -> list[str]:
     return lines
 
 
+def _skipped_steps(steps: list[dict]) -> list[str]:
+    """A paragraph on the steps skipped as non-finite (their weights unchanged), first in the summary: a run
+    whose steps were all skipped did not train, whatever its tables show."""
+    skipped = [r for r in steps if r.get("nonfinite")]
+    if not skipped:
+        return []
+    shown = ", ".join(str(r["step"]) for r in skipped[:20]) + (", ..." if len(skipped) > 20 else "")
+    cause = next((r["nonfinite_reason"] for r in reversed(skipped) if r.get("nonfinite_reason")), "not logged")
+    verdict = (f"**No step trained**: every one of the {len(steps)} logged steps was skipped"
+               if len(skipped) == len(steps) else f"**{len(skipped)} of {len(steps)} logged steps were skipped**")
+    return [f"{verdict} for a non-finite loss or gradient (the weights stayed as they were): steps {shown}. "
+            f"Last cause: {cause}", ""]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``<run>/report/*.png`` and ``<run>/report/summary.md``; returns the markdown path."""
     run_dir = Path(run_dir)
@@ -170,6 +184,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     lines = [f"# Run report: {run_dir.name}", ""]
     groups = phases(records)
+    lines += _skipped_steps([r for _, g in groups for r in g])
     if groups:
         lines += _phase_tables(groups)
     evals = [r for r in records if _is_number(r.get("step")) and any(k.startswith("eval/") for k in r)]

@@ -42,10 +42,13 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, path: bool = False) -> Any:
     """A dataclass field with its help text in ``metadata["help"]``; a list or dict default is copied for each
-    instance."""
+    instance. ``path=True`` (``metadata["path"]``): the value names a file, folder or model, and a command-line
+    override gives it as written (not parsed as YAML, where ``#`` starts a comment and ``null``, ``~`` or ``2024``
+    are no strings)."""
+    metadata = {"help": help, "path": path}
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)

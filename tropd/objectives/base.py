@@ -14,6 +14,8 @@ gradient unchanged (docs/method.md §3, §6.5).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -23,6 +25,7 @@ from tropd.objectives import fused, terms
 from tropd.objectives.checks import check_inputs
 from tropd.objectives.head import FUSED_CHUNK
 from tropd.objectives.inputs import ObjectiveOutput, TokenInputs
+from tropd.objectives.keywords import Range, check_keywords
 
 #: Default trust threshold τ = log(λ/(1−λ)) with λ = 0.2 (docs/method.md §3).
 DEFAULT_TAU = math.log(0.2 / 0.8)
@@ -38,11 +41,42 @@ class Objective:
     #: ``[B,T]`` inputs the loss reads (a missing one is an error naming it); the K1 diagnostics are reported
     #: whenever ``behavior_logprobs`` and ``teacher_logprobs`` are both given.
     requires: tuple[str, ...] = ("behavior_logprobs", "teacher_logprobs")
+    #: the allowed interval of numeric keywords (a subclass adds its own; :mod:`tropd.objectives.keywords`)
+    keyword_ranges: dict[str, Range] = {"chunk_size": Range(1, None)}
 
     def __init__(self, chunk_size: int | None = None) -> None:
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"{self.name}: chunk_size must be >= 1 or None, got {chunk_size}")
+        check_keywords(self.name or type(self).__name__, Objective.__init__, {"chunk_size": chunk_size},
+                       self.all_keyword_ranges())
         self.chunk_size = chunk_size
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every constructor's keyword values are checked against its annotations and :attr:`keyword_ranges`
+        before it runs (:func:`tropd.objectives.keywords.check_keywords`): ``beta=nan`` or ``top_k=True`` never
+        builds an objective."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def checked_init(self, *args, **kw):
+            given = signature.bind(self, *args, **kw).arguments
+            values = {k: v for k, v in given.items() if k != "self"
+                      and signature.parameters[k].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                               inspect.Parameter.VAR_KEYWORD)}
+            check_keywords(self.name or type(self).__name__, init, values, self.all_keyword_ranges())
+            init(self, *args, **kw)
+
+        cls.__init__ = checked_init
+
+    @classmethod
+    def all_keyword_ranges(cls) -> dict[str, Range]:
+        """:attr:`keyword_ranges` of the class and its bases (the most derived entry wins)."""
+        out: dict[str, Range] = {}
+        for klass in reversed(cls.__mro__):
+            out.update(klass.__dict__.get("keyword_ranges", {}))
+        return out
 
     # -- stage 1 ---------------------------------------------------------------------------------------
     def row_fn(self, logits: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 from tropd.needs import Needs
 from tropd.objectives import terms
 from tropd.objectives.base import Objective
+from tropd.objectives.keywords import Range
 from tropd.objectives.registry import register
 
 
@@ -38,12 +39,10 @@ class _FullVocab(Objective):
 class GKD(_FullVocab):
     """GKD: generalised JSD_β(π_T‖π_S) over the full vocabulary (β=0 forward KL, β=1 reverse KL); λ = on-policy share."""
 
+    keyword_ranges = {"beta": Range(0, 1), "lmbda": Range(0, 1)}
+
     def __init__(self, beta: float = 0.5, lmbda: float = 0.5, chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"gkd: beta must be in [0, 1], got {beta}")
-        if not 0.0 <= lmbda <= 1.0:
-            raise ValueError(f"gkd: lmbda (on-policy fraction) must be in [0, 1], got {lmbda}")
         self.beta = float(beta)
         self.needs = Needs(teacher_logits=True, rollout="gkd_mixed", on_policy_fraction=float(lmbda))
 
@@ -55,10 +54,10 @@ class GKD(_FullVocab):
 class TRB(_FullVocab):
     """TRB: reverse KL on the student's top-16 support; warm-up rollouts from the KL-trust-region blend of §4.3."""
 
+    keyword_ranges = {"trb_support": Range(1, None)}
+
     def __init__(self, trb_support: int = 16, chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
-        if trb_support < 1:
-            raise ValueError(f"trb: trb_support must be >= 1, got {trb_support}")
         self.trb_support = int(trb_support)
         self.needs = Needs(teacher_logits=True, rollout="trb_blend")
 

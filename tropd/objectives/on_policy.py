@@ -11,13 +11,8 @@ import torch
 from tropd.needs import Needs
 from tropd.objectives import terms
 from tropd.objectives.base import DEFAULT_TAU, Objective
+from tropd.objectives.keywords import Range
 from tropd.objectives.registry import register
-
-
-def _validate_top_k(name: str, top_k: int) -> int:
-    if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"{name}: top_k must be a positive integer, got {top_k!r}")
-    return top_k
 
 
 def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_frac: float) -> torch.Tensor:
@@ -91,10 +86,10 @@ class MaskOutlier(_StaticThreshold):
 class EntropyOPD(_K1Objective):
     """K1 OPD on the top-20% student-entropy tokens of the batch only."""
 
+    keyword_ranges = {"entropy_top_frac": Range(0, 1, low_open=True)}
+
     def __init__(self, entropy_top_frac: float = 0.2, chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
-        if not 0.0 < entropy_top_frac <= 1.0:
-            raise ValueError(f"entropy_opd: entropy_top_frac must be in (0, 1], got {entropy_top_frac}")
         self.entropy_top_frac = float(entropy_top_frac)
         self.needs = Needs()
 
@@ -111,13 +106,11 @@ class EntropyOPD(_K1Objective):
 class REOPOLD2Stage(_K1Objective):
     """REOPOLD curriculum: 1[r ≥ τ]·pg_k1(r) in the first half, top-50% student-entropy mask in the second."""
 
+    keyword_ranges = {"stage": Range(1, 2), "entropy_top_frac": Range(0, 1, low_open=True)}
+
     def __init__(self, tau: float = DEFAULT_TAU, stage: int | None = None, entropy_top_frac: float = 0.5,
                  chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
-        if stage not in (None, 1, 2):
-            raise ValueError(f"reopold_2stage: stage must be None (from TokenInputs.progress), 1 or 2, got {stage!r}")
-        if not 0.0 < entropy_top_frac <= 1.0:
-            raise ValueError(f"reopold_2stage: entropy_top_frac must be in (0, 1], got {entropy_top_frac}")
         self.tau, self.stage, self.entropy_top_frac = float(tau), stage, float(entropy_top_frac)
         self.needs = Needs(progress=stage is None)
 
@@ -143,6 +136,8 @@ class REOPOLD2Stage(_K1Objective):
 class _TopKObjective(_K1Objective):
     """Objectives that read the teacher's top-k at student positions."""
 
+    keyword_ranges = {"top_k": Range(1, None)}
+
     row_terms = ("fkl_topk",)
 
     def row_fn(self, logits, rows):
@@ -159,7 +154,7 @@ class FKL(_TopKObjective):
 
     def __init__(self, top_k: int = 64, chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
-        self.needs = Needs(teacher_topk=True, top_k=_validate_top_k("fkl", top_k))
+        self.needs = Needs(teacher_topk=True, top_k=int(top_k))
 
     def student_loss(self, t, x):
         return t["fkl_topk"], torch.zeros_like(x.loss_mask)
@@ -174,7 +169,7 @@ class EOPD(_TopKObjective):
     def __init__(self, top_k: int = 64, entropy_threshold: float = 0.8, chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
         self.entropy_threshold = float(entropy_threshold)
-        self.needs = Needs(teacher_topk=True, teacher_entropy=True, top_k=_validate_top_k("eopd", top_k))
+        self.needs = Needs(teacher_topk=True, teacher_entropy=True, top_k=int(top_k))
 
     def combine(self, t, x):
         sm = x.student_mask
@@ -190,13 +185,12 @@ class JSD(_K1Objective):
     """JSD as run in the paper: β_J·top-k KL(π_T‖π_M) + (1−β_J)·pg_k1(log π_M(y) − b), π_M = β_J π_T + (1−β_J) π_S."""
 
     row_terms = ("jsd_topk",)
+    keyword_ranges = {"top_k": Range(1, None), "jsd_beta": Range(0, 1, low_open=True, high_open=True)}
 
     def __init__(self, top_k: int = 64, jsd_beta: float = 0.5, chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
-        if not 0.0 < jsd_beta < 1.0:
-            raise ValueError(f"jsd: jsd_beta must be in (0, 1), got {jsd_beta}")
         self.jsd_beta = float(jsd_beta)
-        self.needs = Needs(teacher_topk=True, top_k=_validate_top_k("jsd", top_k))
+        self.needs = Needs(teacher_topk=True, top_k=int(top_k))
 
     def row_fn(self, logits, rows):
         out = super().row_fn(logits, rows)

@@ -24,7 +24,7 @@ import torch
 from tropd.needs import Needs
 from tropd.objectives import terms
 from tropd.objectives.base import DEFAULT_TAU, Objective
-from tropd.objectives.on_policy import _validate_top_k
+from tropd.objectives.keywords import Range
 from tropd.objectives.registry import register
 
 TRUST_MODES = ("sample", "expected")
@@ -35,6 +35,8 @@ OUTLIERS = ("fkl", "mask", "clip")
 class TrOPD(Objective):
     """TrOPD: K1 OPD inside the trust region M~Bernoulli(min(π_T/π_beh,1)), forward KL on outliers, teacher-prefix guidance."""
 
+    keyword_ranges = {"top_k": Range(1, None), "beta": Range(0, None)}
+
     def __init__(self, top_k: int = 64, beta: float = 1e-3, tau: float = DEFAULT_TAU, trust_mode: str = "sample",
                  outlier: str = "fkl", chunk_size: int | None = None) -> None:
         super().__init__(chunk_size)
@@ -42,13 +44,11 @@ class TrOPD(Objective):
             raise ValueError(f"{self.name}: trust_mode must be one of {TRUST_MODES}, got {trust_mode!r}")
         if outlier not in OUTLIERS:
             raise ValueError(f"{self.name}: outlier must be one of {OUTLIERS}, got {outlier!r}")
-        if beta < 0:
-            raise ValueError(f"{self.name}: beta (guidance weight) must be >= 0, got {beta}")
         self.top_k, self.beta, self.tau = top_k, float(beta), float(tau)
         self.trust_mode, self.outlier = trust_mode, outlier
         self.row_terms = ("fkl_topk",) if outlier == "fkl" else ()
         uses_topk = outlier == "fkl"
-        self.needs = Needs(teacher_topk=uses_topk, top_k=_validate_top_k(self.name, top_k) if uses_topk else 0,
+        self.needs = Needs(teacher_topk=uses_topk, top_k=int(top_k) if uses_topk else 0,
                            guidance=True)
 
     def row_fn(self, logits, rows):

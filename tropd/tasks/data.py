@@ -32,6 +32,7 @@ parquet file, or a folder ``datasets`` cannot load, raises it with field ``"<fil
 from __future__ import annotations
 
 import json
+import math
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,8 @@ def _grader_fields(row: Mapping[str, Any]) -> tuple[str | None, dict[str, Any] |
     answer = row.get("answer")  # math
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
         raise _RowError("answer", f"expected a non-empty answer (string or number), got {answer!r}")
+    if isinstance(answer, float) and not math.isfinite(answer):  # JSON's NaN / Infinity: no answer to grade
+        raise _RowError("answer", f"expected a finite number or a string, got {answer!r}; write the true answer")
     return domain, {"answer": str(answer).strip()}
 
 

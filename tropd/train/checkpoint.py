@@ -6,15 +6,19 @@ Layout of ``<run>/checkpoints/step-000040/``: the student as safetensors (``save
 step) and ``config.yaml``. A checkpoint is written under a temporary name and renamed into place; the file
 ``<run>/checkpoints/latest`` (itself replaced atomically) names the newest complete one.
 
-On the next start, temporary folders of an interrupted save are removed (:func:`clean_partial_saves`), and a
-latest checkpoint that is corrupt (truncated ``trainer_state.pt`` or ``model.safetensors``, bad ``config.json``)
-is skipped for the newest complete one before it (:func:`latest_checkpoint` reports what it skipped).
+On the next start, a complete checkpoint that a save interrupted between its two renames left aside
+(``.step-N.old-PID``, with no ``step-N``) is put back (:func:`restore_interrupted_saves`); then the temporary
+folders of an interrupted save are removed (:func:`clean_partial_saves`), and a latest checkpoint that is corrupt
+(truncated ``trainer_state.pt`` or ``model.safetensors``, bad ``config.json``) is skipped for the newest complete
+one before it (:func:`latest_checkpoint` reports what it skipped). A ``latest`` that names anything but a
+``step-*`` folder of the run itself (``../other-run/...``, an absolute path) is refused, never followed.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +90,25 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, confi
     return final
 
 
+def restore_interrupted_saves(run_dir: Path) -> list[Path]:
+    """Put back each complete checkpoint that a re-save left aside (``.step-N.old-PID``) and that no complete
+    ``step-N`` replaced (a kill between :func:`save_checkpoint`'s two renames); returns the restored folders. Run
+    it before :func:`clean_partial_saves`, which would delete such a folder as a leftover."""
+    root = Path(run_dir) / "checkpoints"
+    restored = []
+    for old in sorted(root.glob(".step-*.old-*")) if root.is_dir() else []:
+        final = root / old.name[1:].split(".old-")[0]
+        if not old.is_dir() or final.exists():
+            continue
+        try:
+            read_checkpoint_step(old)
+        except (ValueError, OSError):
+            continue  # not complete: a leftover like any other
+        os.replace(old, final)
+        restored.append(final)
+    return restored
+
+
 def clean_partial_saves(run_dir: Path) -> list[Path]:
     """Remove what an interrupted save left under ``<run>/checkpoints`` (``.step-*.tmp-*``, ``.step-*.old-*``,
     ``.latest.tmp-*``); returns the removed paths."""
@@ -125,8 +148,13 @@ def latest_checkpoint(run_dir: Path) -> ResumeState | None:
     root = Path(run_dir) / "checkpoints"
     folders = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True) if root.is_dir() else []
     pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
+    text = pointer.read_text().strip() if pointer.is_file() else ""
+    if text:
+        if not re.fullmatch(r"step-\d+", text):
+            raise ValueError(f"{pointer} names {text!r}, which is not a step-* folder of this run (a checkpoint "
+                             "elsewhere would be continued as this run's); write the name of this run's newest "
+                             "step-* folder into it, or delete it to resume from the newest readable checkpoint")
+        named = root / text
         folders = [named] + [p for p in folders if p.name < named.name]
     skipped: list[tuple[Path, str]] = []
     for path in folders:

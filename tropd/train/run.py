@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from tropd.files import write_text_atomic
 from tropd.train.build import EvalFn, MakeSampler, build_accelerator, build_run
 from tropd.train.config import RunConfig
-from tropd.train.resume import open_run, write_run_config
+from tropd.train.errors import NoStepTrainedError
+from tropd.train.lock import RunFolderBusyError, RunLock
+from tropd.train.resume import (CONFIG_FILE, open_run, tidy_checkpoints, write_data_fingerprint,
+                                write_run_config)
 from tropd.train.trainer import Trainer
 
 
@@ -24,7 +28,10 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     share one precomputed evaluation between many runs; ``make_sampler(student, teacher, sampling_config)`` the
     default sampler (docs/extending.md).
 
-    Order: accelerator → run directory (checked; the checkpoint to resume found) → the run's parts → trainer."""
+    Order: accelerator → run directory (locked for the run's life, checked; the checkpoint to resume found) → the
+    run's parts → trainer. A second process in the same run directory is refused (:mod:`tropd.train.lock`). A run
+    whose every step was skipped as non-finite writes its summary, then raises
+    :class:`~tropd.train.errors.NoStepTrainedError` with the cause (the student did not train)."""
     accelerator = build_accelerator(cfg)
     main = accelerator.is_main_process
     console = console if main else (lambda *_: None)
@@ -33,7 +40,43 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
 
         cfg.train.output_dir = broadcast_object_list([str(cfg.run_dir())])[0]
     run_dir = cfg.run_dir()
-    opened = open_run(cfg, resume, override_config, clean=main)
+    lock = _lock_run_dir(run_dir, accelerator)
+    try:
+        return _train_locked(cfg, accelerator, resume, override_config, console, eval_fn, make_sampler)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(run_dir: Path, accelerator) -> RunLock | None:
+    """The run folder's lock, taken by the main process (:mod:`tropd.train.lock`); every process raises
+    :class:`RunFolderBusyError` when another run holds it."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except RunFolderBusyError as err:
+            refusal = (True, str(err))
+        except OSError as err:  # a file by that name, no permission: every process stops with one line
+            refusal = (False, str(err) if isinstance(err, FileExistsError) and not err.errno
+                       else f"cannot open the run folder {run_dir} ({err.strerror or err}); choose another --run-dir")
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise (RunFolderBusyError if refusal[0] else FileExistsError)(refusal[1])
+    return lock
+
+
+def _train_locked(cfg: RunConfig, accelerator, resume: bool, override_config: bool, console,
+                  eval_fn: EvalFn | None, make_sampler: MakeSampler | None) -> dict:
+    main = accelerator.is_main_process
+    run_dir = cfg.run_dir()
+    tidied = tidy_checkpoints(run_dir) if main and resume and (run_dir / CONFIG_FILE).is_file() else []
+    accelerator.wait_for_everyone()  # the checkpoints are tidied before any process looks for one
+    opened = open_run(cfg, resume, override_config, clean=False)
+    opened.notes[:0] = tidied
     accelerator.wait_for_everyone()  # every process checked the folder before the main one writes into it
     for note in opened.notes:
         console(note)
@@ -53,13 +96,29 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     trainer = Trainer(cfg, parts, run_dir, resume=found)
     if main:
         write_run_config(run_dir, trainer.config_yaml, opened.changes, trainer.start_step)
+        write_data_fingerprint(run_dir, cfg.data.prompts, opened.data)
     result = trainer.train()
+    steps_run = result["steps_done"] - trainer.start_step
+    failure = None
+    if steps_run > 0 and result["nonfinite_steps"] == steps_run:  # not one step changed the weights
+        first = trainer.start_step + 1
+        failure = (f"no step trained: {'the' if steps_run == 1 else 'all'} {steps_run} step(s) run (steps {first}–"
+                   f"{result['steps_done']}) were skipped for a non-finite loss or gradient, so the student is "
+                   f"unchanged; last cause: {result['last_nonfinite_reason']}. Likely causes: NaN/inf in the student's "
+                   "or the teacher's weights, a learning rate too high (train.lr), half precision overflowing "
+                   "(model.mixed_precision=no is safest)")
     if not main:
+        if failure is not None:
+            raise NoStepTrainedError(failure, {**result, "main_process": False})
         return {**result, "run_dir": str(run_dir.resolve()), "main_process": False}
-    summary = {"run_dir": str(run_dir.resolve()), "steps_done": result["steps_done"],
+    summary = {"run_dir": str(run_dir.resolve()), "steps_done": result["steps_done"], "steps_run": steps_run,
                "interrupted": result["interrupted"], "checkpoint": str(result["checkpoint"]),
                "eval_before": result.get("eval_before", {}), "eval_after": result.get("eval_after", {}),
                "nonfinite_steps": result["nonfinite_steps"], "wall_time_s": round(time.perf_counter() - t0, 1),
                "num_processes": accelerator.num_processes}
+    if failure is not None:
+        summary["failed"] = failure
     write_text_atomic(done_file, json.dumps(summary, indent=2))
+    if failure is not None:
+        raise NoStepTrainedError(failure, {**summary, "main_process": True})
     return {**summary, "main_process": True}

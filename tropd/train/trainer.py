@@ -122,6 +122,7 @@ class Trainer:
         self.start_step = load_trainer_state(resume.path, self.optimizer, shard) if resume is not None else 0
         self._stop_requested = False
         self._nonfinite_in_a_row = 0
+        self._saved: tuple[int, Path] | None = None  # (step, folder) of this process's last save
 
     @property
     def is_main(self) -> bool:
@@ -277,6 +278,7 @@ class Trainer:
             path = save_checkpoint(self.run_dir, step, self.student, self.tokenizer, self.optimizer,
                                    self.config_yaml, keep=self.cfg.train.keep_checkpoints, states=states)
         self.accelerator.wait_for_everyone()
+        self._saved = (step, path)
         return path
 
     def evaluate(self, step: int, log: MetricsLog | None) -> dict:
@@ -291,7 +293,8 @@ class Trainer:
 
     def train(self) -> dict:
         """Run (or resume) training; returns {'steps_done', 'interrupted', 'checkpoint', 'eval_before', 'eval_after',
-        'nonfinite_steps'} (evaluations on the main process only)."""
+        'nonfinite_steps', 'last_nonfinite_reason'} (evaluations on the main process only; the non-finite count is
+        of the steps this call ran, from ``start_step`` to ``steps_done``)."""
         t = self.cfg.train
         resumed = self.start_step > 0
         log = None
@@ -305,7 +308,8 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=t.steps, initial=self.start_step, desc="tropd", unit="step", dynamic_ncols=True)
-        result = {"steps_done": self.start_step, "interrupted": False, "checkpoint": None, "nonfinite_steps": 0}
+        result = {"steps_done": self.start_step, "interrupted": False, "checkpoint": None, "nonfinite_steps": 0,
+                  "last_nonfinite_reason": None}
         try:
             result["eval_before"] = (log.eval_at(0) if log else {}) if resumed else self.evaluate(0, log)
             step = self.start_step
@@ -315,6 +319,7 @@ class Trainer:
                 if log is not None:
                     log.log(record)
                 result["nonfinite_steps"] += record["nonfinite"]
+                result["last_nonfinite_reason"] = record.get("nonfinite_reason", result["last_nonfinite_reason"])
                 self._check_nonfinite(record)
                 if bar is not None:
                     bar.update(1)
@@ -327,7 +332,12 @@ class Trainer:
             result["steps_done"] = step
             result["interrupted"] = step < t.steps
             latest = self.run_dir / "checkpoints" / f"step-{step:06d}"
-            result["checkpoint"] = self.save(step) if step > self.start_step or not latest.is_dir() else latest
+            if self._saved is not None and self._saved[0] == step:  # e.g. stopped right after a periodic save:
+                result["checkpoint"] = self._saved[1]  # the same state; saving it again would replace a good copy
+            elif step > self.start_step or not latest.is_dir():
+                result["checkpoint"] = self.save(step)
+            else:
+                result["checkpoint"] = latest
             if not result["interrupted"]:
                 result["eval_after"] = self.evaluate(step, log)
         finally:
