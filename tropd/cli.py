@@ -178,11 +178,16 @@ def _cmd_serve_teacher(args: argparse.Namespace) -> int:
     from tropd.teacher.remote import TOKEN_ENV
 
     try:
-        from tropd.teacher.server import serve
+        from tropd.teacher.server import Limits, serve
     except ImportError as err:
         raise ValueError(f"{err}; install the server extra: pip install 'tropd[server]'") from None
+    limits = Limits(max_body_mb=args.max_body_mb, max_request_rows=args.max_request_rows,
+                    max_request_tokens=args.max_request_tokens, max_response_mb=args.max_response_mb,
+                    request_timeout=args.request_timeout, read_timeout=args.read_timeout,
+                    header_timeout=args.header_timeout)
     serve(args.model, host=args.host, port=args.port, token=os.environ.get(TOKEN_ENV), device=args.device,
-          dtype=args.dtype, chunk_size=args.chunk_size, max_batch_rows=args.max_batch_rows)
+          dtype=args.dtype, chunk_size=args.chunk_size, max_batch_rows=args.max_batch_rows, limits=limits,
+          allow_no_token=args.allow_no_token)
     return 0
 
 
@@ -256,14 +261,34 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve-teacher", help="serve a frozen teacher over HTTP for trainers elsewhere "
                                              "(model.teacher=http://HOST:PORT; docs/scaling.md)", formatter_class=fmt)
     s.add_argument("model", help="HF model folder, .gguf file, or 'smollm2'")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; then set a "
-                                                       "token in TROPD_TEACHER_TOKEN)")
-    s.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start-up)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; then a "
+                                                       "token in TROPD_TEACHER_TOKEN is required)")
+    s.add_argument("--allow-no-token", action="store_true",
+                   help="serve a --host reachable from other machines without a token (anyone who reaches it may "
+                        "use it)")
+    s.add_argument("--port", type=int, default=8000, help="port, 0 to 65535 (0: a free one, printed at start-up)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     s.add_argument("--chunk-size", type=int, default=512, help="response positions turned into logits at a time")
     s.add_argument("--max-batch-rows", type=int, default=64, help="most rows merged from waiting requests into one "
                                                                   "forward")
+    s.add_argument("--max-body-mb", type=float, default=128.0,
+                   help="largest request body in MiB; a larger one is refused (413) before it is read")
+    s.add_argument("--max-request-rows", type=int, default=1024, help="most rows (sequences) in one request (413)")
+    s.add_argument("--max-request-tokens", type=int, default=1 << 21,
+                   help="most tokens in one request (413): rows x padded length to score, rows x (longest context + "
+                        "largest budget) to generate")
+    s.add_argument("--max-response-mb", type=float, default=1024.0,
+                   help="largest answer to a score request in MiB (413; full logits take rows x positions x vocab "
+                        "x 4 bytes)")
+    s.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds from a request's arrival to its answer, queue included; then 503 and its work is "
+                        "dropped")
+    s.add_argument("--read-timeout", type=float, default=60.0,
+                   help="seconds a client may take to send a request body; then 408")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client may take to send a request's line and headers; then the connection is "
+                        "closed")
     s.set_defaults(func=_cmd_serve_teacher)
 
     m = sub.add_parser("merge-lora", help="fold a LoRA run's adapters into its base student: a plain model folder "

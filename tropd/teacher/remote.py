@@ -124,7 +124,7 @@ class RemoteTeacher:
                                                 headers={"content-type": "application/octet-stream"} if body else None)
                 if response.status_code not in _RETRY_STATUS:
                     break
-                last = f"HTTP {response.status_code}"
+                last = f"HTTP {response.status_code}: {_detail(response)}"
             except httpx.TimeoutException:
                 last = f"no answer within {self.timeout_s:g} s (model.teacher_timeout)"
             except httpx.TransportError as err:
@@ -139,9 +139,15 @@ class RemoteTeacher:
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
         if response.status_code != 200:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise TeacherServerError(f"teacher server {self.url}{path}: HTTP {response.status_code}: {detail}")
+            raise TeacherServerError(f"teacher server {self.url}{path}: HTTP {response.status_code}: "
+                                     f"{_detail(response)}")
         return response
+
+
+def _detail(response) -> str:
+    """The server's one-line reason for an error answer (FastAPI's ``detail``), else the start of its body."""
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        detail = response.text
+    return " ".join(str(detail).split())[:500]

@@ -7,9 +7,11 @@ the tokens, so they travel exactly).
 
 Endpoints (:mod:`tropd.teacher.server`):
 
+``GET /v1/health``
+    JSON ``{"ok": true}``; the one endpoint that needs no token.
 ``GET /v1/info``
-    JSON: the model, its logits vocabulary size, context length, and its tokenizer (vocabulary and special
-    ids) for the client's compatibility check.
+    JSON: the model (its name, never a local path), its logits vocabulary size, context length, and its
+    tokenizer (vocabulary and special ids) for the client's compatibility check.
 ``POST /v1/score``
     in: ``input_ids`` ``[B, L]``, ``attention_mask`` ``[B, L]``, ``tokens`` ``[B, T]``; JSON
     ``{"response_start": P, "needs": {...}}`` (layout of :mod:`tropd.forward`).
@@ -47,8 +49,9 @@ def pack(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> bytes:
     return save(out, metadata={"json": json.dumps(meta or {})})
 
 
-def unpack(body: bytes, required: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:
-    """Decode a :func:`pack` body; integer tensors come back as int64. Raises :class:`WireError`."""
+def unpack(body: bytes, required: tuple[str, ...] = (), widen: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Decode a :func:`pack` body; integer tensors come back as int64 (as sent with ``widen=False``: the server
+    checks a request's dtypes and sizes before copying it). Raises :class:`WireError`."""
     try:
         tensors = load(body)
         meta = json.loads(_metadata(body).get("json", "{}"))
@@ -57,6 +60,10 @@ def unpack(body: bytes, required: tuple[str, ...] = ()) -> tuple[dict[str, torch
     missing = [k for k in required if k not in tensors]
     if missing:
         raise WireError(f"the body lacks tensor(s) {', '.join(missing)}")
+    if not isinstance(meta, dict):
+        raise WireError(f"the body's JSON metadata must be an object, got {type(meta).__name__}")
+    if not widen:
+        return tensors, meta
     return {k: v.long() if not v.is_floating_point() and v.dtype != torch.uint8 else v
             for k, v in tensors.items()}, meta
 
