@@ -150,8 +150,9 @@ def table(result: dict, meta: dict) -> str:
     rw = result["rewards"]
     lines = ["# Gradient noise of each method on the gym's start student", "",
              f"`{meta['command']}` on {meta['machine']}; {meta['duration']:.0f} s. Student `{meta['student']}` "
-             f"({meta['start']} start, held-out accuracy {100 * meta['start_accuracy']:.1f}%), teacher `{meta['teacher']}`; pool of "
-             f"{meta['pool']} rows per method, {meta['draws']} random batches per size.", "",
+             f"({meta['start']} start, held-out accuracy {100 * meta['start_accuracy']:.1f}%), teacher "
+             f"`{meta['teacher']}`; pool of {meta['pool']} rows per method, {meta['draws']} random batches per size.",
+             "",
              "| method | " + " | ".join(f"cos to E g, b = {b}" for b in sizes) + " | "
              + " | ".join(f"SNR, b = {b}" for b in sizes) + " |",
              "|---|" + "---|" * (2 * len(sizes))]
