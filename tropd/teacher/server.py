@@ -44,6 +44,7 @@ from fastapi.responses import JSONResponse, Response
 from tropd.needs import Needs
 from tropd.rollout.batch import left_pad
 from tropd.rollout.sampling import KV_CACHES, SamplingConfig, decode_rows
+from tropd.settings import is_number
 from tropd.teacher import wire
 from tropd.teacher.scoring import TEACHER_CHUNK, TeacherScores, score_with_teacher
 
@@ -115,7 +116,7 @@ class Limits:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (is_number(value) and value > 0):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be a positive number, got {value!r}")
 
     @property
@@ -257,8 +258,7 @@ def _sampling(data, id_limit: int) -> SamplingConfig:
         _int_field({"id": eos[i]}, "id", 0, id_limit - 1, f"sampling.eos_token_ids[{i}]")
     for name, low, high, low_open in (("temperature", 0.0, math.inf, False), ("top_p", 0.0, 1.0, True)):
         value = data.get(name, 1.0)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or value < low or low_open and value == low or value > high:
+        if not is_number(value) or value < low or low_open and value == low or value > high:
             span = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
             raise _refuse(f"sampling.{name}", f"must be a finite number {'in ' if math.isfinite(high) else ''}"
                                               f"{span}, got {_show(value)}")
