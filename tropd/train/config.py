@@ -30,6 +30,7 @@ from tropd.rollout.trb import TRBConfig
 from tropd.settings import ConfigError, setting
 from tropd.teacher.remote import is_url
 from tropd.teacher.scoring import TEACHER_CHUNK
+from tropd.train.schedule import SCHEDULES
 
 
 @dataclass
@@ -127,7 +128,10 @@ class TrainConfig:
     steps: int = setting(200, "Optimiser steps (one per rollout batch).")
     prompts_per_step: int = setting(128, "Prompts per step (each gets rollouts_per_prompt responses).")
     micro_batch_size: int = setting(8, "Sequences per forward/backward micro-batch (gradient accumulation).")
-    lr: float = setting(5e-6, "AdamW learning rate (constant).")
+    lr: float = setting(5e-6, "AdamW learning rate: the peak of lr_schedule.")
+    lr_schedule: str = setting("constant", "Learning rate over the steps: constant, linear (decay to 0) or cosine "
+                                           "(decay to 0), after lr_warmup_steps (tropd/train/schedule.py).")
+    lr_warmup_steps: int = setting(0, "Steps over which the rate rises linearly to train.lr before lr_schedule.")
     betas: list[float] = setting([0.9, 0.999], "AdamW betas.")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     grad_clip: float = setting(1.0, "Max gradient norm (0 = no clipping; the norm is logged before clipping).")
@@ -230,6 +234,8 @@ class RunConfig:
         _check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "must be a positive number")
+        _check(t.lr_schedule in SCHEDULES, "train.lr_schedule", f"must be one of {', '.join(SCHEDULES)}")
+        _check(0 <= t.lr_warmup_steps < t.steps, "train.lr_warmup_steps", f"must be in [0, train.steps={t.steps})")
         _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "must be two numbers in [0, 1)")
         _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")

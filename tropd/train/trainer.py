@@ -41,6 +41,7 @@ from tropd.train.build import RunParts
 from tropd.train.checkpoint import ResumeState, load_trainer_state, save_checkpoint
 from tropd.train.config import RunConfig
 from tropd.train.errors import NonFiniteTrainingError
+from tropd.train.schedule import lr_at
 from tropd.train.sharding import full_weights, gathered_state, is_sharded, shard_optimizer_state
 from tropd.train.tracking import MetricsLog
 
@@ -229,6 +230,9 @@ class Trainer:
             reason = f"the loss was {metrics['loss']} (inputs were finite: the objective overflowed)"
         elif reason is None and not math.isfinite(grad_norm):
             reason = f"the gradient norm was {grad_norm} with a finite loss (exploding gradients)"
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, t.lr, t.steps, t.lr_schedule, t.lr_warmup_steps)
         if reason is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
