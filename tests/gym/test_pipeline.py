@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tropd.cli import main
@@ -89,6 +90,19 @@ def test_trained_model_is_cached_by_content_and_deterministic(tmp_path, monkeypa
     assert not list(tmp_path.glob(".*tmp*")), "no temporary folder may be left behind"
 
 
+def test_models_train_on_one_thread_whatever_the_callers_count(tmp_path, monkeypatch):
+    """A matmul's summation order depends on the thread count: models trained on 1 and 2 threads differed."""
+    seen = []
+    monkeypatch.setattr(gym_models, "sft", lambda *a, **k: seen.append(torch.get_num_threads()) or [0.0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trained_model(DecoderSpec(hidden=16, layers=1, heads=2, intermediate=32), SFTPlan(("add",), steps=1), tmp_path)
+        assert seen == [1] and torch.get_num_threads() == 2, "trained on one thread, the caller's count restored"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("seeds, mismatch, error", [
     ({"nope": 1}, (0.0,), "unknown gym method 'nope'"),
     ({"opd": 1}, ("far",), r"mismatch 'far' is not a share in \[0, 1\]"),
@@ -101,9 +115,12 @@ def test_bad_names_and_knob_values_fail_before_training(tmp_path, seeds, mismatc
     assert not (tmp_path / "cache").exists()
 
 
-def test_spec_key_ignores_learning_rates_and_runs_name_their_own():
+def test_spec_key_ignores_learning_rates_and_runs_name_their_own(monkeypatch):
     tuned = replace(SPEC, lrs=(("opd", 3e-5),))
     assert tuned.key() == SPEC.key() and tuned.lr_of("opd") == 3e-5 and tuned.lr_of("tropd") == SPEC.lr
+    key = SPEC.key()
+    monkeypatch.setattr(gym_run, "RECIPE_VERSION", gym_run.RECIPE_VERSION + 1)
+    assert SPEC.key() != key, "retrained models (a new recipe version) never reuse the old runs"
     assert tuned.with_budget(lr=2e-4).lr_of("opd") == 2e-4, "one --lr replaces every method's rate"
     job = gym_run.RunJob(tuned, 0.25, "opd", 1, "t", "s", "/w", "p")
     assert gym_run.run_folder(job).parts[-2:] == ("mismatch-0.25", "opd-lr3e-05-seed1")

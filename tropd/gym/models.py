@@ -16,7 +16,9 @@ AdamW with a linear warm-up (5% of the steps), then either cosine decay to 0 (``
 converged, annealed model) or a constant learning rate (``schedule="constant"``: a checkpoint from the stable
 phase of a warm-up/stable/decay schedule, the usual state of a student handed to a later training stage, which
 then doubles as its decay; docs/gym.md says why the gym's students start there). Training is deterministic for
-a plan: the examples, their order and the initial weights come from ``plan.seed``.
+a plan: the examples, their order and the initial weights come from ``plan.seed``, and it runs on one CPU thread
+whatever the caller's thread count (a matmul's float summation order depends on the threads, and two builds of
+the same plan on 1 and 2 threads ended 10 points apart in held-out accuracy).
 
 :func:`trained_model` caches each trained model under ``<cache>/gym/<key>`` (``$TROPD_CACHE`` or
 ``~/.cache/tropd/models``), ``key`` = SHA-256 of the spec, the plan and :data:`RECIPE_VERSION`, written to a
@@ -44,7 +46,7 @@ from tropd.gym.tokenizer import build_tokenizer
 from tropd.models import cache_dir
 
 #: Bump when the training recipe changes in a way the cache key cannot see (invalidates cached models).
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 STYLES = ("teacher", "alt", "noisy")
 SCHEDULES = ("cosine", "constant")
 
@@ -227,8 +229,13 @@ def trained_model(spec: DecoderSpec, plan: SFTPlan, root: Path | None = None,
         return folder
     tok = build_tokenizer()
     start = time.perf_counter()
-    model = spec.build(tok, plan.seed)
-    losses = sft(model, tok, plan, log)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = spec.build(tok, plan.seed)
+        losses = sft(model, tok, plan, log)
+    finally:
+        torch.set_num_threads(threads)
     info = {"spec": asdict(spec), "plan": asdict(plan), "recipe": RECIPE_VERSION,
             "params": sum(p.numel() for p in model.parameters()), "final_loss": sum(losses[-50:]) / len(losses[-50:]),
             "train_s": round(time.perf_counter() - start, 1)}

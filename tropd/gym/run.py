@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tropd.files import write_text_atomic
-from tropd.gym.models import DecoderSpec, SFTPlan, trained_model
+from tropd.gym.models import RECIPE_VERSION, DecoderSpec, SFTPlan, trained_model
 from tropd.gym.stats import level_name
 from tropd.models import quiet_progress_bars
 
-TEACHER = DecoderSpec(hidden=128, layers=4, heads=4, intermediate=384)
+TEACHER = DecoderSpec(hidden=128, layers=2, heads=4, intermediate=384)
 STUDENT = DecoderSpec(hidden=64, layers=2, heads=4, intermediate=192)
 #: The committed experiment's values of the mismatch knob (share of alt-style traces in the student's SFT data).
 MISMATCH: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
@@ -104,7 +104,7 @@ class GymSpec:
     families: tuple[str, ...] = ("add", "modchain", "sort")
     teacher: DecoderSpec = TEACHER
     student: DecoderSpec = STUDENT
-    teacher_steps: int = 3000
+    teacher_steps: int = 1500
     teacher_examples: int = 20000
     teacher_recovery: float = 0.0
     student_steps: int = 600
@@ -117,10 +117,13 @@ class GymSpec:
     rollouts_per_prompt: int = 2
     max_new_tokens: int = 56
     lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: str = "constant"
+    grad_clip: float = 1.0
     lrs: tuple[tuple[str, float], ...] = (("clip_outlier", 5e-05), ("eopd", 5e-05), ("fkl_outlier", 5e-05),
                                           ("gkd", 2e-04), ("mask_outlier", 5e-05), ("opd", 5e-05), ("sft", 1e-04),
                                           ("trb", 2e-04), ("tropd", 5e-05))
-    eval_every: int = 50
+    eval_every: int = 100
     top_k: int = 16
 
     def lr_of(self, method: str) -> float:
@@ -134,10 +137,10 @@ class GymSpec:
         return spec if steps is None else replace(spec, steps=steps, eval_every=max(1, min(spec.eval_every, steps)))
 
     def key(self) -> str:
-        """Content hash of the models and budgets: run folders live under it, so a changed budget never reuses
-        old runs (the learning rates are in each run's folder name instead)."""
-        blob = json.dumps({k: v for k, v in asdict(self).items() if k not in ("lr", "lrs")}, sort_keys=True,
-                          default=str)
+        """Content hash of the models (their recipe version included) and budgets: run folders live under it, so a
+        changed budget or retrained model never reuses old runs (the learning rates are in each run's folder name)."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("lr", "lrs")}
+        blob = json.dumps({**fields, "recipe": RECIPE_VERSION}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def teacher_plan(self) -> SFTPlan:
@@ -255,7 +258,8 @@ def run_one(job: RunJob) -> dict:
         "rollout.max_new_tokens": spec.max_new_tokens, "rollout.rollouts_per_prompt": spec.rollouts_per_prompt,
         "data.prompts": job.prompts, "data.chat_template": False, "data.eval_prompts": 0,
         "train.steps": spec.steps, "train.prompts_per_step": spec.prompts_per_step,
-        "train.micro_batch_size": spec.prompts_per_step * spec.rollouts_per_prompt, "train.lr": job.lr,
+        "train.micro_batch_size": spec.prompts_per_step * spec.rollouts_per_prompt, "train.lr": job.lr, "train.betas": list(spec.betas),
+        "train.lr_schedule": spec.lr_schedule, "train.grad_clip": spec.grad_clip,
         "train.sft_warmup_steps": 0, "train.save_every": 0, "train.progress": False, "train.seed": job.seed,
         "train.eval_every": spec.eval_every, "train.output_dir": str(run)})
     start = time.perf_counter()
