@@ -4,6 +4,7 @@ beat OPD along a continuous teacher-student mismatch?
     python benchmarks/gym.py            # the full experiment (docs/gym.md): every method at every knob value
     python benchmarks/gym.py --sweep    # the learning-rate sweep on the validation split behind GymSpec.lrs
     python benchmarks/gym.py --mechanism   # why on-policy distillation fails from an annealed student (docs/gym.md)
+    python benchmarks/gym.py --probes   # the settings tried to lift opd's matched gain (docs/gym.md's design table)
     python benchmarks/gym.py --quick    # tiny models, 4 steps: checks the pipeline end to end (seconds)
 
 A teacher (Llama decoder trained from scratch, cached) and one starting student per value of the mismatch knob
@@ -18,9 +19,15 @@ on-policy reverse KL (``rkl_exact``), SFT on teacher samples and SFT on the stud
 no teacher) from an annealed start and from the gym's constant-lr start; one learning rate for all; writes
 ``gym_mechanism.{json,md}``.
 
+``--probes`` trains ``opd`` from the matched student under each of :data:`PROBES` (one change to the gym's
+spec each: learning rate, schedule, optimizer, batch shape, teacher, starting student), evaluated on the
+validation split, and writes ``gym_probes.{json,md}``.
+
 ``--sweep`` trains every method at each of ``--sweep-lrs`` on the knob values ``--sweep-mismatch``, one seed,
 evaluated on the validation split (never the held-out problems), and prints each method's best rate by mean
-final validation accuracy over those knob values: the rates ``GymSpec.lrs`` holds.
+final validation accuracy over the knob values ``--sweep-choose-on`` (default: the matched student only, where
+distillation is meant to work, as a practitioner tunes on their own setting; the other values are shown, not
+used): the rates ``GymSpec.lrs`` holds.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from tropd.gym.run import ANNEALED  # noqa: E402
+from tropd.gym.run import ANNEALED, TEACHER  # noqa: E402
 
 #: condition -> (GymSpec changes, learning rate, methods) of ``--mechanism`` (ANNEALED: students trained to
 #: convergence, as in the first gym).
@@ -47,6 +54,58 @@ MECHANISM = {
     "annealed start": (ANNEALED, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
     "constant-lr start (the gym's)": ({}, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
 }
+
+
+#: label -> (GymSpec changes, learning rate, seeds) of ``--probes``: ``opd`` from the matched student, validation
+#: split. The first row is the gym as committed; each other row changes one thing.
+PROBES = {
+    "the gym (2-layer teacher)": ({}, 5e-5, 2),
+    "4-layer teacher": ({"teacher": replace(TEACHER, layers=4)}, 5e-5, 1),
+    "lr 7e-5": ({}, 7e-5, 1),
+    "lr 1e-4": ({}, 1e-4, 1),
+    "linear decay from 1e-4": ({"lr_schedule": "linear"}, 1e-4, 1),
+    "linear decay from 2e-4": ({"lr_schedule": "linear"}, 2e-4, 1),
+    "Adam beta1 0.95": ({"betas": (0.95, 0.999)}, 5e-5, 1),
+    "no gradient clipping": ({"grad_clip": 0.0}, 5e-5, 1),
+    "64 prompts x 1 response": ({"prompts_per_step": 64, "rollouts_per_prompt": 1}, 5e-5, 1),
+    "150 steps of 64 prompts x 2": ({"steps": 150, "prompts_per_step": 64, "eval_every": 50}, 1e-4, 1),
+    "teacher trained to recover (0.1)": ({"teacher_recovery": 0.1}, 5e-5, 2),
+    "weaker student (500 SFT steps)": ({"student_steps": 500}, 5e-5, 1),
+}
+
+
+def run_probes(spec, workdir: Path, workers: int, quick: bool = False) -> dict:
+    """``opd`` at knob value 0 under every :data:`PROBES` entry, on the validation split; ``{label: run_gym
+    result}`` (``quick``: the tiny spec's sizes stay, one seed)."""
+    from tropd.gym.run import run_gym
+
+    out = {}
+    for label, (changes, lr, seeds) in PROBES.items():
+        if quick:
+            changes = {k: v for k, v in changes.items() if k not in ("teacher", "student_steps", "steps", "eval_every")}
+        each = replace(spec, **changes, lr=lr, lrs=())
+        out[label] = run_gym(each, {"opd": 1 if quick else seeds}, (0.0,), workdir, workers=workers, split="valid")
+    return out
+
+
+def probes_table(results: dict, meta: dict) -> str:
+    from tropd.gym.stats import final_accuracy
+
+    lines = ["# What lifts opd's matched gain? One change to the gym at a time", "",
+             f"- **command**: `{meta['command']}`", f"- **machine**: {meta['machine']}",
+             f"- **duration**: {meta['duration'] / 60:.0f} min", "",
+             "`opd` from the matched student (mismatch 0); accuracy on the **validation** problems (never the held-out "
+             "ones), per seed; gain = final − start in points; wall = seconds per run (2 runs at a time).", "",
+             "| probe | lr | start acc | final acc per seed | mean gain | wall (s) |", "|---|---|---|---|---|---|"]
+    for label, result in results.items():
+        runs = sorted(result["runs"], key=lambda r: r["seed"])
+        finals = [final_accuracy(r) for r in runs]
+        start = runs[0]["accuracy"][0]
+        gain = 100 * (sum(finals) / len(finals) - start)
+        wall = sum(r["wall_s"] for r in runs) / len(runs)
+        lines.append(f"| {label} | {runs[0]['lr']:g} | {100 * start:.1f} | "
+                     f"{', '.join(f'{100 * f:.1f}' for f in finals)} | {gain:+.1f} | {wall:.0f} |")
+    return "\n".join(lines + [""])
 
 
 def run_mechanism(spec, seeds: int, workdir: Path, workers: int, quick: bool = False) -> dict:
@@ -85,13 +144,15 @@ def mechanism_table(results: dict, meta: dict) -> str:
     return "\n".join(lines + [""])
 
 
-def best_rates(runs: list[dict]) -> dict[str, tuple[float, float]]:
+def best_rates(runs: list[dict], choose_on: tuple[float, ...] | None = None) -> dict[str, tuple[float, float]]:
     """``{method: (lr, mean final accuracy)}``: per method, the learning rate whose runs end with the highest mean
-    final accuracy over the knob values swept (ties: the smaller rate)."""
+    final accuracy over the knob values ``choose_on`` (None: every value swept; ties: the smaller rate)."""
     from tropd.gym.stats import final_accuracy, mean_ci
 
     by: dict[tuple[str, float], list[float]] = {}
     for run in runs:
+        if choose_on is not None and float(run["mismatch"]) not in choose_on:
+            continue
         by.setdefault((run["method"], run["lr"]), []).append(final_accuracy(run))
     best: dict[str, tuple[float, float]] = {}
     for (method, lr), accs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -101,17 +162,18 @@ def best_rates(runs: list[dict]) -> dict[str, tuple[float, float]]:
     return best
 
 
-def sweep_table(runs: list[dict], best: dict, meta: dict) -> str:
+def sweep_table(runs: list[dict], best: dict, meta: dict, choose_on: tuple[float, ...]) -> str:
     from tropd.gym.stats import final_accuracy, level_name
 
     rates = sorted({r["lr"] for r in runs})
     levels = sorted({r["mismatch"] for r in runs})
     cell = {(r["method"], r["lr"], r["mismatch"]): final_accuracy(r) for r in runs}
     lines = ["# Gym learning-rate sweep (validation split)", "", f"- **command**: `{meta['command']}`",
-             f"- **machine**: {meta['machine']}", f"- **duration**: {meta['duration'] / 60:.0f} min",
-             f"- **budget**: {meta['budget']}", "",
+             f"- **machine**: {meta['machine']}", f"- **duration**: {meta['duration'] / 60:.0f} min (this invocation; "
+             f"runs finished by earlier ones are reused), {sum(r['wall_s'] for r in runs) / 60:.0f} min of run time "
+             "in all", f"- **budget**: {meta['budget']}", "",
              "Final accuracy (%) on the validation problems, one seed, per learning rate and knob value; the chosen "
-             "rate (best mean over the knob values) in bold.", "",
+             f"rate (best mean over knob values {', '.join(level_name(m) for m in choose_on)}) in bold.", "",
              "| method | " + " | ".join(f"lr {lr:g}: " + ", ".join(f"m={level_name(m)}" for m in levels)
                                        for lr in rates) + " | chosen |",
              "|---|" + "---|" * len(rates) + "---|"]
@@ -133,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny models, 4 steps, opd/tropd/gkd, one seed")
     p.add_argument("--sweep", action="store_true", help="the learning-rate sweep on the validation split")
     p.add_argument("--mechanism", action="store_true", help="the mechanism contrasts (docs/gym.md)")
+    p.add_argument("--probes", action="store_true", help="opd's matched gain under one change at a time (PROBES)")
     p.add_argument("--core-seeds", type=int, default=5, help="seeds of opd and tropd per knob value")
     p.add_argument("--seeds", type=int, default=3, help="seeds of every other method per knob value")
     p.add_argument("--inner-seeds", type=int, default=None,
@@ -140,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(EXPERIMENT), help="comma-separated methods")
     p.add_argument("--mismatch", default=",".join(f"{m:g}" for m in MISMATCH), help="comma-separated knob values")
     p.add_argument("--sweep-lrs", default="5e-5,1e-4,2e-4", help="--sweep: learning rates tried per method")
-    p.add_argument("--sweep-mismatch", default="0,1", help="--sweep: knob values the rates are chosen on")
+    p.add_argument("--sweep-mismatch", default="0,1", help="--sweep: knob values the rates are tried on")
+    p.add_argument("--sweep-choose-on", default="0", help="--sweep: knob values whose mean accuracy picks the rate")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: GymSpec.lrs)")
     p.add_argument("--steps", type=int, default=None, help=f"steps per run (default: GymSpec's {GymSpec.steps})")
     p.add_argument("--stem", default=None, help="output name (default: gym, gym_sweep or gym_quick)")
@@ -171,15 +235,29 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{stem}.json").write_text(json.dumps(_jsonable({"meta": meta, "results": results}), indent=1) + "\n")
         print(text)
         return 0
+    if args.probes:
+        results = run_probes(spec, workdir, args.workers, args.quick)
+        meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1)}
+        text = probes_table(results, meta)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = args.stem or ("gym_probes_quick" if args.quick else "gym_probes")
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(_jsonable({"meta": meta, "results": results}), indent=1) + "\n")
+        print(text)
+        return 0
     if args.sweep:
-        result = run_gym(spec, {m: 1 for m in methods}, check_mismatch(args.sweep_mismatch.split(",")), workdir,
+        tried, choose_on = (check_mismatch(v.split(",")) for v in (args.sweep_mismatch, args.sweep_choose_on))
+        if not set(choose_on) <= set(tried):
+            p.error(f"--sweep-choose-on {args.sweep_choose_on} names knob values --sweep-mismatch does not run")
+        result = run_gym(spec, {m: 1 for m in methods}, tried, workdir,
                          workers=args.workers, split="valid", lr_grid=[float(x) for x in args.sweep_lrs.split(",")])
         runs, context = result["runs"], result["context"]
-        best = best_rates(runs)
+        best = best_rates(runs, choose_on)
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1),
                 "budget": f"{spec.steps} steps of {spec.prompts_per_step} prompts x {spec.rollouts_per_prompt} "
                           "rollouts"}
-        text = sweep_table(runs, best, meta)
+        text = sweep_table(runs, best, meta, choose_on)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = args.stem or "gym_sweep"

@@ -90,6 +90,17 @@ def test_trained_model_is_cached_by_content_and_deterministic(tmp_path, monkeypa
     assert not list(tmp_path.glob(".*tmp*")), "no temporary folder may be left behind"
 
 
+def test_models_trained_side_by_side_equal_those_trained_in_turn(tmp_path):
+    spec = replace(SPEC, teacher_steps=2, student_steps=2, heldout=4)
+    a = gym_run.trained_models(spec, (0.0, 1.0), tmp_path / "a", log=lambda *_: None, workers=1)
+    b = gym_run.trained_models(spec, (0.0, 1.0), tmp_path / "b", log=lambda *_: None, workers=2)
+    pairs = [(a["teacher"], b["teacher"])] + [(a["students"][m], b["students"][m]) for m in (0.0, 1.0)]
+    for x, y in pairs:
+        assert Path(x).name == Path(y).name
+        assert (Path(x) / "model.safetensors").read_bytes() == (Path(y) / "model.safetensors").read_bytes()
+    assert a["start_eval"] == b["start_eval"]
+
+
 def test_models_train_on_one_thread_whatever_the_callers_count(tmp_path, monkeypatch):
     """A matmul's summation order depends on the thread count: models trained on 1 and 2 threads differed."""
     seen = []
@@ -219,6 +230,7 @@ def test_benchmark_sweep_picks_each_methods_best_rate_on_validation(tmp_path, mo
     runs = [{"method": "a", "lr": lr, "mismatch": m, "accuracy": [0.1, acc]}
             for lr, m, acc in ((1e-4, 0, 0.5), (1e-4, 1, 0.1), (3e-4, 0, 0.4), (3e-4, 1, 0.3))]
     assert bench.best_rates(runs) == {"a": (3e-4, pytest.approx(0.35))}
+    assert bench.best_rates(runs, (0.0,)) == {"a": (1e-4, pytest.approx(0.5))}, "only the chosen knob values count"
 
 
 def test_benchmark_mechanism_quick_runs_every_contrast(tmp_path, monkeypatch):
@@ -237,6 +249,35 @@ def test_benchmark_mechanism_quick_runs_every_contrast(tmp_path, monkeypatch):
     assert data["results"]["constant-lr start (the gym's)"]["context"]["spec"]["student_schedule"] == "constant"
     text = (tmp_path / "gym_mechanism_quick.md").read_text()
     assert "| annealed start | " in text and "self_sft" in text
+
+
+def test_every_probe_is_one_valid_change_to_the_gym():
+    bench = _benchmark()
+    assert list(bench.PROBES)[0] == "the gym (2-layer teacher)" and bench.PROBES["the gym (2-layer teacher)"][0] == {}
+    for label, (changes, lr, seeds) in bench.PROBES.items():
+        spec = replace(gym_run.GymSpec(), **changes, lr=lr, lrs=())  # an unknown field would raise here
+        assert spec.lr_of("opd") == lr and seeds >= 1, label
+
+
+def test_benchmark_probes_quick_runs_each_probe_on_validation(tmp_path, monkeypatch):
+    bench = _benchmark()
+    probes = {k: bench.PROBES[k] for k in ("lr 1e-4", "linear decay from 2e-4", "64 prompts x 1 response",
+                                           "weaker student (500 SFT steps)")}
+    monkeypatch.setattr(bench, "PROBES", probes)
+    monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
+    assert bench.main(["--quick", "--probes", "--workers", "1", "--workdir", str(tmp_path / "w"),
+                       "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gym_probes_quick.json").read_text())
+    assert list(data["results"]) == list(probes)
+    for label, (changes, lr, _) in probes.items():
+        result = data["results"][label]
+        assert [(r["method"], r["lr"], r["split"]) for r in result["runs"]] == [("opd", lr, "valid")], label
+        for key in ("lr_schedule", "rollouts_per_prompt", "prompts_per_step"):
+            if key in changes:
+                assert result["context"]["spec"][key] == changes[key], (label, key)
+    text = (tmp_path / "gym_probes_quick.md").read_text()
+    assert all(f"| {label} | " in text for label in probes)
 
 
 def _benchmark():

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tropd.files import write_text_atomic
-from tropd.gym.models import RECIPE_VERSION, DecoderSpec, SFTPlan, trained_model
+from tropd.gym.models import RECIPE_VERSION, DecoderSpec, SFTPlan, cache_key, gym_cache, trained_model
 from tropd.gym.stats import level_name
 from tropd.models import quiet_progress_bars
 
@@ -120,9 +120,9 @@ class GymSpec:
     betas: tuple[float, float] = (0.9, 0.999)
     lr_schedule: str = "constant"
     grad_clip: float = 1.0
-    lrs: tuple[tuple[str, float], ...] = (("clip_outlier", 5e-05), ("eopd", 5e-05), ("fkl_outlier", 5e-05),
-                                          ("gkd", 2e-04), ("mask_outlier", 5e-05), ("opd", 5e-05), ("sft", 1e-04),
-                                          ("trb", 2e-04), ("tropd", 5e-05))
+    lrs: tuple[tuple[str, float], ...] = (("clip_outlier", 1e-04), ("eopd", 1e-04), ("fkl_outlier", 5e-05),
+                                          ("gkd", 1e-04), ("mask_outlier", 5e-05), ("opd", 5e-05), ("sft", 1e-04),
+                                          ("trb", 1e-04), ("tropd", 1e-04))
     eval_every: int = 100
     top_k: int = 16
 
@@ -182,11 +182,15 @@ def _evaluator(spec: GymSpec, teacher_folder: Path | None, split: str = "heldout
     return GymEval(eval_problems(spec, split), build_tokenizer(), teacher, spec.max_new_tokens)
 
 
+def _train(args: tuple) -> str:
+    return str(trained_model(*args))
+
+
 def trained_models(spec: GymSpec, mismatches: Iterable[float], root: Path | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, workers: int = 1) -> dict:
     """Train (or find cached) the teacher and the starting student of each knob value, and evaluate each on this
     spec's held-out problems (afresh: the cache holds weights, not evaluations, so another held-out size never
-    shows a stale start). Returns their folders (``students`` keyed by the float) and evaluations
+    shows a stale start); models not cached yet train ``workers`` at a time. Returns their folders (``students`` keyed by the float) and evaluations
     (``teacher_eval``; ``start_eval`` keyed by :func:`tropd.gym.stats.level_name`)."""
     from tropd.models import load_causal_lm
 
@@ -194,11 +198,19 @@ def trained_models(spec: GymSpec, mismatches: Iterable[float], root: Path | None
         result = _evaluator(spec, teacher_folder)(load_causal_lm(folder)[0].eval())
         return {k: v for k, v in result.items() if k != "sample"}
 
+    mismatches = check_mismatch(mismatches)
     log(f"teacher: {spec.teacher}, SFT {spec.teacher_steps} steps")
+    plans = [(spec.teacher, spec.teacher_plan(), root)] + [(spec.student, spec.student_plan(m), root)
+                                                            for m in mismatches]
+    missing = [p for p in plans if not ((root or gym_cache()) / cache_key(p[0], p[1]) / "gym.json").is_file()]
+    if workers > 1 and len(missing) > 1:  # the teacher and the students are independent: train them side by side
+        log(f"training {len(missing)} models, {workers} at a time")
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_train, missing))
     teacher = trained_model(spec.teacher, spec.teacher_plan(), root, log)
     out = {"teacher": str(teacher), "teacher_eval": evaluate(teacher, None), "students": {}, "start_eval": {}}
     log(f"teacher held-out accuracy: {out['teacher_eval']['accuracy']:.3f}")
-    for mismatch in check_mismatch(mismatches):
+    for mismatch in mismatches:
         folder = trained_model(spec.student, spec.student_plan(mismatch), root, log)
         out["students"][mismatch] = str(folder)
         ev = out["start_eval"][level_name(mismatch)] = evaluate(folder, teacher)
@@ -341,7 +353,7 @@ def run_gym(spec: GymSpec, seeds: dict[str, int], mismatches: Iterable[float], w
     workdir = Path(workdir)
     start = time.perf_counter()
     quiet_progress_bars()
-    models = trained_models(spec, mismatches, cache, log)
+    models = trained_models(spec, mismatches, cache, log, workers)
     prompts = write_prompts(spec, workdir / spec.key() / "prompts.jsonl",
                             n=min(20000, max(200, spec.steps * spec.prompts_per_step)))
     specs = [replace(spec, lr=lr, lrs=()) for lr in lr_grid] or [spec]
