@@ -190,8 +190,9 @@ def trained_models(spec: GymSpec, mismatches: Iterable[float], root: Path | None
                    log: Callable[[str], None] = print, workers: int = 1) -> dict:
     """Train (or find cached) the teacher and the starting student of each knob value, and evaluate each on this
     spec's held-out problems (afresh: the cache holds weights, not evaluations, so another held-out size never
-    shows a stale start); models not cached yet train ``workers`` at a time. Returns their folders (``students`` keyed by the float) and evaluations
-    (``teacher_eval``; ``start_eval`` keyed by :func:`tropd.gym.stats.level_name`)."""
+    shows a stale start); models not cached yet train ``workers`` at a time. Returns their folders (``students``
+    keyed by the float) and evaluations (``teacher_eval``; ``start_eval`` keyed by
+    :func:`tropd.gym.stats.level_name`)."""
     from tropd.models import load_causal_lm
 
     def evaluate(folder: Path, teacher_folder: Path | None) -> dict:
@@ -270,8 +271,8 @@ def run_one(job: RunJob) -> dict:
         "rollout.max_new_tokens": spec.max_new_tokens, "rollout.rollouts_per_prompt": spec.rollouts_per_prompt,
         "data.prompts": job.prompts, "data.chat_template": False, "data.eval_prompts": 0,
         "train.steps": spec.steps, "train.prompts_per_step": spec.prompts_per_step,
-        "train.micro_batch_size": spec.prompts_per_step * spec.rollouts_per_prompt, "train.lr": job.lr, "train.betas": list(spec.betas),
-        "train.lr_schedule": spec.lr_schedule, "train.grad_clip": spec.grad_clip,
+        "train.micro_batch_size": spec.prompts_per_step * spec.rollouts_per_prompt, "train.lr": job.lr,
+        "train.betas": list(spec.betas), "train.lr_schedule": spec.lr_schedule, "train.grad_clip": spec.grad_clip,
         "train.sft_warmup_steps": 0, "train.save_every": 0, "train.progress": False, "train.seed": job.seed,
         "train.eval_every": spec.eval_every, "train.output_dir": str(run)})
     start = time.perf_counter()
