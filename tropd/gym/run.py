@@ -99,7 +99,9 @@ class GymSpec:
     """Everything that defines an experiment's models and budgets (not which methods, seeds or knob values run).
 
     ``lr`` is the learning rate of a method without an entry in ``lrs`` (``(method, lr)`` pairs chosen by the
-    validation sweep, docs/gym.md). Neither enters :meth:`key`: a run's folder names its own learning rate."""
+    validation sweep, docs/gym.md). Neither enters :meth:`key`: a run's folder names its own learning rate.
+    ``betas``, ``lr_schedule`` and ``grad_clip`` are every run's ``train.*`` optimizer settings (tropd's defaults;
+    ``benchmarks/gym.py --probes`` varies them)."""
 
     families: tuple[str, ...] = ("add", "modchain", "sort")
     teacher: DecoderSpec = TEACHER
