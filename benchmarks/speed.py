@@ -1,7 +1,7 @@
 """Loss kernels side by side: tropd, TRL and the naive floor, each in a fresh process (time and extra memory).
 
     python benchmarks/speed.py              # the issue's sizes; needs TRL (pip install 'tropd[bench]')
-    python benchmarks/speed.py --quick      # tiny sizes: checks the script in seconds
+    python benchmarks/speed.py --quick      # tiny sizes: checks the script in seconds (--jobs 2: two kernels at a time)
 
 Every kernel runs forward + backward of one loss over N response positions and a vocabulary of V, float32,
 in its own process: inputs are allocated, then the loss is timed (median of ``--repeats``; a single run at
@@ -23,6 +23,7 @@ Writes ``<out>/speed.json`` and ``<out>/speed.md``.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import platform
@@ -138,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per kernel at N < 8192 (median; the machine is noisy)")
     p.add_argument("--memory-gb", type=float, default=20.0, help="address-space limit of each kernel's process")
     p.add_argument("--kernels", default=",".join(FROM_LOGITS + FROM_HIDDEN), help="comma-separated kernels")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="kernel processes run at a time (more than 1 skews the timings: for checking the script)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for speed.{json,md}")
     p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -152,14 +155,18 @@ def main(argv=None) -> int:
 
     kernels = args.kernels.split(",")
     results = []
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     for n, v, h in QUICK_SIZES if args.quick else SIZES:
         row = {"N": n, "V": v, "H": h}
-        for kind in kernels:
-            repeats = 1 if n >= 8192 else args.repeats
-            if n >= 8192 and kind in ("opd", "trl_gkd"):
-                continue  # from full logits at this size: the point is that the fused path does not need them
-            row[kind] = run_one(kind, n, v, h, repeats, args.memory_gb)
-            print(f"N={n} V={v} {kind}: {row[kind]}", flush=True)
+        # from full logits at N = 8192 opd and trl_gkd are left out: the point is that the fused path needs no logits
+        todo = [kind for kind in kernels if not (n >= 8192 and kind in ("opd", "trl_gkd"))]
+        repeats = 1 if n >= 8192 else args.repeats
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each kernel in a process of its own
+            futures = {kind: pool.submit(run_one, kind, n, v, h, repeats, args.memory_gb) for kind in todo}
+            for kind in todo:
+                row[kind] = futures[kind].result()
+                print(f"N={n} V={v} {kind}: {row[kind]}", flush=True)
         results.append(row)
 
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -167,7 +174,8 @@ def main(argv=None) -> int:
     lines = [f"# Loss kernels, forward + backward, float32 ({'--quick' if args.quick else 'full'})", "",
              f"`python benchmarks/speed.py{' --quick' if args.quick else ''} --repeats {args.repeats}` on {machine}. "
              f"Each cell: seconds (median of {args.repeats} runs; 1 run at N = 8192) / extra peak memory; ratios "
-             "against the naive floor of the same input.", ""]
+             "against the naive floor of the same input."
+             + (f" Kernels ran {args.jobs} at a time: timings not comparable." if args.jobs > 1 else ""), ""]
     for row in results:
         lines += [f"## N = {row['N']}, V = {row['V']} (H = {row['H']})", "", "| kernel | seconds | extra GB | ratio |",
                   "|---|---|---|---|"]
