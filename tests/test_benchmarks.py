@@ -32,7 +32,7 @@ def test_speed_quick_runs_every_kernel(tmp_path):
 @pytest.mark.slow
 def test_step_quick_times_tropd_and_trl(tmp_path):
     assert _script("step").main(["--quick", "--steps", "2", "--tokens", "8", "--kinds", "trl_distill,trl_gkd,opd",
-                                 "--out", str(tmp_path)]) == 0
+                                 "--jobs", "2", "--out", str(tmp_path)]) == 0  # two runs at a time
     results = json.loads((tmp_path / "step_quick.json").read_text())["results"]
     for kind in ("trl_distill", "trl_gkd", "opd"):
         assert results[kind].get("total", 0) > 0, (kind, results[kind])
