@@ -183,13 +183,11 @@ def test_a_server_with_another_vocabulary_is_refused_at_start(dirs, tmp_path, ca
 @pytest.mark.slow
 def test_training_through_the_server_equals_in_process_and_survives_a_restart(dirs, tmp_path):
     """tropd with guidance (prefixes written by the server) and top-k scores; the server is killed after the
-    first step and restarted 2 s later: the run waits, retries, and ends as the in-process run does."""
+    first step and restarted at least 2 s later: the run waits, retries, and ends as the in-process run does
+    (made in this process meanwhile: the served run and the reference share the time)."""
     teacher_dir, student_dir = dirs
     cfg = dict(model={"student": str(student_dir), "student_layers": None, "teacher_retry_s": 60},
                data={"eval_prompts": 2}, train={"steps": 4, "save_every": 2})
-    local = write_config(tmp_path / "local", teacher_dir, **cfg)
-    assert main(["train", "--config", str(local)]) == 0  # the reference, in this process
-
     port = free_port()
     remote = write_config(tmp_path / "remote", teacher_dir, **cfg)
     run_dir = tmp_path / "remote" / "run"
@@ -199,12 +197,27 @@ def test_training_through_the_server_equals_in_process_and_survives_a_restart(di
                               f"model.teacher=http://127.0.0.1:{port}"], env=_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and '"step": 1' in metrics.read_text()) and time.monotonic() < deadline:
-        assert train.poll() is None, train.communicate()[1][-3000:]
-        time.sleep(0.05)
-    stack.close()  # the server goes down mid-run
-    time.sleep(2)
+    outage = {}
+
+    def take_the_server_down_after_step_1() -> None:
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and '"step": 1' in metrics.read_text()) and time.monotonic() < deadline:
+            if train.poll() is not None:
+                break
+            time.sleep(0.05)
+        outage["mid_run"] = train.poll() is None
+        stack.close()  # the server goes down mid-run
+        outage["at"] = time.monotonic()
+
+    watcher = threading.Thread(target=take_the_server_down_after_step_1)
+    watcher.start()
+    try:
+        local = write_config(tmp_path / "local", teacher_dir, **cfg)
+        assert main(["train", "--config", str(local)]) == 0  # the reference, in this process
+    finally:
+        watcher.join()
+    assert outage["mid_run"], train.communicate()[1][-3000:]
+    time.sleep(max(0.0, 2.0 - (time.monotonic() - outage["at"])))
     with server(teacher_dir, port):
         out, err = train.communicate(timeout=600)
     assert train.returncode == 0, err[-3000:]
