@@ -82,9 +82,14 @@ def dirs(teacher_dir, tmp_path_factory):
     return teacher_dir, root / "student"
 
 
+#: the token of the module's server (`url`): its clients pass it, and a client without it is refused
+TOKEN = "s3cret"
+
+
 @pytest.fixture(scope="module")
 def url(dirs):
-    with server(dirs[0]) as u:
+    """The module's server of the tiny teacher, token-protected (one server start for the tests that share it)."""
+    with server(dirs[0], token=TOKEN) as u:
         yield u
 
 
@@ -98,12 +103,12 @@ def test_scores_equal_in_process_scores(dirs, url):
     teacher = AutoModelForCausalLM.from_pretrained(dirs[0])
     batch = _batch(dirs[1], [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]])
     local = InProcessTeacher(teacher).score(batch, ALL_NEEDS)
-    remote = RemoteTeacher(url).score(batch, ALL_NEEDS)
+    remote = RemoteTeacher(url, token=TOKEN).score(batch, ALL_NEEDS)
     for name, value in local.as_kwargs().items():
         got = getattr(remote, name)
         assert got.dtype == value.dtype and got.shape == value.shape, name
         torch.testing.assert_close(got, value, atol=1e-5, rtol=0, msg=name)
-    assert RemoteTeacher(url).score(batch, Needs(teacher_logprobs=False)).teacher_logprobs is None
+    assert RemoteTeacher(url, token=TOKEN).score(batch, Needs(teacher_logprobs=False)).teacher_logprobs is None
 
 
 def test_written_rows_equal_in_process_rows(dirs, url):
@@ -112,7 +117,7 @@ def test_written_rows_equal_in_process_rows(dirs, url):
     contexts, budgets = [[5, 6], [7, 8, 9, 10], [11]], torch.tensor([6, 2, 4])
     streams = RowStreams.of(3, 3, step=5)
     local = teacher_rows(InProcessTeacher(teacher), contexts, cfg, budgets, streams)
-    remote = teacher_rows(RemoteTeacher(url), contexts, cfg, budgets, streams)
+    remote = teacher_rows(RemoteTeacher(url, token=TOKEN), contexts, cfg, budgets, streams)
     for a, b in zip(local, remote):
         assert a.tokens.tolist() == b.tokens.tolist() and (a.eos, a.truncated) == (b.eos, b.truncated)
         torch.testing.assert_close(b.behavior_logprobs, a.behavior_logprobs, atol=1e-5, rtol=0)
@@ -121,7 +126,7 @@ def test_written_rows_equal_in_process_rows(dirs, url):
 def test_concurrent_requests_share_batches(dirs, url):
     teacher = AutoModelForCausalLM.from_pretrained(dirs[0])
     batches = [_batch(dirs[1], [[5 + i, 6], [7, 8, 9 + i][: 2 + i % 2]], seed=i) for i in range(8)]
-    client = RemoteTeacher(url)
+    client = RemoteTeacher(url, token=TOKEN)
     before = client._request("GET", "/v1/info").json()["stats"]
     results = [None] * len(batches)
 
@@ -157,14 +162,12 @@ def test_a_server_that_does_not_answer_is_one_clear_error():
             RemoteTeacher(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout_s=0.5, retry_s=1)
 
 
-@pytest.mark.slow
-def test_a_token_protected_server_refuses_other_clients(dirs):
-    with server(dirs[0], token="s3cret") as u:
-        with pytest.raises(TeacherServerError, match="HTTP 401: missing or wrong token"):
-            RemoteTeacher(u, token="")
-        with pytest.raises(TeacherServerError, match="HTTP 401"):
-            RemoteTeacher(u, token="wrong")
-        assert RemoteTeacher(u, token="s3cret").vocab_size == 64
+def test_a_token_protected_server_refuses_other_clients(url):
+    with pytest.raises(TeacherServerError, match="HTTP 401: missing or wrong token"):
+        RemoteTeacher(url, token="")
+    with pytest.raises(TeacherServerError, match="HTTP 401"):
+        RemoteTeacher(url, token="wrong")
+    assert RemoteTeacher(url, token=TOKEN).vocab_size == 64
 
 
 @pytest.mark.slow
