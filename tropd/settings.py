@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from typing import Any
 
 
@@ -35,6 +36,19 @@ def require(ok: bool, key: str, what: str) -> None:
 def is_number(value: Any) -> bool:
     """A finite int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict = 2, 4, 4, 4
+_BRIEF.maxstring = _BRIEF.maxother = 60
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, without building the whole of it first: an error message
+    shows a value given by the user this way (a list of a million items, or one that YAML aliases expanded,
+    prints as its first items and ``...``)."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def is_int(value: Any) -> bool:

@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tropd.settings import brief
+
 
 class ObjectiveKeywordError(ValueError, TypeError):
     """A keyword value of the wrong type or outside its range (a ValueError and a TypeError: either catch works);
@@ -89,7 +91,7 @@ def check_keywords(name: str, init: Callable, values: dict[str, Any], ranges: di
     for key, value in values.items():
         tp, allowed = hints.get(key), ranges.get(key)
         what = (_describe(tp) if tp is not None else "a number") + (f" in {allowed}" if allowed is not None else "")
-        shown = f"{value!r} ({type(value).__name__})" if isinstance(value, bool) else repr(value)
+        shown = f"{value!r} ({type(value).__name__})" if isinstance(value, bool) else brief(value)
         if tp is not None and not _accepts(value, tp):
             raise ObjectiveKeywordError(f"{name}: {key} must be {what}, got {shown}", key)
         if allowed is not None and isinstance(value, numbers.Real) and not isinstance(value, bool):

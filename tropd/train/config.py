@@ -27,7 +27,7 @@ from tropd.objectives.head import FUSED_CHUNK
 from tropd.rollout.guidance import GuidanceConfig
 from tropd.rollout.sampling import KV_CACHES
 from tropd.rollout.trb import TRBConfig
-from tropd.settings import ConfigError, setting
+from tropd.settings import ConfigError, brief, setting
 from tropd.teacher.remote import is_url
 from tropd.teacher.scoring import TEACHER_CHUNK
 from tropd.train.schedule import SCHEDULES
@@ -344,7 +344,7 @@ def _from_dict(cls: type, data: dict, prefix: str) -> Any:
             kwargs[key] = _from_dict(tp, value, f"{prefix}{key}.")
             continue
         if not _type_ok(value, tp):
-            raise ConfigError(f"{prefix}{key}={value!r} has the wrong type; expected {_type_name(tp)}",
+            raise ConfigError(f"{prefix}{key}={brief(value)} has the wrong type; expected {_type_name(tp)}",
                               f"{prefix}{key}")
         kwargs[key] = _coerce(value, tp)
     return cls(**kwargs)
@@ -395,10 +395,7 @@ def apply_override(data: dict, item: str) -> str:
     if key in path_keys():  # 'runs/exp #2', 'null', '~' and '2024' are folder names here
         _set(data, key, raw if raw != "" else None, f"command-line override {key}")
         return key
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"command-line override {key}: cannot parse {raw!r}: {err}") from None
+    value = load_yaml(raw, f"command-line override {key}={brief(raw)}") if raw != "" else None
     if isinstance(value, str) and _looks_numeric(value):
         value = float(value)
     _set(data, key, value, f"command-line override {key}")
@@ -474,17 +471,88 @@ def _refuse_duplicate_keys(node: yaml.Node, source: Path, prefix: str = "") -> N
         _refuse_duplicate_keys(value_node, source, f"{key}." if key is not None else prefix)
 
 
+#: The most values (scalars, lists and mappings, counted after expanding YAML aliases) one config file or one
+#: command-line value may hold. A run's config holds a few hundred; aliases (``*name``) can make a file of a few
+#: lines stand for billions (an "alias bomb"), which would exhaust memory before any check ran.
+MAX_YAML_VALUES = 100_000
+
+
+def yaml_error_line(err: yaml.YAMLError) -> str:
+    """A PyYAML error as one line: ``line L, column C: <problem> (<context> at line L', column C')``."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        return lines[0] if lines else type(err).__name__
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {' '.join(problem.split())}"
+    context, where = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context:
+        context = " ".join(context.split())
+        at = (f" at line {where.line + 1}, column {where.column + 1}" if where is not None
+              and (where.line, where.column) != (mark.line, mark.column) else "")
+        text += f" ({context}{at})"
+    return text
+
+
+def _check_expansion(root: yaml.Node, where: str) -> None:
+    """Refuse a YAML document that aliases expand to more than :data:`MAX_YAML_VALUES` values, or that holds
+    itself (an alias inside its own anchor), counting without expanding (each node's size once)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise ConfigError(f"{where}: a YAML alias (*name) refers to a value that contains it (line "
+                              f"{node.start_mark.line + 1}), which would be infinite; write the values out")
+        open_nodes.add(key)
+        children = (node.value if isinstance(node, yaml.SequenceNode)
+                    else [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else ())
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_VALUES:
+                raise ConfigError(f"{where}: holds more than {MAX_YAML_VALUES:,} values, YAML aliases (*name) "
+                                  f"counted as often as they are used (at line {node.start_mark.line + 1}); a run's "
+                                  "config holds a few hundred: write the values out instead of repeating aliases")
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+def load_yaml(text: str, where: str, source: Path | None = None) -> Any:
+    """``yaml.safe_load(text)``, refusing in one line (a :class:`ConfigError` starting with ``where``) what it cannot
+    parse, a document that aliases blow up (:func:`_check_expansion`) and, for a config file ``source``, a key
+    given twice (:func:`_refuse_duplicate_keys`)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        if source is not None:
+            _refuse_duplicate_keys(node, source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {yaml_error_line(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        what = "does not exist" if not path.exists() else "is not a regular file"
+        raise ConfigError(f"config file {path} {what}")
     try:
         text = path.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None:
-            _refuse_duplicate_keys(node, path)
-        data = yaml.safe_load(text) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+    data = load_yaml(text, f"config file {path}", path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     return data

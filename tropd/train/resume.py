@@ -17,12 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from tropd.files import write_text_atomic
 from tropd.train.checkpoint import (ResumeState, clean_partial_saves, latest_checkpoint,
                                     restore_interrupted_saves)
-from tropd.train.config import ConfigError, RunConfig
+from tropd.train.config import ConfigError, RunConfig, load_yaml
 from tropd.train.lock import LOCK_FILE
 from tropd.train.prompts import data_fingerprint
 
@@ -88,9 +86,10 @@ def open_run(cfg: RunConfig, resume: bool, override_config: bool = False, clean:
         raise FileNotFoundError(f"--resume: {run_dir} holds no run ({saved_path} is missing); run without --resume")
     opened = OpenedRun(notes=tidy_checkpoints(run_dir) if clean else [])
     try:
-        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ValueError(f"{saved_path} is not valid YAML ({err}); restore it or start a fresh run") from None
+        saved = load_yaml(saved_path.read_text(encoding="utf-8"), str(saved_path)) or {}
+    except (ConfigError, UnicodeDecodeError) as err:
+        raise ValueError(f"{err if isinstance(err, ConfigError) else f'{saved_path} is not UTF-8'}; restore it or "
+                         "start a fresh run") from None
     opened.changes = config_changes(saved, cfg.to_dict())
     opened.data = data_fingerprint(cfg.data.prompts)
     data_path = run_dir / DATA_FILE
