@@ -98,3 +98,28 @@ def test_a_yaml_syntax_error_in_a_command_line_value_is_one_line(tmp_path, teach
 def test_a_config_path_that_is_no_regular_file_is_refused(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path)]) == 2
     assert one_error_line(capsys) == f"tropd train: error: config file {tmp_path} is not a regular file\n"
+
+
+# -- values no run can use, refused before any model loads ---------------------------------------------------
+def test_a_seed_past_the_data_order_streams_is_refused_up_front(tmp_path, teacher_dir, capsys):
+    # before: accepted, then "Overflow when unpacking long long" after the models loaded, the folder left non-empty
+    config = write_config(tmp_path, teacher_dir)
+    for seed in ("20000000", "-1"):
+        assert main(["train", "--config", str(config), f"train.seed={seed}"]) == 2
+        err = one_error_line(capsys)
+        assert f"command-line override 'train.seed={seed}': train.seed={seed} must be in [0, 18,446,080]" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_seed_limit_is_the_real_one():
+    import torch
+
+    from tropd.train.seeds import max_seed
+    from tropd.train.trainer import step_generator
+
+    for steps in (1, 200, 2_000_000):
+        step_generator(max_seed(steps), steps - 1)  # the largest seed allowed works at the last step
+        with pytest.raises((RuntimeError, ValueError), match="Overflow"):
+            step_generator(max_seed(steps) + 1, steps - 1)
+    load_config(None, ["train.seed=18446080"])
+    torch.manual_seed(max_seed(1))

@@ -31,6 +31,7 @@ from tropd.settings import ConfigError, brief, setting
 from tropd.teacher.remote import is_url
 from tropd.teacher.scoring import TEACHER_CHUNK
 from tropd.train.schedule import SCHEDULES
+from tropd.train.seeds import max_seed
 
 
 @dataclass
@@ -139,7 +140,9 @@ class TrainConfig:
                                           "counted in the metrics); this many in a row stop the run.")
     sft_warmup_steps: int = setting(0, "First steps trained with 'sft' on teacher-written responses to heal a "
                                        "student far from the teacher before on-policy training.")
-    seed: int = setting(0, "Seed of every random stream (sampling, trust masks, data order).")
+    seed: int = setting(0, "Seed of every random stream (sampling, trust masks, data order): an integer in [0, "
+                           "18,446,080] (the data order's torch generator takes 64-bit seeds: "
+                           "tropd/train/seeds.py).")
     output_dir: str | None = setting(None, "Run directory (metrics.jsonl, checkpoints, report); null = "
                                            "runs/<objective>-<date-time>. --resume needs it named.", path=True)
     save_every: int = setting(50, "Checkpoint every N steps (0 = only at the end).")
@@ -233,6 +236,11 @@ class RunConfig:
         _check(t.steps >= 1, "train.steps", "must be >= 1")
         _check(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         _check(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        limit = max_seed(t.steps)
+        if not 0 <= t.seed <= limit:
+            raise ConfigError(f"train.seed={t.seed} must be in [0, {limit:,}]: each step's data order is drawn from a "
+                              "torch generator seeded with (seed * 1000003 + step) * 1000033, and torch takes seeds "
+                              "below 2**64 only", "train.seed")
         _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "must be a positive number")
         _check(t.lr_schedule in SCHEDULES, "train.lr_schedule", f"must be one of {', '.join(SCHEDULES)}")
         _check(0 <= t.lr_warmup_steps < t.steps, "train.lr_warmup_steps", f"must be in [0, train.steps={t.steps})")

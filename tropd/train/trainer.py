@@ -42,6 +42,7 @@ from tropd.train.checkpoint import ResumeState, load_trainer_state, save_checkpo
 from tropd.train.config import RunConfig
 from tropd.train.errors import NonFiniteTrainingError
 from tropd.train.schedule import lr_at
+from tropd.train.seeds import step_seed
 from tropd.train.sharding import full_weights, gathered_state, is_sharded, shard_optimizer_state
 from tropd.train.tracking import MetricsLog
 
@@ -50,7 +51,7 @@ _SUMMED = ("loss", "num_tokens", "student_tokens")
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The random stream of one step's data order (the same on every process)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033)
+    return torch.Generator().manual_seed(step_seed(seed, step))  # in torch's range: train.seed is checked
 
 
 @dataclass
