@@ -36,6 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from tropd.files import write_text_atomic
+from tropd.settings import ConfigError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SOURCE_MARKER = "tropd_source.json"
@@ -365,6 +366,77 @@ def _check_gguf(path: Path) -> None:
     if data_end > size:
         raise ValueError(f"{path} is truncated (its header describes {data_end} bytes of metadata and tensors, "
                          f"the file has {size}): {_FIX}")
+
+
+def _gguf_facts(path: Path) -> dict[str, int]:
+    """``{"layers", "context"}`` from a GGUF file's metadata (``<arch>.block_count``, ``<arch>.context_length``),
+    reading its header only; {} when the header does not parse (loading the file says why)."""
+    found: dict[str, object] = {}
+    try:
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF" or len(buf) < 24:
+                return {}
+            version, _, n_kv = struct.unpack_from("<IQQ", buf, 4)
+            if version not in _GGUF_VERSIONS:
+                return {}
+            pos, u32, u64 = 24, struct.Struct("<I"), struct.Struct("<Q")
+            for _ in range(min(n_kv, 10_000)):
+                (length,) = u64.unpack_from(buf, pos)
+                key = bytes(buf[pos + 8:pos + 8 + length]).decode("utf-8", "replace")
+                pos += 8 + length
+                (value_type,) = u32.unpack_from(buf, pos)
+                pos += 4
+                if value_type in _GGUF_INT:
+                    found[key] = struct.unpack_from(_GGUF_INT[value_type], buf, pos)[0]
+                    pos += _GGUF_WIDTH[value_type]
+                elif value_type in _GGUF_WIDTH:
+                    pos += _GGUF_WIDTH[value_type]
+                elif value_type == 8:
+                    (size,) = u64.unpack_from(buf, pos)
+                    found[key] = bytes(buf[pos + 8:pos + 8 + size]).decode("utf-8", "replace")
+                    pos += 8 + size
+                elif value_type == 9:  # an array: skipped (the vocabulary's comes after the keys read here)
+                    element_type, count = struct.unpack_from("<IQ", buf, pos)
+                    pos += 12
+                    if element_type in _GGUF_WIDTH:
+                        pos += count * _GGUF_WIDTH[element_type]
+                    elif element_type == 8:
+                        for _ in range(count):
+                            pos += 8 + u64.unpack_from(buf, pos)[0]
+                    else:
+                        break
+                else:
+                    break
+                arch = found.get("general.architecture")
+                if isinstance(arch, str) and f"{arch}.block_count" in found and f"{arch}.context_length" in found:
+                    break
+    except (OSError, ValueError, struct.error):
+        return {}
+    arch = found.get("general.architecture")
+    facts = {"layers": found.get(f"{arch}.block_count"), "context": found.get(f"{arch}.context_length")}
+    return {k: v for k, v in facts.items() if isinstance(v, int) and v > 0}
+
+
+def model_facts(name: str | os.PathLike) -> dict[str, int]:
+    """What a model's files say before it loads: ``{"layers": decoder layers, "context": longest sequence in
+    tokens}`` (either may be absent) of an HF folder (its ``config.json``), a .gguf file (its metadata) or
+    ``"smollm2"``; {} for anything else (a teacher server) or files that do not say (loading them says why).
+    Lets a run refuse, before loading anything, settings these numbers rule out (``model.student_layers``,
+    ``rollout.max_new_tokens``)."""
+    path = Path(resolve_model_name(name)).expanduser()
+    try:
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return _gguf_facts(path)
+        if not (path / "config.json").is_file():
+            return {}
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    facts = {"layers": text.get("num_hidden_layers"), "context": text.get("max_position_embeddings")}
+    return {k: v for k, v in facts.items() if isinstance(v, int) and not isinstance(v, bool) and v > 0}
 
 
 # ------------------------------------------------------------------------------- library errors, one line
@@ -800,6 +872,15 @@ def prune_layers(model: PreTrainedModel, keep: list[int] | int) -> PreTrainedMod
 # ------------------------------------------------------------------------------------------ a run's student
 
 
+def check_student_layers(keep: int, teacher_layers: int | None, teacher: str) -> None:
+    """Raise :class:`~tropd.settings.ConfigError` naming ``model.student_layers`` when ``keep`` exceeds the
+    ``teacher_layers`` of ``teacher`` (None: not known yet)."""
+    if teacher_layers is not None and keep > teacher_layers:
+        raise ConfigError(f"model.student_layers={keep} is more than the {teacher_layers} decoder layers of the "
+                          f"teacher {teacher}; keep at most {teacher_layers} (null keeps them all)",
+                          "model.student_layers")
+
+
 def base_student(m, device: str | torch.device, teacher: PreTrainedModel | None = None, tokenizer=None):
     """``(student, tokenizer)`` as a run starts, from ``m``, the model section of a run's config
     (:class:`tropd.train.config.ModelConfig`): ``m.student`` loaded, else derived from the teacher (pruned to
@@ -812,6 +893,7 @@ def base_student(m, device: str | torch.device, teacher: PreTrainedModel | None 
     if teacher is None:
         teacher, tokenizer = load_named_model(m.teacher, DTYPES[m.teacher_dtype or m.dtype], device)
     if m.student_layers is not None:
+        check_student_layers(m.student_layers, teacher.config.get_text_config().num_hidden_layers, m.teacher)
         student = prune_layers(teacher, m.student_layers)
     elif m.shares_teacher_base():
         student = teacher

@@ -48,7 +48,8 @@ def test_an_alias_bomb_under_a_valid_key_is_refused_at_once_naming_the_file(tmp_
 def test_an_alias_bomb_in_a_command_line_value_is_refused(tmp_path, teacher_dir, capsys):
     levels = [f"&a0 [{', '.join(['1'] * 9)}]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
     start = time.process_time()
-    assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), f"train.betas=[{', '.join(levels)}]"]) == 2
+    config = write_config(tmp_path, teacher_dir)
+    assert main(["train", "--config", str(config), f"train.betas=[{', '.join(levels)}]"]) == 2
     assert time.process_time() - start < 5
     err = one_error_line(capsys)
     assert "command-line override train.betas=" in err and "holds more than" in err and len(err) < 400
@@ -123,3 +124,88 @@ def test_the_seed_limit_is_the_real_one():
             step_generator(max_seed(steps) + 1, steps - 1)
     load_config(None, ["train.seed=18446080"])
     torch.manual_seed(max_seed(1))
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if a run loads a model: what it refuses must be refused before."""
+    def load_models(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("tropd.train.build.load_models", load_models)
+
+
+def test_a_tracker_that_is_not_installed_is_refused_up_front(tmp_path, teacher_dir, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # not installed, whatever this machine has
+    assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), "train.report_to=[wandb]"]) == 2
+    assert "train.report_to has wandb, which is not installed: pip install wandb, or drop it from " \
+           "train.report_to" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_response_budget_past_the_context_is_refused_before_any_model_loads(tmp_path, teacher_dir, capsys,
+                                                                               no_model_loads):
+    config = write_config(tmp_path, teacher_dir)
+    for extra in ([], ["data.max_prompt_tokens=8"]):  # before, an explicit prompt limit skipped the check
+        assert main(["train", "--config", str(config), "rollout.max_new_tokens=50000000", *extra]) == 2
+        assert ("rollout.max_new_tokens=50000000 leaves no room for a prompt in the models' context of 256 tokens; "
+                "lower it below 256") in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_student_layers_than_the_teacher_has_is_refused_before_any_model_loads(tmp_path, teacher_dir, capsys,
+                                                                                   no_model_loads):
+    assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), "model.student_layers=1000"]) == 2
+    assert (f"model.student_layers=1000 is more than the 4 decoder layers of the teacher {teacher_dir}; keep at "
+            "most 4") in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_embedded_teachers_layers_and_context_are_read_from_its_gguf_header():
+    from tropd.models import model_facts
+    from tropd.train.build import check_model_files
+
+    assert model_facts("smollm2") == {"layers": 30, "context": 8192}
+    with pytest.raises(ConfigError, match="model.student_layers=1000 is more than the 30 decoder layers"):
+        check_model_files(load_config(None, ["model.student_layers=1000"]))
+    with pytest.raises(ConfigError, match="rollout.max_new_tokens=8192 leaves no room .* context of 8192 tokens"):
+        check_model_files(load_config(None, ["rollout.max_new_tokens=8192"]))
+
+
+def test_what_the_files_do_not_say_is_refused_right_after_loading(teacher_dir):
+    from tropd.models import base_student, load_causal_lm
+
+    teacher, tok = load_causal_lm(teacher_dir)
+    m = load_config(None, [f"model.teacher={teacher_dir}", "model.student_layers=5"]).model
+    with pytest.raises(ConfigError, match="model.student_layers=5 is more than the 4 decoder layers") as err:
+        base_student(m, "cpu", teacher, tok)
+    assert err.value.key == "model.student_layers"
+
+
+@pytest.mark.parametrize("rows, skip, why", [
+    ("", False, "it holds no rows"),
+    ("\n  \n", True, "it holds no rows"),
+    ('{"nope": 1}\n{"prompt": " "}\n', True, "all 2 of its rows are malformed (data.skip_bad_rows skipped them; "
+                                              "the first: {path}:line 1: field 'prompt': missing"),
+])
+def test_a_data_file_with_no_usable_row_is_refused_before_any_model_loads(tmp_path, teacher_dir, capsys,
+                                                                          no_model_loads, rows, skip, why):
+    data = tmp_path / "data.jsonl"
+    data.write_text(rows)
+    assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), f"data.prompts={data}",
+                 f"data.skip_bad_rows={str(skip).lower()}"]) == 2
+    assert f"data.prompts={data}: no prompt to train on: {why.format(path=data)}" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("row, field", [
+    ('{"prompt": ""}', "prompt"),
+    ('{"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": "  "}]}', "prompt"),
+    ('{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "hi"}]}', "messages"),
+])
+def test_an_empty_prompt_is_refused_naming_file_line_and_field(tmp_path, teacher_dir, capsys, no_model_loads,
+                                                               row, field):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "fine"}\n' + row + "\n")
+    assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), f"data.prompts={data}"]) == 2
+    assert f"{data}:line 2: field '{field}': empty prompt" in one_error_line(capsys)

@@ -132,6 +132,14 @@ def _messages(value: Any, field_name: str) -> list[dict[str, str]]:
 
 
 def _prompt_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages = _prompt_turns(row)
+    if not any(m["content"].strip() for m in messages):
+        field_name = "prompt" if not _missing(row, "prompt") else "messages"
+        raise _RowError(field_name, "empty prompt: every turn's content is blank")
+    return messages
+
+
+def _prompt_turns(row: Mapping[str, Any]) -> list[dict[str, str]]:
     has_prompt, has_messages = not _missing(row, "prompt"), not _missing(row, "messages")
     if has_prompt and has_messages:
         raise _RowError("prompt", "give either 'prompt' or 'messages', not both")

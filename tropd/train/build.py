@@ -34,9 +34,9 @@ from torch import nn
 from tropd.eval.distill import DistillEval
 from tropd.forward import enable_gradient_checkpointing
 from tropd.lora import AdaptersDisabled, add_adapters, is_adapter_folder, load_adapters
-from tropd.models import (DTYPES, base_student, check_compatible, check_models_compatible, context_length,
-                          describe_size, load_causal_lm, load_named_model, logits_vocab_size, prepare_tokenizer,
-                          quiet_progress_bars, resolve_device)
+from tropd.models import (DTYPES, base_student, check_compatible, check_models_compatible, check_student_layers,
+                          context_length, describe_size, load_causal_lm, load_named_model, logits_vocab_size,
+                          model_facts, prepare_tokenizer, quiet_progress_bars, resolve_device)
 from tropd.objectives import Objective, get_objective
 from tropd.rollout import SamplingConfig
 from tropd.rollout.sampler import KVCacheSampler, Sampler
@@ -91,6 +91,7 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, resume_from: Path | N
     key), as ``load_config`` validates a config file, so a config built or changed in code is checked the same
     way before anything is read or loaded."""
     cfg.validate()
+    check_model_files(cfg)
     train_rows, held_out = read_prompts(cfg)
     objective, warmup = build_objectives(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -160,18 +161,39 @@ def read_prompts(cfg: RunConfig) -> tuple[list, list]:
     return train_rows, held_out
 
 
+# -- what the model files rule out ----------------------------------------------------------------------------
+def check_model_files(cfg: RunConfig) -> None:
+    """Refuse, before any model loads, the settings that the models' files already rule out
+    (:func:`~tropd.models.model_facts`: an HF folder's config.json, a GGUF file's metadata): more
+    ``model.student_layers`` than the teacher has, and a ``rollout.max_new_tokens`` that leaves no room for a prompt
+    in the context. What the files do not say is checked once the models are loaded (:func:`base_student`,
+    :func:`prompt_token_limit`)."""
+    m = cfg.model
+    teacher = {} if is_url(m.teacher) else model_facts(m.teacher)
+    student = model_facts(m.student) if m.student is not None else teacher  # a pruned student keeps the context
+    if m.student is None and m.student_layers is not None:
+        check_student_layers(m.student_layers, teacher.get("layers"), m.teacher)
+    check_response_budget(cfg, [f["context"] for f in (teacher, student) if "context" in f])
+
+
+def check_response_budget(cfg: RunConfig, contexts: list[int]) -> None:
+    """``rollout.max_new_tokens`` below the shorter of the models' ``contexts`` (room for a prompt is left)."""
+    budget = cfg.rollout.max_new_tokens
+    if contexts and budget >= min(contexts):
+        raise ConfigError(f"rollout.max_new_tokens={budget} leaves no room for a prompt in the models' context of "
+                          f"{min(contexts)} tokens; lower it below {min(contexts)}", "rollout.max_new_tokens")
+
+
 def prompt_token_limit(cfg: RunConfig, student: nn.Module, teacher: Teacher) -> int:
-    """``data.max_prompt_tokens``, or the shorter model context minus ``rollout.max_new_tokens``."""
+    """``data.max_prompt_tokens``, or the shorter model context minus ``rollout.max_new_tokens`` (checked to leave
+    room for a prompt)."""
+    contexts = [c for c in (context_length(student), teacher.context_length) if c is not None]
+    check_response_budget(cfg, contexts)
     if cfg.data.max_prompt_tokens is not None:
         return cfg.data.max_prompt_tokens
-    contexts = [c for c in (context_length(student), teacher.context_length) if c is not None]
     if not contexts:
         return 1 << 30
-    limit = min(contexts) - cfg.rollout.max_new_tokens
-    if limit < 1:
-        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt in the "
-                          f"models' context of {min(contexts)} tokens; lower it", "rollout.max_new_tokens")
-    return limit
+    return min(contexts) - cfg.rollout.max_new_tokens
 
 
 def encode_prompts(cfg: RunConfig, rows, tok, limit: int, kind: str, notes: list[str]) -> list[list[int] | None]:

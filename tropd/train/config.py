@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib.util
 import math
 import types
 import typing
@@ -32,6 +33,10 @@ from tropd.teacher.remote import is_url
 from tropd.teacher.scoring import TEACHER_CHUNK
 from tropd.train.schedule import SCHEDULES
 from tropd.train.seeds import max_seed
+
+
+#: ``train.report_to``'s loggers; each is the module a run imports (checked to be installed before a run starts)
+TRACKERS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -257,7 +262,9 @@ class RunConfig:
         _check(self.data.max_prompt_tokens is None or self.data.max_prompt_tokens >= 1, "data.max_prompt_tokens",
                "must be >= 1 or null")
         for name in t.report_to:
-            _check(name in ("tensorboard", "wandb"), "train.report_to", f"has {name!r}; allowed: tensorboard, wandb")
+            _check(name in TRACKERS, "train.report_to", f"has {brief(name)}; allowed: {', '.join(TRACKERS)}")
+            _check(importlib.util.find_spec(name) is not None, "train.report_to",
+                   f"has {name}, which is not installed: pip install {name}, or drop it from train.report_to")
         return self
 
     def run_dir(self) -> Path:

@@ -20,7 +20,12 @@ def prompts_for(source: str, split: str, seed: int = 0, skip_bad_rows: bool = Fa
         return builtin_prompts(split)
     if source in list_suites():
         return get_suite(source).examples(split, SUITE_SIZES[split], seed)
-    rows = load_prompts(source, on_error="skip" if skip_bad_rows else "raise").rows
+    loaded = load_prompts(source, on_error="skip" if skip_bad_rows else "raise")
+    if not loaded.rows:  # refused here, before any model loads
+        why = (f"all {loaded.skipped} of its rows are malformed (data.skip_bad_rows skipped them; the first: "
+               f"{loaded.errors[0]})" if loaded.skipped else "it holds no rows")
+        raise ValueError(f"data.prompts={source}: no prompt to train on: {why}")
+    rows = loaded.rows
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_test = len(rows) // 10

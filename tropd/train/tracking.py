@@ -23,13 +23,15 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise RuntimeError("train.report_to has tensorboard but it is not installed: pip install tensorboard") from err
+                raise ValueError("train.report_to has tensorboard, which is not installed: pip install tensorboard, "
+                                 "or drop it from train.report_to") from err
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         if "wandb" in report_to:
             try:
                 import wandb
             except ImportError as err:
-                raise RuntimeError("train.report_to has wandb but it is not installed: pip install wandb") from err
+                raise ValueError("train.report_to has wandb, which is not installed: pip install wandb, or drop it "
+                                 "from train.report_to") from err
             self._wandb = wandb.init(project="tropd", dir=str(run_dir), config=config, resume="allow")
 
     def _truncate_after(self, step: int | None) -> None:
