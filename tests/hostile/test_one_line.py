@@ -209,3 +209,51 @@ def test_an_empty_prompt_is_refused_naming_file_line_and_field(tmp_path, teacher
     data.write_text('{"prompt": "fine"}\n' + row + "\n")
     assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), f"data.prompts={data}"]) == 2
     assert f"{data}:line 2: field '{field}': empty prompt" in one_error_line(capsys)
+
+
+# -- data files ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, text, where", [
+    ("deep.jsonl", '{"prompt": "fine"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "line 2: field '<json>'"),
+    ("deep.json", '[{"prompt": "fine"},\n {"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}]\n",
+     "line 2: field '<json>'"),
+])
+def test_deeply_nested_json_is_one_line(tmp_path, teacher_dir, capsys, no_model_loads, name, text, where):
+    # before: a RecursionError traceback
+    data = tmp_path / name
+    data.write_text(text)
+    assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), f"data.prompts={data}"]) == 2
+    assert f"{data}:{where}: nested too deeply to parse" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("row, field", [
+    ('{"prompt": "hi \\ud800 there"}', "prompt"),
+    ('{"messages": [{"role": "user", "content": "ok \\udfff"}]}', "messages[0].content"),
+])
+def test_a_lone_surrogate_in_a_prompt_is_one_line(tmp_path, teacher_dir, capsys, no_model_loads, row, field):
+    # before: "TypeError: TextEncodeInput must be Union[...]" from the tokenizer, after the models loaded
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "fine"}\n' + row + "\n")
+    assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), f"data.prompts={data}"]) == 2
+    assert f"{data}:line 2: field '{field}': holds a lone surrogate" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_behind_a_data_path_is_refused_without_reading(tmp_path, teacher_dir, capsys,
+                                                                         no_model_loads, kind):
+    # before: a FIFO blocked forever, /dev/zero was read without bound
+    import os
+
+    data = tmp_path / "data.jsonl"
+    if kind == "fifo":
+        os.mkfifo(data)
+    else:
+        data.symlink_to("/dev/zero")
+    what = "a FIFO (named pipe)" if kind == "fifo" else "a character device"
+    assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), f"data.prompts={data}"]) == 2
+    assert f"{data}: field '<file>': is {what}, not a regular file" in one_error_line(capsys)
+    from tropd.tasks import DataFormatError, load_prompts
+    from tropd.train.prompts import data_fingerprint
+
+    for read in (load_prompts, data_fingerprint):  # neither opens it
+        with pytest.raises(DataFormatError, match="not a regular file"):
+            read(data)

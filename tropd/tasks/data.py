@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +116,18 @@ def _missing(row: Mapping[str, Any], key: str) -> bool:
     return row.get(key) is None
 
 
+def _text(value: str, field_name: str) -> str:
+    """``value``, refused when it is not text a tokenizer can encode: a lone surrogate (``"\\ud800"`` in JSON
+    without its pair) makes every tokenizer fail with an unrelated TypeError."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _RowError(field_name, f"holds a lone surrogate {value[err.start]!r} at character {err.start + 1} (a "
+                                    "\\ud800-\\udfff escape without its pair), which is not text; fix or drop "
+                                    "that escape") from None
+    return value
+
+
 def _messages(value: Any, field_name: str) -> list[dict[str, str]]:
     if not isinstance(value, (list, tuple)) or not value:
         raise _RowError(field_name, "expected a non-empty list of {'role', 'content'} messages")
@@ -127,7 +141,7 @@ def _messages(value: Any, field_name: str) -> list[dict[str, str]]:
             raise _RowError(f"{where}.role", f"expected one of {list(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise _RowError(f"{where}.content", f"expected a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _text(content, f"{where}.content")})
     return out
 
 
@@ -148,7 +162,7 @@ def _prompt_turns(row: Mapping[str, Any]) -> list[dict[str, str]]:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise _RowError("prompt", "empty prompt")
-            return [{"role": "user", "content": prompt}]
+            return [{"role": "user", "content": _text(prompt, "prompt")}]
         messages = _messages(prompt, "prompt")
         if messages[-1]["role"] == "assistant":
             raise _RowError(f"prompt[{len(messages) - 1}].role",
@@ -303,6 +317,8 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
             value, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
             raise DataFormatError(str(path), err.lineno, "<json>", f"invalid JSON: {err.msg}") from None
+        except RecursionError:
+            raise DataFormatError(str(path), line, "<json>", _TOO_DEEP) from None
         yield line, value
 
 
@@ -326,9 +342,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 if not text.strip():
                     continue
                 try:
-                    yield number, json.loads(text)
+                    value = json.loads(text)
                 except json.JSONDecodeError as err:
-                    yield number, _InvalidJSON(err.msg)
+                    value = _InvalidJSON(f"invalid JSON: {err.msg}")
+                except RecursionError:
+                    value = _InvalidJSON(_TOO_DEEP)
+                yield number, value
     except UnicodeDecodeError:
         raise _undecodable_line(path) from None
 
@@ -336,6 +355,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
 @dataclass(frozen=True)
 class _InvalidJSON:
     message: str
+
+
+_TOO_DEEP = "nested too deeply to parse (lists or objects inside each other past Python's recursion limit)"
 
 
 def _first_line(err: BaseException) -> str:
@@ -396,6 +418,25 @@ def _dataset_rows(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
 
 SUPPORTED = (".jsonl", ".ndjson", ".json", ".parquet", "a datasets.save_to_disk folder")
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_data_path(path: str | Path) -> None:
+    """Refuse, before opening it, a data path that is neither a regular file nor a folder (checked with
+    ``os.stat``, a symbolic link followed): a FIFO would block the read forever and ``/dev/zero`` would never
+    end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such prompt file or folder: {path}") from None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise DataFormatError(str(path), None, "<file>", f"is {kind}, not a regular file; prompts are read from regular "
+                                                     "files and datasets folders only (a pipe or a device may never "
+                                                     "end): copy the data into a file")
+
 
 def load_prompts(path: str | Path, *, on_error: Literal["raise", "skip"] = "raise",
                  split: str | None = None) -> LoadedPrompts:
@@ -412,8 +453,7 @@ def load_prompts(path: str | Path, *, on_error: Literal["raise", "skip"] = "rais
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such prompt file or folder: {path}")
+    check_data_path(path)
     suffix = path.suffix.lower()
     unit = "line"
     if path.is_dir() or suffix == ".parquet":
@@ -430,8 +470,11 @@ def load_prompts(path: str | Path, *, on_error: Literal["raise", "skip"] = "rais
     for number, row in rows:
         try:
             if isinstance(row, _InvalidJSON):
-                raise _RowError("<json>", f"invalid JSON: {row.message}")
-            loaded.rows.append(_parse(row, f"{path}:{number}", f"{path.name}:{number}"))
+                raise _RowError("<json>", row.message)
+            try:
+                loaded.rows.append(_parse(row, f"{path}:{number}", f"{path.name}:{number}"))
+            except RecursionError:
+                raise _RowError("<row>", _TOO_DEEP) from None
         except _RowError as err:
             error = DataFormatError(str(path), number, err.field, err.message, unit)
             if on_error == "raise":

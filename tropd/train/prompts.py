@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 from tropd.tasks import Example, PromptRow, get_suite, list_suites, load_prompts
+from tropd.tasks.data import check_data_path
 from tropd.tasks.builtin import builtin_prompts
 
 SUITE_SIZES = {"train": 512, "test": 64}
@@ -40,8 +41,10 @@ def data_fingerprint(source: str) -> dict | None:
     if source == "builtin" or source in list_suites():
         return None
     path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"no such prompt file or folder: {path} (data.prompts)")
+    try:
+        check_data_path(path)  # before opening: a FIFO or /dev/zero would never end
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such prompt file or folder: {path} (data.prompts)") from None
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest, size = hashlib.sha256(), 0
     for file in files:
@@ -67,6 +70,6 @@ def _count_rows(path: Path) -> int | None:
             import pyarrow.parquet as pq
 
             return pq.read_metadata(path).num_rows
-    except (OSError, ValueError, ImportError):  # a damaged file: reading the rows will say what is wrong
+    except (OSError, ValueError, ImportError, RecursionError):  # a damaged file: reading the rows says what is wrong
         return None
     return None
