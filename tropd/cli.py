@@ -299,6 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _os_error_line(err: OSError, command: str) -> str:
+    """An error of the file system as one line: the file, what the OS said, what to do."""
+    import errno
+
+    text = str(err).strip()
+    what = err.strerror or (text.splitlines()[0] if text else type(err).__name__)
+    where = f"cannot write or read {err.filename}: " if err.filename else ""
+    hint = ""
+    if command == "train" and err.errno == errno.ENOSPC:
+        hint = ("; free some space, then `tropd train --run-dir <run> --resume` continues from the last complete "
+                "checkpoint")
+    elif command == "train" and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; choose a --run-dir this user can write"
+    return f"{where}{what}{hint}"
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -331,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tropd {args.command}: error: {err}", file=sys.stderr)
         return 1 if isinstance(err, (NonFiniteTrainingError, ConnectionError)) else 2
+    except OSError as err:  # the file system refused: no permission, read-only, disk full
+        if debug:
+            raise
+        print(f"tropd {args.command}: error: {_os_error_line(err, args.command)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (e.g. while models load): nothing to save
         if debug:
             raise

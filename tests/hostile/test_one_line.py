@@ -257,3 +257,57 @@ def test_a_fifo_or_a_device_behind_a_data_path_is_refused_without_reading(tmp_pa
     for read in (load_prompts, data_fingerprint):  # neither opens it
         with pytest.raises(DataFormatError, match="not a regular file"):
             read(data)
+
+
+# -- run folders -----------------------------------------------------------------------------------------------
+def test_a_run_dir_naming_an_existing_file_is_one_line(tmp_path, teacher_dir, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine\n")
+    for extra in ([], ["--resume"]):
+        assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), "--run-dir", str(path),
+                     *extra]) == 2
+        assert f"{path} is a file, not a run folder; choose another --run-dir" in one_error_line(capsys)
+    assert path.read_text() == "mine\n"
+
+
+def test_a_read_only_run_folder_is_one_line(tmp_path, teacher_dir, capsys, monkeypatch):
+    import builtins
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into a 0555 folder: make the OS refuse as it would refuse anyone else
+        def refuse(file, *args, **kwargs):
+            if str(file).startswith(str(run)):
+                raise PermissionError(13, "Permission denied", str(file))
+            return builtins.open(file, *args, **kwargs)
+
+        monkeypatch.setattr("tropd.train.lock.open", refuse, raising=False)
+    try:
+        assert main(["train", "--config", str(write_config(tmp_path, teacher_dir))]) == 2
+        assert f"cannot open the run folder {run} (Permission denied); choose another --run-dir" in \
+            one_error_line(capsys)
+        assert list(run.iterdir()) == []
+    finally:
+        run.chmod(0o755)
+
+
+@pytest.mark.parametrize("errno_, why", [(13, "Permission denied; choose a --run-dir this user can write"),
+                                         (30, "Read-only file system; choose a --run-dir this user can write"),
+                                         (28, "No space left on device; free some space, then `tropd train "
+                                              "--run-dir <run> --resume` continues")])
+def test_a_folder_that_stops_taking_writes_mid_run_is_one_line(tmp_path, teacher_dir, capsys, monkeypatch,
+                                                               errno_, why):
+    import os
+
+    from tropd.train.trainer import Trainer
+
+    def save(self, step):  # the run folder turned read-only, or the disk filled, at the first save
+        raise OSError(errno_, os.strerror(errno_), str(self.run_dir / "checkpoints"))
+
+    monkeypatch.setattr(Trainer, "save", save)
+    config = write_config(tmp_path, teacher_dir)
+    assert main(["train", "--config", str(config), "data.eval_prompts=0", "train.steps=1"]) == 1
+    assert f"tropd train: error: cannot write or read {tmp_path / 'run' / 'checkpoints'}: {why}" in \
+        one_error_line(capsys)
