@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=4, help="samples per problem")
     e.add_argument("--limit", type=int, default=16, help="problems per suite (test split)")
     e.add_argument("--max-new-tokens", type=int, default=256, help="length budget of each answer")
-    e.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    e.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, >= 0 (0: greedy)")
     e.add_argument("--seed", type=int, default=0, help="seed of the problems drawn and of sampling")
     e.add_argument("--json", default=None, help="write the results here; rewritten after each suite ('complete': "
                                                 "false until all are done), so an interrupted eval keeps what finished")

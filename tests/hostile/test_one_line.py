@@ -311,3 +311,42 @@ def test_a_folder_that_stops_taking_writes_mid_run_is_one_line(tmp_path, teacher
     assert main(["train", "--config", str(config), "data.eval_prompts=0", "train.steps=1"]) == 1
     assert f"tropd train: error: cannot write or read {tmp_path / 'run' / 'checkpoints'}: {why}" in \
         one_error_line(capsys)
+
+
+# -- the eval and serve-teacher flags --------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, why", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0: greedy), got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0 (0: greedy), got inf"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0: greedy), got -1.0"),
+    (["--n", "0"], "--n must be an integer >= 1, got 0"),
+    (["--limit", "-3"], "--limit must be an integer >= 1, got -3"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+])
+def test_eval_refuses_numbers_it_cannot_use_before_loading(teacher_dir, capsys, monkeypatch, flags, why):
+    # before: --temperature nan was accepted and sampled
+    monkeypatch.setattr("tropd.models.load_named_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["eval", "--model", str(teacher_dir), "--tasks", "math", *flags]) == 2
+    assert one_error_line(capsys, "eval") == f"tropd eval: error: {why}\n"
+
+
+def test_eval_refuses_a_budget_past_the_context_before_sampling(teacher_dir, capsys, monkeypatch):
+    monkeypatch.setattr("tropd.eval.tasks_eval.generate", lambda *a, **k: pytest.fail("sampled"))
+    assert main(["eval", "--model", str(teacher_dir), "--tasks", "math", "--max-new-tokens", "300"]) == 2
+    assert one_error_line(capsys, "eval") == ("tropd eval: error: --max-new-tokens 300 leaves no room for a prompt "
+                                              "in the model's context of 256 tokens; lower it below 256\n")
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--max-batch-rows", "0"], "--max-batch-rows must be >= 1, got 0"),
+    (["--chunk-size", "-1"], "--chunk-size must be >= 1, got -1"),
+    (["--port", "99999"], "--port 99999: a port is 0 to 65535 (0: a free one)"),
+    (["--max-request-rows", "0"], "--max-request-rows must be a positive number, got 0"),
+    (["--max-body-mb", "nan"], "--max-body-mb must be a positive number, got nan"),
+    (["--request-timeout", "inf"], "--request-timeout must be a positive number, got inf"),
+    (["--header-timeout", "-1"], "--header-timeout must be a positive number, got -1.0"),
+])
+def test_serve_teacher_refuses_numbers_it_cannot_use_before_loading(teacher_dir, capsys, monkeypatch, flags, why):
+    pytest.importorskip("uvicorn")
+    monkeypatch.setattr("tropd.models.load_named_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["serve-teacher", str(teacher_dir), *flags]) == 2
+    assert one_error_line(capsys, "serve-teacher") == f"tropd serve-teacher: error: {why}\n"

@@ -14,6 +14,7 @@ from torch import nn
 from tropd.eval.metrics import summarize
 from tropd.files import write_text_atomic
 from tropd.rollout import RowStreams, SamplingConfig, sample, sample_teacher
+from tropd.settings import is_int, is_number
 from tropd.tasks import Example, get_suite, grade_batch, list_suites
 from tropd.tasks.encoding import encode_prompt
 
@@ -84,12 +85,21 @@ def run_eval(model: str, tasks: list[str], *, n: int = 4, limit: int = 16, max_n
     unknown = [t for t in tasks if t not in list_suites()]
     if unknown:
         raise ValueError(f"--tasks: unknown suite(s) {', '.join(unknown)}; available: {', '.join(list_suites())}")
-    if n < 1 or limit < 1:
-        raise ValueError("--n and --limit must be >= 1")
-    from tropd.models import load_named_model, prepare_tokenizer, quiet_progress_bars
+    for flag, value in (("--n", n), ("--limit", limit), ("--max-new-tokens", max_new_tokens)):
+        if not (is_int(value) and value >= 1):
+            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+    if not (is_number(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not is_int(seed):
+        raise ValueError(f"--seed must be an integer, got {seed!r}")
+    from tropd.models import context_length, load_named_model, prepare_tokenizer, quiet_progress_bars
 
     quiet_progress_bars()
     lm, tok = load_named_model(model)
+    context = context_length(lm)
+    if context is not None and max_new_tokens >= context:  # before any sampling
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens; lower it below {context}")
     prepare_tokenizer(tok)
     ks = sorted({1, n})
     results: dict[str, dict] = {}
