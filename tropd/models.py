@@ -479,9 +479,31 @@ def _check_causal_lm(folder: Path) -> None:
                          f"{model_type!r}, which AutoModelForCausalLM does not load")
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own log lines (a multi-line "LOAD REPORT" table, notices) off while tropd loads a model: tropd
+    says what matters in one line (:func:`_load_model`), and an error after them is not buried."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _load_model(folder: Path, dtype: torch.dtype):
-    with _one_line_errors(f"cannot load the model in {folder}"):
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    with _one_line_errors(f"cannot load the model in {folder}"), _quiet_transformers():
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing:
+        warnings.warn(f"{folder}: {len(missing)} weight(s) the model needs are not in its files and were initialised "
+                      f"at random (e.g. {missing[0]}): is the folder complete?", RuntimeWarning, stacklevel=3)
+    if unexpected:
+        warnings.warn(f"{folder}: {len(unexpected)} weight(s) in its files are not used by "
+                      f"{type(model).__name__} (e.g. {unexpected[0]})", RuntimeWarning, stacklevel=3)
+    return model
 
 
 def _load_tokenizer(folder: Path):

@@ -350,3 +350,37 @@ def test_serve_teacher_refuses_numbers_it_cannot_use_before_loading(teacher_dir,
     monkeypatch.setattr("tropd.models.load_named_model", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["serve-teacher", str(teacher_dir), *flags]) == 2
     assert one_error_line(capsys, "serve-teacher") == f"tropd serve-teacher: error: {why}\n"
+
+
+# -- other libraries' lines on the error path ------------------------------------------------------------------
+def test_a_bad_parquet_row_is_one_line_without_the_datasets_progress_bar(tmp_path, teacher_dir, capfd,
+                                                                         no_model_loads):
+    # before: "Generating train split: 0 examples ..." (twice) printed above tropd's error
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    data = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"prompt": ["fine", "", "also fine"]}), data)
+    assert main(["train", "--config", str(write_config(tmp_path, teacher_dir)), f"data.prompts={data}"]) == 2
+    err = capfd.readouterr().err  # the file descriptor: what libraries write past sys.stderr too
+    assert err == f"tropd train: error: {data}:row 2: field 'prompt': empty prompt\n"
+
+
+def test_a_model_missing_a_weight_gets_one_warning_line_not_the_transformers_report(tmp_path, teacher_dir, capfd):
+    # before: a multi-line "LlamaForCausalLM LOAD REPORT" table, printed above any error that followed
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tropd.models import load_causal_lm
+
+    folder = tmp_path / "student"
+    shutil.copytree(teacher_dir, folder)
+    weights = load_file(folder / "model.safetensors")
+    weights.pop("model.layers.0.mlp.down_proj.weight")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    capfd.readouterr()
+    with pytest.warns(RuntimeWarning, match=r"1 weight\(s\) the model needs are not in its files and were "
+                                            r"initialised at random \(e\.g\. model\.layers\.0\.mlp\.down_proj\.weight\)"):
+        load_causal_lm(folder)
+    assert "LOAD REPORT" not in capfd.readouterr().err

@@ -31,11 +31,13 @@ parquet file, or a folder ``datasets`` cannot load, raises it with field ``"<fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import stat
 import string
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -379,6 +381,28 @@ def _check_parquet(path: Path) -> None:
         raise DataFormatError(str(path), None, "<file>", f"{what}; re-copy or re-export it")
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bar ("Generating train split: ...") and no log line below an error from ``datasets`` while tropd
+    reads a data file: what goes wrong is said in tropd's one line; both are put back after."""
+    import datasets
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    shown, level = not are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    with warnings.catch_warnings():  # HF_DATASETS_DISABLE_PROGRESS_BARS set: it wins, without a warning
+        warnings.simplefilter("ignore")
+        disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+        if shown:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                enable_progress_bars()
+
+
 def _dataset_rows(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
     import datasets
 
@@ -386,10 +410,11 @@ def _dataset_rows(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
     if not path.is_dir():
         _check_parquet(path)
     try:
-        if path.is_dir():
-            loaded = datasets.load_from_disk(str(path))
-        else:
-            loaded = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+        with _quiet_datasets():
+            if path.is_dir():
+                loaded = datasets.load_from_disk(str(path))
+            else:
+                loaded = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
     except MemoryError:
         raise
     except Exception as err:  # pyarrow / datasets errors do not always name the file
