@@ -34,8 +34,8 @@ def test_with_overrides_equals_the_command_line_and_leaves_the_original():
     ({"objective.kwargs": {"top_kk": 3}}, "objective.kwargs.top_kk is not a setting of 'tropd'"),
     ({"guidance.guided_fraction": 2.0}, "override 'guidance.guided_fraction=2.0': guidance.guided_fraction must be "
                                         "in [0, 1], got 2.0"),
-    ({"train.steps": 7}, "the config with overrides train.steps=7: train.sft_warmup_steps must be in [0, "
-                         "train.steps=7)"),
+    ({"objective.name": "opd"}, "the config with overrides objective.name='opd': objective.kwargs.top_k is not a "
+                                "setting of 'opd'"),
     ({"train.lr.x": 1}, "override train.lr.x: lr is not a section"),
 ])
 def test_with_overrides_refuses_what_the_command_line_refuses(values, message):

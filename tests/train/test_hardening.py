@@ -279,9 +279,9 @@ def test_help_config_shows_what_a_plain_run_uses(capsys):
     assert f"model.student_layers = {default.model.student_layers!r}" in out
     assert main(["train", "--help-config", "train.steps=30"]) == 0
     assert "train.steps = 30   (built-in default: 200)" in capsys.readouterr().out
-    assert main(["train", "--help-config", "train.steps=7"]) == 2  # a cross-field error names both sources
-    assert "default.yaml with command-line overrides train.steps=7: train.sft_warmup_steps must be in [0, " \
-           "train.steps=7)" in capsys.readouterr().err
+    assert main(["train", "--help-config", "objective.name=opd"]) == 2  # a cross-field error names both sources
+    assert "default.yaml with command-line overrides objective.name=opd: objective.kwargs.top_k is not a setting " \
+           "of 'opd'" in capsys.readouterr().err
 
 
 def test_main_puts_the_process_wide_settings_back(capsys):

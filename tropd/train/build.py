@@ -61,7 +61,7 @@ class RunParts:
         teacher: the run's teacher: scores, written rows, TRB blending.
         tokenizer: the tokenizer every part shares (the teacher's when it is in process, else the student's).
         objective: the loss of the steps after the warm-up; ``warmup``: the loss of the first
-            ``train.sft_warmup_steps`` steps (``sft``).
+            ``train.sft_steps()`` steps (``sft``; ``train.sft_warmup_steps``, at most ``train.steps - 1``).
         sampler: draws each step's rollouts.
         prompt_ids: the training prompts' token ids.
         eval_fn: the held-out evaluation ``eval_fn(student) -> dict``, or None.
@@ -104,6 +104,10 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, resume_from: Path | N
     if sharded:
         shard_student(student, accelerator.device)
     notes = [describe_models(cfg, student, teacher, accelerator.num_processes, time.perf_counter() - t0)]
+    t = cfg.train
+    if t.sft_steps() != t.sft_warmup_steps:
+        notes.append(f"train.sft_warmup_steps={t.sft_warmup_steps} with train.steps={t.steps}: the SFT warm-up takes "
+                     f"{t.sft_steps()} step(s), train.steps - 1, so that the last step trains {cfg.objective.name}")
 
     limit = prompt_token_limit(cfg, student, teacher)
     prompt_ids = encode_prompts(cfg, train_rows, tok, limit, "training", notes)
@@ -293,7 +297,7 @@ def build_objective(section: ObjectiveConfig) -> Objective:
 
 
 def build_objectives(cfg: RunConfig) -> tuple[Objective, Objective]:
-    """``(objective, warm-up objective)``: the configured one, and ``sft`` for the first ``train.sft_warmup_steps``
+    """``(objective, warm-up objective)``: the configured one, and ``sft`` for the first ``train.sft_steps()``
     steps (same ``chunk_size``)."""
     warmup = ObjectiveConfig(name="sft", chunk_size=cfg.objective.chunk_size)
     return build_objective(cfg.objective), build_objective(warmup)

@@ -144,7 +144,10 @@ class TrainConfig:
     max_nonfinite_steps: int = setting(3, "A step whose loss or gradient is NaN/inf is skipped (weights untouched, "
                                           "counted in the metrics); this many in a row stop the run.")
     sft_warmup_steps: int = setting(0, "First steps trained with 'sft' on teacher-written responses to heal a "
-                                       "student far from the teacher before on-policy training.")
+                                       "student far from the teacher before on-policy training. A run of fewer "
+                                       "steps than this + 1 warms up train.steps - 1 steps (at least the last "
+                                       "step trains the objective), so a short smoke run (train.steps=2) of a "
+                                       "config with a longer warm-up works.")
     seed: int = setting(0, "Seed of every random stream (sampling, trust masks, data order): an integer in [0, "
                            "18,446,080] (the data order's torch generator takes 64-bit seeds: "
                            "tropd/train/seeds.py).")
@@ -155,6 +158,11 @@ class TrainConfig:
     eval_every: int = setting(0, "Run the evaluation hook every N steps (0 = only before and after).")
     report_to: list[str] = setting([], "Extra loggers: tensorboard, wandb.")
     progress: bool = setting(True, "Show a progress bar.")
+
+    def sft_steps(self) -> int:
+        """The steps the SFT warm-up takes: ``sft_warmup_steps``, at most ``steps - 1`` (the last step, at least,
+        trains the objective)."""
+        return max(0, min(self.sft_warmup_steps, self.steps - 1))
 
 
 @dataclass
@@ -253,8 +261,8 @@ class RunConfig:
         _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-        _check(0 <= t.sft_warmup_steps < t.steps, "train.sft_warmup_steps",
-               f"must be in [0, train.steps={t.steps}) so that some steps train the objective")
+        _check(t.sft_warmup_steps >= 0, "train.sft_warmup_steps", "must be >= 0 (a run warms up at most "
+               "train.steps - 1 of them)")
         _check(t.save_every >= 0, "train.save_every", "must be >= 0")
         _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         _check(t.eval_every >= 0, "train.eval_every", "must be >= 0")
@@ -629,7 +637,9 @@ def resolved_values(cfg: RunConfig) -> dict[str, str]:
     if cfg.guidance.enabled is None:
         out["guidance.enabled"] = repr(needs.guidance)
     if cfg.guidance.anneal_steps is None:
-        out["guidance.anneal_steps"] = repr(t.steps - t.sft_warmup_steps)
+        out["guidance.anneal_steps"] = repr(t.steps - t.sft_steps())
+    if t.sft_steps() != t.sft_warmup_steps:
+        out["train.sft_warmup_steps"] = f"{t.sft_steps()}, train.steps - 1"
     if t.output_dir is None:
         out["train.output_dir"] = f"runs/{o.name}-<date-time>"
     if cfg.data.max_prompt_tokens is None:

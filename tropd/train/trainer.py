@@ -86,7 +86,7 @@ class Trainer:
     ``parts.teacher``, writing metrics and checkpoints under ``run_dir``.
 
     The parts are built elsewhere (:mod:`tropd.train.build`) and only used here: the sampler draws rollouts, the
-    teacher scores them, the objective (``parts.warmup`` for the first ``train.sft_warmup_steps`` steps) turns
+    teacher scores them, the objective (``parts.warmup`` for the first ``train.sft_steps()`` steps) turns
     them into a loss, the accelerator owns processes, DDP wrapping and mixed precision. The trainer's own are
     the AdamW optimizer over the student's trainable parameters and the loss forward: the student wrapped by the
     accelerator (and, with ``objective.fused``, its LM head read chunk by chunk); it samples, evaluates and
@@ -133,7 +133,7 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------------------
     def _phase(self, step: int):
         """(objective, step within its phase, steps in the phase) — sft warm-up first, then the objective."""
-        warm = self.cfg.train.sft_warmup_steps
+        warm = self.cfg.train.sft_steps()  # at most train.steps - 1
         if step < warm:
             return self.warmup, step, warm
         return self.objective, step - warm, self.cfg.train.steps - warm

@@ -1,0 +1,40 @@
+"""What a newcomer met in a fresh clone (issue 22 §6): a smoke run of the default config with few steps, file
+modes of a checkpoint, the paths a run prints and records, and ``--help`` texts. Each case is reproduced and
+must now hold."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.train.runs import write_config
+from tropd.cli import main
+from tropd.train.config import config_help, load_config
+
+
+# -- a smoke run of the default config -------------------------------------------------------------------------
+def test_a_short_run_of_the_default_config_loads_and_says_how_long_it_warms_up(capsys):
+    # before: `tropd train train.steps=2` failed with "train.sft_warmup_steps must be in [0, 2)"
+    cfg = load_config(None, ["train.steps=2"])
+    assert cfg.train.sft_warmup_steps == 8 and cfg.train.sft_steps() == 1
+    assert "  train.sft_warmup_steps = 8   (a run uses: 1, train.steps - 1)" in config_help(cfg)
+    assert load_config(None, ["train.steps=1"]).train.sft_steps() == 0
+    assert load_config(None, ["train.steps=100"]).train.sft_steps() == 8
+    assert main(["train", "--help-config", "train.steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "train.sft_warmup_steps = 8   (a run uses: 1, train.steps - 1)" in out
+    assert "A run of fewer steps than this + 1 warms up train.steps - 1 steps" in out
+
+
+def test_a_run_shorter_than_its_warm_up_trains_the_objective_on_its_last_step(tmp_path, teacher_dir):
+    import json
+
+    from tropd.train.run import train_from_config
+
+    notes = []
+    cfg = load_config(write_config(tmp_path, teacher_dir, train={"steps": 2, "sft_warmup_steps": 8}),
+                      ["data.eval_prompts=0"])
+    train_from_config(cfg, console=notes.append)
+    phases = [json.loads(line)["phase"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert phases == ["sft", "tropd"]
+    assert ("train.sft_warmup_steps=8 with train.steps=2: the SFT warm-up takes 1 step(s), train.steps - 1, so that "
+            "the last step trains tropd") in notes
