@@ -38,3 +38,25 @@ def test_a_run_shorter_than_its_warm_up_trains_the_objective_on_its_last_step(tm
     assert phases == ["sft", "tropd"]
     assert ("train.sft_warmup_steps=8 with train.steps=2: the SFT warm-up takes 1 step(s), train.steps - 1, so that "
             "the last step trains tropd") in notes
+
+
+# -- one file mode per checkpoint ------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_every_checkpoint_file_gets_the_mode_the_umask_gives(tmp_path, teacher_dir, umask):
+    # before: model.safetensors -rw------- beside -rw-r--r-- files
+    import os
+
+    import torch
+
+    from tropd.models import load_causal_lm
+    from tropd.train.checkpoint import save_checkpoint
+
+    model, tok = load_causal_lm(teacher_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    previous = os.umask(umask)
+    try:
+        folder = save_checkpoint(tmp_path / "run", 1, model, tok, optimizer, "train: {}\n")
+    finally:
+        os.umask(previous)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tropd.files import write_text_atomic
+from tropd.files import match_umask, write_text_atomic
 
 STATE_FILE = "trainer_state.pt"
 
@@ -76,6 +76,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, confi
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer_state, "rng": rng_state()}, tmp / STATE_FILE)
     (tmp / "config.yaml").write_text(config_yaml)
+    match_umask(tmp)  # one mode for every file, as the umask says (safetensors writes 0600)
     _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. interrupted right after a periodic save)
         old = root / f".step-{step:06d}.old-{os.getpid()}"

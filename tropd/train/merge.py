@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from tropd.files import match_umask
 from tropd.lora import ADAPTER_CONFIG, check_adapter_folder, is_adapter_folder, load_adapters
 from tropd.models import base_student
 from tropd.train.checkpoint import latest_checkpoint
@@ -35,5 +36,6 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path, console=print) -> 
     merged = load_adapters(base, path).merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    match_umask(out)
     console(f"merged {path} into {out}")
     return out
