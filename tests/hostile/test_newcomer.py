@@ -60,3 +60,25 @@ def test_every_checkpoint_file_gets_the_mode_the_umask_gives(tmp_path, teacher_d
         os.umask(previous)
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+# -- one path convention: absolute -----------------------------------------------------------------------------
+def test_a_run_prints_and_records_absolute_paths_whatever_the_run_dir_given(tmp_path, teacher_dir, capsys,
+                                                                            monkeypatch):
+    # before: "run directory: /abs/run" but "checkpoint: run/checkpoints/step-000001", and so in summary.json
+    import json
+    from pathlib import Path
+
+    config = write_config(tmp_path, teacher_dir)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(config), "--run-dir", "rel-run", "data.eval_prompts=0",
+                 "train.steps=1"]) == 0
+    out = capsys.readouterr().out
+    run = (tmp_path / "rel-run").resolve()
+    printed = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in out.splitlines()
+               if line.startswith(("run directory: ", "checkpoint: ", "report: "))}
+    assert printed == {"run directory": str(run), "checkpoint": str(run / "checkpoints" / "step-000001"),
+                       "report": str(run / "report" / "summary.md")}
+    summary = json.loads((run / "summary.json").read_text())
+    assert all(Path(summary[k]).is_absolute() for k in ("run_dir", "checkpoint", "report"))
+    assert summary["checkpoint"] == printed["checkpoint"]

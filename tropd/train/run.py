@@ -72,7 +72,7 @@ def _lock_run_dir(run_dir: Path, accelerator) -> RunLock | None:
 def _train_locked(cfg: RunConfig, accelerator, resume: bool, override_config: bool, console,
                   eval_fn: EvalFn | None, make_sampler: MakeSampler | None) -> dict:
     main = accelerator.is_main_process
-    run_dir = cfg.run_dir()
+    run_dir = cfg.run_dir().resolve()  # every path a run prints or records is absolute (summary.json, checkpoints)
     tidied = tidy_checkpoints(run_dir) if main and resume and (run_dir / CONFIG_FILE).is_file() else []
     accelerator.wait_for_everyone()  # the checkpoints are tidied before any process looks for one
     opened = open_run(cfg, resume, override_config, clean=False)
@@ -90,7 +90,7 @@ def _train_locked(cfg: RunConfig, accelerator, resume: bool, override_config: bo
     t0 = time.perf_counter()
     parts = build_run(cfg, accelerator, resume_from=found.path if found else None, eval_fn=eval_fn,
                       make_sampler=make_sampler)
-    console(f"run directory: {run_dir.resolve()}")
+    console(f"run directory: {run_dir}")
     for note in parts.notes:
         console(note)
     trainer = Trainer(cfg, parts, run_dir, resume=found)
@@ -110,8 +110,8 @@ def _train_locked(cfg: RunConfig, accelerator, resume: bool, override_config: bo
     if not main:
         if failure is not None:
             raise NoStepTrainedError(failure, {**result, "main_process": False})
-        return {**result, "run_dir": str(run_dir.resolve()), "main_process": False}
-    summary = {"run_dir": str(run_dir.resolve()), "steps_done": result["steps_done"], "steps_run": steps_run,
+        return {**result, "run_dir": str(run_dir), "main_process": False}
+    summary = {"run_dir": str(run_dir), "steps_done": result["steps_done"], "steps_run": steps_run,
                "interrupted": result["interrupted"], "checkpoint": str(result["checkpoint"]),
                "eval_before": result.get("eval_before", {}), "eval_after": result.get("eval_after", {}),
                "nonfinite_steps": result["nonfinite_steps"], "wall_time_s": round(time.perf_counter() - t0, 1),
