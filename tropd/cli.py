@@ -198,8 +198,19 @@ def _cmd_merge_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help states its default itself (then it would be said
+    twice) or there is none worth printing (None, a flag's False, a repeatable option's empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == []:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = argparse.ArgumentParser(prog="tropd", description="Trust Region On-Policy Distillation of language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -237,14 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "SFT traces written in another valid style than the teacher's (0 = the teacher's style)")
     g.add_argument("--seeds", type=int, default=3, help="seeds per (objective, mismatch)")
     g.add_argument("--steps", type=int, default=None,
-                   help="training steps per run (default: %(default)s, i.e. the gym's 300; 4 with --quick)")
+                   help="training steps per run (default: the gym's 300; 4 with --quick)")
     g.add_argument("--lr", type=float, default=None,
-                   help="one learning rate for every method (default: %(default)s, i.e. each method's rate from "
-                        "the gym's validation sweep, docs/gym.md, and 1e-4 for objectives it did not sweep)")
+                   help="one learning rate for every method (default: each method's rate from the gym's "
+                        "validation sweep, docs/gym.md, and 1e-4 for objectives it did not sweep)")
     g.add_argument("--workers", type=int, default=2, help="runs trained at once (one CPU thread each)")
     g.add_argument("--workdir", default="runs/gym", help="run folders; a finished run is reused, so an "
                                                          "interrupted command continues where it stopped")
-    g.add_argument("--out", default=None, help="folder for gym.{json,md,png} (default: %(default)s, i.e. --workdir)")
+    g.add_argument("--out", default=None, help="folder for gym.{json,md,png} (default: the --workdir)")
     g.add_argument("--plugin", action="append", default=[], help="module to import first (registers objectives)")
     g.add_argument("--quick", action="store_true", help="tiny models and 4 steps: checks the pipeline in seconds")
     g.set_defaults(func=_cmd_gym)

@@ -82,3 +82,40 @@ def test_a_run_prints_and_records_absolute_paths_whatever_the_run_dir_given(tmp_
     summary = json.loads((run / "summary.json").read_text())
     assert all(Path(summary[k]).is_absolute() for k in ("run_dir", "checkpoint", "report"))
     assert summary["checkpoint"] == printed["checkpoint"]
+
+
+# -- help texts and messages that say a thing twice ------------------------------------------------------------
+def test_no_help_text_states_a_default_twice_or_a_meaningless_one():
+    # before: "(default: None, i.e. the gym's 300; 4 with --quick)" and "(default: the embedded ...) (default: None)"
+    import argparse
+    import re
+
+    from tropd.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        for option in re.split(r" (?=--?[a-z])", text):
+            assert option.count("(default:") <= 1, (name, option)
+        for meaningless in ("(default: None", "(default: False)", "(default: [])"):
+            assert meaningless not in text, (name, meaningless)
+    train = " ".join(commands["train"].format_help().split())
+    assert "(default: the embedded tropd/configs/default.yaml; with --resume, the run's own config.yaml)" in train
+    gym = " ".join(commands["gym"].format_help().split())
+    assert "training steps per run (default: the gym's 300; 4 with --quick)" in gym
+    assert "(default: 3)" in gym  # a plain default is still shown
+
+
+def test_the_non_empty_folder_message_says_choose_another_once(tmp_path, teacher_dir, capsys):
+    config = write_config(tmp_path, teacher_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine\n")
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"tropd train: error: {run} is not empty (notes.txt); a fresh run needs a new or empty folder: "
+                   "empty it, or choose another --run-dir\n")
+    (run / "config.yaml").write_text("train: {}\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "continue it with --resume, or choose another --run-dir\n" in capsys.readouterr().err

@@ -76,8 +76,7 @@ def open_run(cfg: RunConfig, resume: bool, override_config: bool = False, clean:
     if not resume:
         held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.exists() else []
         if held:
-            hint = ("continue it with --resume" if (run_dir / CONFIG_FILE).is_file()
-                    else "empty it or choose another folder")
+            hint = "continue it with --resume" if (run_dir / CONFIG_FILE).is_file() else "empty it"
             raise FileExistsError(f"{run_dir} is not empty ({', '.join(held[:4])}"
                                   f"); a fresh run needs a new or empty folder: {hint}, or choose another --run-dir")
         return OpenedRun(data=data_fingerprint(cfg.data.prompts))
