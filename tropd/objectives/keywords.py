@@ -13,12 +13,11 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable
-
-from tropd.settings import brief
 
 
 class ObjectiveKeywordError(ValueError, TypeError):
@@ -91,9 +90,16 @@ def check_keywords(name: str, init: Callable, values: dict[str, Any], ranges: di
     for key, value in values.items():
         tp, allowed = hints.get(key), ranges.get(key)
         what = (_describe(tp) if tp is not None else "a number") + (f" in {allowed}" if allowed is not None else "")
-        shown = f"{value!r} ({type(value).__name__})" if isinstance(value, bool) else brief(value)
+        shown = f"{value!r} ({type(value).__name__})" if isinstance(value, bool) else _brief(value)
         if tp is not None and not _accepts(value, tp):
             raise ObjectiveKeywordError(f"{name}: {key} must be {what}, got {shown}", key)
         if allowed is not None and isinstance(value, numbers.Real) and not isinstance(value, bool):
             if not math.isfinite(value) or value not in allowed:
                 raise ObjectiveKeywordError(f"{name}: {key} must be {what}, got {shown}", key)
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a huge value is never printed whole; the objectives layer
+    imports nothing of tropd's higher layers, so this is not ``tropd.settings.brief``)."""
+    text = reprlib.repr(value)  # bounded: never builds the whole repr of a huge value
+    return text if len(text) <= limit else text[:limit - 3] + "..."
