@@ -288,7 +288,7 @@ def test_main_puts_the_process_wide_settings_back(capsys):
     """`tropd.cli.main` inside a larger program leaves its SIGTERM handler and warnings format as it found them."""
     before_format, before_sigterm = warnings.formatwarning, signal.getsignal(signal.SIGTERM)
     assert main(["train", "--help-config"]) == 0
-    assert main(["train", "--help-config", "train.steps=7"]) == 2  # the error path too
+    assert main(["train", "--help-config", "train.lr=-1"]) == 2  # the error path too
     assert warnings.formatwarning is before_format and signal.getsignal(signal.SIGTERM) == before_sigterm
 
 
