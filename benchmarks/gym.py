@@ -187,8 +187,20 @@ def sweep_table(runs: list[dict], best: dict, meta: dict, choose_on: tuple[float
     return "\n".join(lines + ["", f"`GymSpec.lrs = ({chosen},)`", ""])
 
 
+def write_report(out: Path, stem: str, text: str, payload: dict) -> int:
+    """``<out>/<stem>.md`` (``text``, also printed) and ``<out>/<stem>.json`` (``payload``, non-finite floats as
+    null); returns the exit status 0."""
+    from tropd.gym.run import _jsonable
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from tropd.gym.run import (CORE, EXPERIMENT, MISMATCH, QUICK, GymSpec, _jsonable, check_mismatch, run_gym,
+    from tropd.gym.run import (CORE, EXPERIMENT, MISMATCH, QUICK, GymSpec, check_mismatch, run_gym,
                                write_outputs)
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,25 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1),
                 "budget": f"{spec.steps} steps of {spec.prompts_per_step} prompts x {spec.rollouts_per_prompt} "
                           "rollouts, one learning rate for every method (the condition's)"}
-        text = mechanism_table(results, meta)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         stem = args.stem or ("gym_mechanism_quick" if args.quick else "gym_mechanism")
-        (out / f"{stem}.md").write_text(text)
-        (out / f"{stem}.json").write_text(json.dumps(_jsonable({"meta": meta, "results": results}), indent=1) + "\n")
-        print(text)
-        return 0
+        return write_report(Path(args.out), stem, mechanism_table(results, meta), {"meta": meta, "results": results})
     if args.probes:
         results = run_probes(spec, workdir, args.workers, args.quick)
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1)}
-        text = probes_table(results, meta)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         stem = args.stem or ("gym_probes_quick" if args.quick else "gym_probes")
-        (out / f"{stem}.md").write_text(text)
-        (out / f"{stem}.json").write_text(json.dumps(_jsonable({"meta": meta, "results": results}), indent=1) + "\n")
-        print(text)
-        return 0
+        return write_report(Path(args.out), stem, probes_table(results, meta), {"meta": meta, "results": results})
     if args.sweep:
         tried, choose_on = (check_mismatch(v.split(",")) for v in (args.sweep_mismatch, args.sweep_choose_on))
         if not set(choose_on) <= set(tried):
@@ -257,15 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1),
                 "budget": f"{spec.steps} steps of {spec.prompts_per_step} prompts x {spec.rollouts_per_prompt} "
                           "rollouts"}
-        text = sweep_table(runs, best, meta, choose_on)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = args.stem or "gym_sweep"
-        (out / f"{stem}.md").write_text(text)
-        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "context": context, "chosen": best,
-                                                      "runs": runs}, indent=1) + "\n")
-        print(text)
-        return 0
+        return write_report(Path(args.out), args.stem or "gym_sweep", sweep_table(runs, best, meta, choose_on),
+                            {"meta": meta, "context": context, "chosen": best, "runs": runs})
 
     mismatches = (0.0, 1.0) if args.quick else check_mismatch(args.mismatch.split(","))
     seeds = {m: (1 if args.quick else args.core_seeds if m in CORE else args.seeds) for m in methods}
