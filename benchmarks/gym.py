@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = (QUICK if args.quick else GymSpec()).with_budget(steps=args.steps, lr=args.lr)
     workdir = Path(args.workdir) / ("quick" if args.quick else "full")
     start = time.perf_counter()
-    command = "python benchmarks/gym.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python benchmarks/gym.py", *(sys.argv[1:] if argv is None else argv)])
     import torch
 
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -268,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": command, "duration": round(time.perf_counter() - start, 1),
             "budget": f"{spec.steps} steps of {spec.prompts_per_step} prompts x {spec.rollouts_per_prompt} "
                       f"rollouts; learning rates: {lrs}",
-            "machine": machine + f", load {os.getloadavg()[0]:.2f} at the end"}
+            "machine": machine + f", load {os.getloadavg()[0]:.2f} at the end",
+            "run time": f"{sum(r['wall_s'] for r in result['runs']) / 60:.0f} min summed over "
+                        f"{len(result['runs'])} runs, {args.workers} at a time (the duration is this invocation's: "
+                        "runs finished by an earlier one are reused)"}
     compare = tuple(m for m in methods if m != "opd")
     stem = args.stem or ("gym_quick" if args.quick else "gym")
     paths = write_outputs(result, Path(args.out), stem, meta, compare=compare)

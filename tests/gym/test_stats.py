@@ -148,15 +148,19 @@ def test_collapse_rule_branches():
     # (b) final distinct ratio below half the teacher's (0.375)
     assert collapsed(_healthy(distinct=[0.7, 0.7, 0.37]), CONTEXT)
     assert not collapsed(_healthy(distinct=[0.1, 0.1, 0.38]), CONTEXT)
-    # (c) mean entropy of the last 10% of training steps (here 2 of 20) below 0.05
-    assert collapsed(_healthy(entropy=[0.5] * 18 + [0.01, 0.01]), CONTEXT)
-    assert not collapsed(_healthy(entropy=[0.5] * 19 + [0.01]), CONTEXT)  # tail mean 0.255
-    assert not collapsed(_healthy(entropy=[0.01] * 18 + [0.5, 0.5]), CONTEXT)  # early low entropy is fine
-    assert collapsed(_healthy(entropy=[0.5, 0.5, 0.04]), CONTEXT)  # short runs: at least one step
+    # (c) mean entropy of the last 10% of training steps (here 2 of 20) below 0.05, final accuracy not above the
+    # start (0.4): a student that became confident and better has converged
+    worse = [0.4, 0.5, 0.38]
+    assert collapsed(_healthy(accuracy=worse, entropy=[0.5] * 18 + [0.01, 0.01]), CONTEXT)
+    assert collapsed(_healthy(accuracy=[0.4, 0.5, 0.4], entropy=[0.5] * 18 + [0.01, 0.01]), CONTEXT)
+    assert not collapsed(_healthy(entropy=[0.5] * 18 + [0.01, 0.01]), CONTEXT)  # final 0.55 > start 0.4
+    assert not collapsed(_healthy(accuracy=worse, entropy=[0.5] * 19 + [0.01]), CONTEXT)  # tail mean 0.255
+    assert not collapsed(_healthy(accuracy=worse, entropy=[0.01] * 18 + [0.5, 0.5]), CONTEXT)  # early: fine
+    assert collapsed(_healthy(accuracy=worse, entropy=[0.5, 0.5, 0.04]), CONTEXT)  # short runs: at least one step
 
 
 def test_collapse_reasons_name_each_branch_and_missing_data_is_not_collapse():
-    run = _healthy(accuracy=[0.4, 0.8, 0.5], distinct=[0.7, 0.7, 0.2], entropy=[0.01] * 20)
+    run = _healthy(accuracy=[0.4, 0.8, 0.35], distinct=[0.7, 0.7, 0.2], entropy=[0.01] * 20)
     assert len(collapse_reasons(run, CONTEXT)) == 3
     bare = {k: v for k, v in _healthy().items() if k not in ("distinct", "entropy")}
     assert not collapsed(bare, {})
@@ -175,9 +179,10 @@ def _synthetic_runs() -> list[dict]:
         for seed, final in enumerate(finals):
             collapse = mismatch == "alt" and method == "tropd" and seed == 1
             runs.append({"mismatch": mismatch, "method": method, "seed": seed, "eval_steps": [0, 50, 100],
-                         "accuracy": [start, (start + final) / 2, final], "distinct": [0.7, 0.7, 0.6 + 0.1 * seed],
+                         "accuracy": [start, (start + final) / 2, final],
+                         "distinct": [0.7, 0.7, 0.2 if collapse else 0.6 + 0.1 * seed],
                          "teacher_nll": [1.0, 0.9, 0.5 + 0.1 * seed],
-                         "entropy": [0.5] * 9 + [0.01 if collapse else 0.5],
+                         "entropy": [0.5] * 10,
                          "grad_norm": [1.0 + seed, 2.0 + seed, math.nan, 10.0 * (seed + 1)],
                          "steps": 10, "wall_s": 5.0 + seed})
     return runs
@@ -198,7 +203,8 @@ def test_summarise_known_means():
         assert r["collapsed"] == (1 if (r["mismatch"], r["method"]) == ("alt", "tropd") else 0)
         # grad norms 1,2,10 | 2,3,20 | 3,4,30 (NaN dropped): p50 3, p99 at index 7.92 of the sorted 9 -> 29.2
         assert (r["grad_p50"], r["grad_p99"], r["grad_max"]) == pytest.approx((3.0, 29.2, 30.0))
-        assert r["final_teacher_nll"] == pytest.approx(0.6) and r["final_distinct"] == pytest.approx(0.7)
+        distinct = (0.6 + 0.2 + 0.8) / 3 if r["collapsed"] else 0.7  # seed 1 of the collapsed cell ends at 0.2
+        assert r["final_teacher_nll"] == pytest.approx(0.6) and r["final_distinct"] == pytest.approx(distinct)
         assert r["wall_s"] == pytest.approx(6.0)
 
 

@@ -41,7 +41,9 @@ import numpy as np
 COLLAPSE_RULE = (
     "A run collapsed if (a) its final held-out accuracy is more than 0.2 (absolute) below its own peak accuracy "
     "over all its eval points, or (b) its final distinct-token ratio is below half the teacher's, or (c) its mean "
-    "sampling entropy over the last 10% of its training steps (at least one step) is below 0.05 nats/token."
+    "sampling entropy over the last 10% of its training steps (at least one step) is below 0.05 nats/token while its "
+    "final accuracy is not above its start (a student that became confident and better has converged, not "
+    "collapsed)."
 )
 COLLAPSE_ACC_DROP = 0.2
 COLLAPSE_DISTINCT_FRAC = 0.5
@@ -247,8 +249,8 @@ def collapse_reasons(run: dict, context: dict) -> list[str]:
         reasons.append(f"final distinct {distinct:.3f} < {COLLAPSE_DISTINCT_FRAC} × teacher {teacher_distinct:.3f}")
     entropy = run.get("entropy") or []
     tail = mean_ci(entropy[-max(1, math.ceil(COLLAPSE_TAIL_FRAC * len(entropy))):])[0] if entropy else math.nan
-    if tail < COLLAPSE_ENTROPY:
-        reasons.append(f"late entropy {tail:.4f} < {COLLAPSE_ENTROPY} nats")
+    if tail < COLLAPSE_ENTROPY and not final > start_accuracy(run, context):
+        reasons.append(f"late entropy {tail:.4f} < {COLLAPSE_ENTROPY} nats, final accuracy not above the start")
     return reasons
 
 
