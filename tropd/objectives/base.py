@@ -192,6 +192,9 @@ class Objective:
             out = {"loss": float(loss), "num_tokens": float(x.loss_mask.sum()), "student_tokens": float(sm.sum())}
             if sm.any():
                 out["student_entropy"] = _masked_mean(t["student_entropy"], sm)
+            if "behavior_logprobs" in t and sm.any():  # how far the sampler's log-probs are from the trainer's
+                gap = (t["s"] - t["behavior_logprobs"]).abs()[sm]
+                out["behavior_gap"], out["behavior_gap_max"] = float(gap.mean()), float(gap.max())
             if "reward" in t:
                 r = t["reward"][sm]
                 out["k1_rkl"] = float(-r.mean()) if r.numel() else 0.0

@@ -189,7 +189,7 @@ class RolloutBatch:
         return batch if device is None else batch.to(device)
 
 
-SUMMED_INFO = frozenset({"teacher_generated_tokens"})
+SUMMED_INFO = frozenset({"teacher_generated_tokens", "vllm_sync_s"})
 """``info`` keys that are counts (summed over micro-batches); every other key is averaged."""
 
 

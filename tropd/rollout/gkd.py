@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from tropd.rollout.batch import RolloutBatch, RolloutRow
-from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows, teacher_rows
+from tropd.rollout.sampling import (SamplingConfig, StudentRows, model_device, sample, student_sample_rows,
+                                    teacher_rows)
 from tropd.rollout.streams import RowStreams
 
 if TYPE_CHECKING:
@@ -27,15 +28,17 @@ if TYPE_CHECKING:
 
 def sample_gkd_mixed(student: nn.Module, teacher: Teacher | None, prompts: Sequence[Sequence[int]],
                      cfg: SamplingConfig, *, lmbda: float,
-                     streams: RowStreams | int | None = None) -> RolloutBatch:
+                     streams: RowStreams | int | None = None,
+                     student_rows: StudentRows | None = None) -> RolloutBatch:
     """Per sequence: teacher-written with probability ``1 − lmbda``, else student-written (module docstring).
-    ``teacher`` may be None when ``lmbda = 1`` (it is not run then)."""
+    ``teacher`` may be None when ``lmbda = 1`` (it is not run then). ``student_rows``: another engine writes the
+    student's rows (:data:`~tropd.rollout.sampling.StudentRows`)."""
     if not 0.0 <= lmbda <= 1.0:
         raise ValueError(f"sample_gkd_mixed: lmbda (on-policy fraction) must be in [0, 1], got {lmbda}")
     b = len(prompts)
     streams = RowStreams.resolve(streams, b)
     if lmbda >= 1.0:
-        return sample(student, prompts, cfg, streams=streams)
+        return sample(student, prompts, cfg, streams=streams, student_rows=student_rows)
     by_teacher = streams.uniform("gkd_source")[:, 0] >= lmbda
     teacher_idx = torch.nonzero(by_teacher).flatten().tolist()
     student_idx = torch.nonzero(~by_teacher).flatten().tolist()
@@ -46,8 +49,8 @@ def sample_gkd_mixed(student: nn.Module, teacher: Teacher | None, prompts: Seque
             row.teacher_row = True
             rows[i] = row
     if student_idx:
-        for i, row in zip(student_idx, sample_rows(student, [prompts[i] for i in student_idx], cfg,
-                                                   streams=streams.select(student_idx))):
+        for i, row in zip(student_idx, student_sample_rows(student, [prompts[i] for i in student_idx], cfg, None,
+                                                           streams.select(student_idx), student_rows)):
             rows[i] = row
     teacher_tokens = sum(int(rows[i].tokens.numel()) for i in teacher_idx)
     return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id,

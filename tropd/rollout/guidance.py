@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from tropd.rollout.batch import RolloutBatch, RolloutRow
-from tropd.rollout.sampling import SamplingConfig, model_device, sample, sample_rows, teacher_rows
+from tropd.rollout.sampling import (SamplingConfig, StudentRows, model_device, sample, student_sample_rows,
+                                    teacher_rows)
 from tropd.rollout.streams import RowStreams
 from tropd.settings import is_int, is_number, require, setting
 
@@ -103,11 +104,13 @@ def sample_with_guidance(student: nn.Module, teacher: Teacher, prompts: Sequence
                          cfg: SamplingConfig, *, step: int, total_steps: int,
                          guided_fraction: float = GuidanceConfig.guided_fraction,
                          anneal_steps: int | None = GuidanceConfig.anneal_steps,
-                         streams: RowStreams | int | None = None) -> RolloutBatch:
+                         streams: RowStreams | int | None = None,
+                         student_rows: StudentRows | None = None) -> RolloutBatch:
     """Rollouts with teacher prefixes: teacher writes ``l_i`` tokens, the student continues (module docstring).
 
     ``streams``: the rows' random streams (:meth:`RowStreams.resolve`); their ``total_rows`` is the batch the
-    guided rows are chosen over.
+    guided rows are chosen over. ``student_rows``: another engine writes the student's tokens
+    (:data:`~tropd.rollout.sampling.StudentRows`).
 
     The result's ``info`` holds ``guidance_cap`` (``L_max`` this step) and ``teacher_generated_tokens``.
     """
@@ -118,7 +121,7 @@ def sample_with_guidance(student: nn.Module, teacher: Teacher, prompts: Sequence
     b = len(prompts)
     streams = RowStreams.resolve(streams, b)
     if l_max == 0 or guided_fraction == 0.0:
-        batch = sample(student, prompts, cfg, streams=streams)
+        batch = sample(student, prompts, cfg, streams=streams, student_rows=student_rows)
         batch.info.update(guidance_cap=float(l_max), teacher_generated_tokens=0.0)
         return batch
 
@@ -140,7 +143,8 @@ def sample_with_guidance(student: nn.Module, teacher: Teacher, prompts: Sequence
         n_pre = 0 if pre is None else int(pre.tokens.numel())
         contexts.append(list(prompts[i]) + ([] if pre is None else pre.tokens.tolist()))
         budgets.append(0 if pre is not None and pre.eos else cfg.max_new_tokens - n_pre)
-    continued = sample_rows(student, contexts, cfg, torch.tensor(budgets, dtype=torch.long), streams)
+    continued = student_sample_rows(student, contexts, cfg, torch.tensor(budgets, dtype=torch.long), streams,
+                                    student_rows)
 
     rows = []
     for i in range(b):

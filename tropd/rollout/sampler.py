@@ -20,7 +20,7 @@ from tropd.needs import Needs
 from tropd.rollout.batch import RolloutBatch
 from tropd.rollout.dispatch import sample_for_needs
 from tropd.rollout.guidance import GuidanceConfig
-from tropd.rollout.sampling import SamplingConfig
+from tropd.rollout.sampling import SamplingConfig, StudentRows
 from tropd.rollout.streams import RowStreams
 from tropd.rollout.trb import TRBConfig
 
@@ -68,7 +68,12 @@ class Sampler(Protocol):
 class KVCacheSampler:
     """The default sampler: KV-cached decoding of ``student`` in this process (:func:`sample_for_needs`), with the
     run's :class:`~tropd.teacher.Teacher` (in process or behind a server; None when the objective never samples
-    from it) writing guidance prefixes and GKD and SFT teacher rows, and blended into TRB rollouts."""
+    from it) writing guidance prefixes and GKD and SFT teacher rows, and blended into TRB rollouts.
+
+    ``student_rows`` (None here) lets a subclass draw the student's rows with another engine and keep the rest
+    (:class:`tropd.rollout.vllm_engine.VLLMSampler`)."""
+
+    student_rows: StudentRows | None = None
 
     def __init__(self, student: nn.Module, teacher: Teacher | None, sampling: SamplingConfig) -> None:
         self.student, self.teacher, self.sampling = student, teacher, sampling
@@ -78,4 +83,5 @@ class KVCacheSampler:
         return sample_for_needs(self.student, self.teacher, prompts, self.sampling, request.needs,
                                 step=request.step, total_steps=request.total_steps,
                                 streams=request.streams(len(prompts)),
-                                guidance_settings=request.guidance, trb_settings=request.trb)
+                                guidance_settings=request.guidance, trb_settings=request.trb,
+                                student_rows=self.student_rows)

@@ -349,10 +349,28 @@ def rows_from_decode(out: DecodeOutput) -> list[RolloutRow]:
     return rows
 
 
+#: Another engine's way of writing the student's rows, in place of decoding the model in this process:
+#: ``student_rows(contexts, cfg, budgets, streams) -> rows``, one :class:`RolloutRow` per context, at most
+#: ``budgets[i]`` tokens (a tensor, or an int for every row), row i drawn from row i's ``"student"`` stream
+#: (:class:`tropd.rollout.vllm.VLLMStudent`).
+StudentRows = Callable[[Sequence[Sequence[int]], SamplingConfig, "torch.Tensor | int", RowStreams], list[RolloutRow]]
+
+
+def student_sample_rows(model: nn.Module, contexts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                        budgets: torch.Tensor | int | None, streams: RowStreams,
+                        student_rows: StudentRows | None = None) -> list[RolloutRow]:
+    """The student's rows: ``student_rows`` when given, else :func:`sample_rows` with ``model`` in this process."""
+    if student_rows is None:
+        return sample_rows(model, contexts, cfg, budgets, streams)
+    return student_rows(contexts, cfg, cfg.max_new_tokens if budgets is None else budgets, streams)
+
+
 def sample(model: nn.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
-           streams: RowStreams | int | None = None) -> RolloutBatch:
-    """Plain on-policy rollouts: ``model`` samples one response per prompt (docs/method.md §1, source ``student``)."""
-    rows = sample_rows(model, prompts, cfg, streams=streams)
+           streams: RowStreams | int | None = None, student_rows: StudentRows | None = None) -> RolloutBatch:
+    """Plain on-policy rollouts: ``model`` samples one response per prompt (docs/method.md §1, source ``student``),
+    or ``student_rows`` writes them (:data:`StudentRows`)."""
+    streams = RowStreams.resolve(streams, len(prompts))
+    rows = student_sample_rows(model, prompts, cfg, None, streams, student_rows)
     return RolloutBatch.from_rows(prompts, rows, cfg.pad_token_id, device=model_device(model))
 
 

