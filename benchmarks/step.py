@@ -8,7 +8,8 @@ Setting (both libraries): the teacher is SmolLM2-135M-Instruct (the GGUF shipped
 the same model with 11 of its 30 decoder layers kept (evenly spaced), float32 on CPU; 4 prompts per step, one
 response each of exactly 64 new tokens (EOS disabled in both, so both decode and train on the same number of
 tokens), temperature 1, AdamW at lr 1e-5. tropd: ``opd`` (K1 reverse KL), ``tropd`` (with its teacher-prefix
-guidance, annealed over the run) and ``fkl_outlier`` (TrOPD without guidance, as after the warm-up), through
+guidance, annealed over the run), ``fkl_outlier`` (TrOPD without guidance, as after the warm-up) and ``opd_vllm``
+(``opd`` with ``rollout.engine: vllm``: a colocated vLLM engine samples; its weight push is part of sampling), through
 ``tropd.train.run.train_from_config`` with the default fused loss. TRL 1.16, configured as a competent user
 would on a CPU: ``DistillationTrainer`` (the trainer TRL recommends for on-policy distillation: exact reverse KL
 over the full vocabulary, ``beta = 1``, chunked loss) and the older ``GKDTrainer`` (``lmbda = 1`` always
@@ -46,7 +47,7 @@ PROMPTS = [
     "What are three good habits for staying healthy?",
     "Describe how a bicycle works to a ten-year-old.",
 ]
-KINDS = ("trl_distill", "trl_gkd", "opd", "tropd", "fkl_outlier")
+KINDS = ("trl_distill", "trl_gkd", "opd", "tropd", "fkl_outlier", "opd_vllm")
 TRL_KINDS = ("trl_distill", "trl_gkd")
 #: TRL defaults this benchmark changes, with the reason (the rest stay TRL's; all are recorded in the JSON).
 TRL_CHANGED = {
@@ -67,7 +68,7 @@ def _models(quick: bool, workdir: Path):
 
     folder = workdir / "tiny-teacher"
     if not folder.is_dir():
-        tiny_llama(vocab_size=96, hidden=48, layers=6, seed=7).save_pretrained(folder)
+        tiny_llama(vocab_size=96, hidden=128, heads=2, layers=6, seed=7).save_pretrained(folder)  # vLLM's head size
         tiny_tokenizer(96).save_pretrained(folder)
     return str(folder), 2
 
@@ -105,16 +106,26 @@ def tropd_worker(kind: str, args, workdir: Path) -> dict:
     data = workdir / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     run = workdir / f"run-{kind}"
+    vllm = kind.endswith("_vllm")
     cfg = load_config().with_overrides(**{
         "model.teacher": teacher, "model.student_layers": layers, "model.device": "cpu",
-        "objective.name": kind, "objective.kwargs": {}, "rollout.max_new_tokens": args.tokens,
+        "objective.name": kind.removesuffix("_vllm"), "objective.kwargs": {}, "rollout.max_new_tokens": args.tokens,
+        "rollout.engine": "vllm" if vllm else "tropd",
         "rollout.rollouts_per_prompt": 1, "data.prompts": str(data), "data.eval_prompts": 0,
         "train.steps": args.steps, "train.prompts_per_step": 4, "train.micro_batch_size": 4,
         "train.sft_warmup_steps": 0, "train.save_every": 0, "train.progress": False, "train.lr": 1e-5,
         "train.output_dir": str(run)})
 
     def no_eos_sampler(student, teacher, sampling: SamplingConfig):
-        return KVCacheSampler(student, teacher, dataclasses.replace(sampling, eos_token_ids=()))
+        sampling = dataclasses.replace(sampling, eos_token_ids=())
+        if not vllm:
+            return KVCacheSampler(student, teacher, sampling)
+        from tropd.models import context_length
+        from tropd.rollout.vllm_engine import VLLMSampler, VLLMStudent
+
+        engine = VLLMStudent(student, max_model_len=min(512, context_length(student) or 512),
+                             kv_cache_gb=cfg.rollout.vllm_kv_cache_gb, seed=0)
+        return VLLMSampler(student, teacher, sampling, engine)  # built on the warm-up step's first rollout
 
     per_step: list[dict] = []
     times: dict = defaultdict(float)

@@ -78,6 +78,13 @@ def test_each_row_has_its_own_seed_and_draws_repeat(engine):
     assert alone[0].tokens.tolist() == rows[2].tokens.tolist()
 
 
+def test_only_the_configured_eos_ends_a_row(engine):
+    no_eos = SamplingConfig(max_new_tokens=24, eos_token_ids=(), pad_token_id=0, temperature=1.0)
+    rows = engine([[5, 6, 7]] * 8, no_eos, 24, RowStreams.of(5, 8))
+    assert all(r.tokens.numel() == 24 and r.truncated and not r.eos for r in rows)
+    assert any(EOS in r.tokens.tolist() for r in rows)  # the model's EOS was drawn and did not stop its row
+
+
 def test_greedy_rows_record_the_point_mass(engine):
     rows = engine(PROMPTS[:2], cfg_of(temperature=0.0, top_p=1.0), 8, RowStreams.of(0, 2))
     for prompt, row in zip(PROMPTS, rows):
@@ -196,16 +203,29 @@ def test_what_vllm_cannot_do_is_refused_in_one_line(tmp_path, vllm_teacher, monk
         run_config(tmp_path, vllm_teacher)
 
 
-def test_decode_benchmark_times_vllm_beside_the_kv_cache_sampler(tmp_path):
+def _script(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("decode", Path(__file__).parents[2] / "benchmarks" / "decode.py")
-    decode = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(decode)
-    assert decode.main(["--quick", "--variants", "dynamic,vllm", "--rows", "2,4", "--repeats", "1", "--tokens", "16",
-                        "--out", str(tmp_path)]) == 0
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_benchmark_times_vllm_beside_the_kv_cache_sampler(tmp_path):
+    assert _script("decode").main(["--quick", "--variants", "dynamic,vllm", "--rows", "2,4", "--repeats", "1",
+                                   "--tokens", "16", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "decode_quick.json").read_text())["results"]
     for rows in (2, 4):
         assert results[f"vllm@{rows}"]["tokens"] == results[f"dynamic@{rows}"]["tokens"] == rows * 16
         assert results[f"vllm@{rows}"]["tokens_per_s"] > 0 and "rows_identical" not in results[f"vllm@{rows}"]
     assert "| 4 | vllm |" in (tmp_path / "decode_quick.md").read_text()
+
+
+def test_step_benchmark_runs_opd_with_vllm(tmp_path):
+    assert _script("step").main(["--quick", "--steps", "2", "--tokens", "8", "--kinds", "opd,opd_vllm",
+                                 "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "step_quick.json").read_text())["results"]
+    assert "error" not in results["opd_vllm"], results["opd_vllm"]
+    assert results["opd_vllm"]["tokens"] == results["opd"]["tokens"] == 4 * 8
+    assert results["opd_vllm"]["settings"]["config"]["rollout"]["engine"] == "vllm"

@@ -13,6 +13,9 @@ guidance prefixes, GKD and SFT teacher rows are written by the run's teacher exa
   step, global row) only, so a row's tokens do not depend on the process or on the other rows of its batch
   (up to vLLM's kernels, which may round differently for other batch shapes). The draws differ from the
   default engine's (which uses the ``"student"`` uniforms token by token).
+- **Stopping.** A row ends at one of ``cfg.eos_token_ids`` (kept as its last token) or at its budget, as with the
+  default engine: the model's own generation config and EOS are not read (``generation_config="vllm"``,
+  ``ignore_eos``), so no EOS ends a row that tropd's config does not name.
 - **Behaviour log-probs.** ``b_t`` is vLLM's log-prob of the sampled token under the distribution it sampled
   from (``logprobs_mode="processed_logprobs"``: after temperature and top-p); greedy decoding (temperature 0)
   records 0, the point mass, as the default engine does. The objective's importance ratio ``exp(s − b)``, with
@@ -122,7 +125,7 @@ class VLLMStudent:
         self.llm = LLM(model=str(self._folder), skip_tokenizer_init=True, dtype=self._dtype(),
                        max_model_len=self.max_model_len, seed=self.seed, enforce_eager=on_cpu,
                        kv_cache_memory_bytes=int(self.kv_cache_gb * (1 << 30)),
-                       logprobs_mode="processed_logprobs", max_logprobs=0)
+                       logprobs_mode="processed_logprobs", max_logprobs=0, generation_config="vllm")
 
     def push_weights(self) -> None:
         """Copy the student's current weights into the engine, in place, and empty its prefix cache."""
@@ -157,7 +160,7 @@ class VLLMStudent:
         if not todo:
             return rows
         params = [SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=budgets[i],
-                                 logprobs=0, seed=seeds[i], stop_token_ids=list(cfg.eos_token_ids),
+                                 logprobs=0, seed=seeds[i], stop_token_ids=list(cfg.eos_token_ids), ignore_eos=True,
                                  detokenize=False, skip_special_tokens=False) for i in todo]
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in contexts[i]]) for i in todo]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
