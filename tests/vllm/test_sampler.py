@@ -171,6 +171,13 @@ def test_a_short_opd_run_with_vllm_lowers_k1_and_logs_the_gap(tmp_path, vllm_tea
     assert rows[0]["rollout/vllm_sync_s"] > 0 and all(m["rollout/vllm_sync_s"] > 0 for m in rows[1:])
 
 
+def test_a_lora_run_pushes_merged_weights_every_step(tmp_path, vllm_teacher):
+    summary = train_from_config(run_config(tmp_path, vllm_teacher, steps=4, **{"model.lora.r": 4}),
+                                console=lambda *_: None)
+    rows = [m for m in metrics(Path(summary["run_dir"])) if "behavior_gap" in m]
+    assert len(rows) == 4 and all(m["behavior_gap_max"] < 1e-3 for m in rows)  # stale adapters would show here
+
+
 def test_guidance_writes_teacher_prefixes_with_vllm_continuations(tmp_path, vllm_teacher):
     summary = train_from_config(run_config(tmp_path, vllm_teacher, objective="tropd", steps=2,
                                            **{"guidance.guided_fraction": 1.0}), console=lambda *_: None)
