@@ -16,7 +16,7 @@ from tropd.cli import main
 from tropd.train.build import build_accelerator, build_run
 from tropd.train.config import ConfigError, load_config
 from tropd.train.run import train_from_config
-from tropd.train.trainer import Trainer
+from tropd.train.trainer import Trainer, merge_metrics
 
 
 def test_run_writes_metrics_and_checkpoint(tmp_path, teacher_dir):
@@ -31,6 +31,8 @@ def test_run_writes_metrics_and_checkpoint(tmp_path, teacher_dir):
                 "loss_trust", "loss_outlier", "loss_guidance", "teacher_topk_mass", "rollout/guidance_cap",
                 "rollout/eos_rate", "rollout/truncation_rate", "rollout/response_len_mean", "tokens_per_second"):
         assert key in steps[-1], key
+    # the in-process sampler's behaviour log-probs are the trainer's own (temperature 1): float noise apart
+    assert all(0 <= r["behavior_gap"] <= r["behavior_gap_max"] < 1e-4 for r in steps[1:])
     # the region losses add up to the loss
     last = steps[-1]
     assert last["loss"] == pytest.approx(last["loss_trust"] + last["loss_outlier"] + last["loss_guidance"], abs=1e-5)
@@ -205,3 +207,13 @@ def test_fused_loss_trains_like_the_logits_loss(tmp_path, teacher_dir, objective
         weights[fused] = final_weights(tmp_path / str(fused) / "run")
     for k in weights[True]:
         torch.testing.assert_close(weights[True][k], weights[False][k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_merge_metrics_sums_losses_takes_extremes_and_weights_the_rest():
+    parts = [{"loss": 0.5, "student_tokens": 1.0, "reward_min": -3.0, "behavior_gap_max": 0.2, "k1_rkl": 1.0},
+             {"loss": 0.25, "student_tokens": 3.0, "reward_min": -1.0, "behavior_gap_max": 0.7, "k1_rkl": 2.0},
+             {"loss": 0.0, "student_tokens": 0.0, "reward_min": -9.0, "behavior_gap_max": 9.0, "k1_rkl": 9.0}]
+    out = merge_metrics(parts)
+    assert out["loss"] == 0.75 and out["student_tokens"] == 4.0
+    assert out["reward_min"] == -3.0 and out["behavior_gap_max"] == 0.7  # a part without student tokens is ignored
+    assert out["k1_rkl"] == pytest.approx((1.0 + 3 * 2.0) / 4)

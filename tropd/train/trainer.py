@@ -63,18 +63,24 @@ class MicroBatch:
     batch: RolloutBatch
 
 
+#: Step metrics that are the extreme of their micro-batches' values (over micro-batches with student tokens).
+_EXTREMES = {"reward_min": min, "behavior_gap_max": max}
+
+
 def merge_metrics(parts: list[dict]) -> dict:
     """Combine micro-batch metrics into step metrics: losses and counts add up (each micro-batch loss is
-    already divided by the step's global token count), ``reward_min`` is the minimum, everything else is a
-    mean weighted by each micro-batch's student tokens (reward quantiles thus approximate the step's)."""
+    already divided by the step's global token count), ``reward_min`` is the minimum and ``behavior_gap_max`` the
+    maximum, everything else is a mean weighted by each micro-batch's student tokens (reward quantiles thus
+    approximate the step's)."""
     out: dict[str, float] = {}
     weights = [max(p.get("student_tokens", 0.0), 0.0) for p in parts]
     for key in {k for p in parts for k in p}:
         vals = [(p[key], w) for p, w in zip(parts, weights) if key in p]
         if key.startswith(_SUMMED):
             out[key] = sum(v for v, _ in vals)
-        elif key == "reward_min":
-            out[key] = min(v for v, w in vals if w > 0) if any(w > 0 for _, w in vals) else 0.0
+        elif key in _EXTREMES:
+            kept = [v for v, w in vals if w > 0]
+            out[key] = _EXTREMES[key](kept) if kept else 0.0
         else:
             wsum = sum(w for _, w in vals)
             out[key] = sum(v * w for v, w in vals) / wsum if wsum > 0 else (sum(v for v, _ in vals) / len(vals))
