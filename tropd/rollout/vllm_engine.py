@@ -5,7 +5,8 @@
 guidance prefixes, GKD and SFT teacher rows are written by the run's teacher exactly as with the default engine.
 
 - **Weights.** The engine is built on the first student rollout from the student as it is then (its config and
-  weights saved to a temporary folder; LoRA adapters merged into the base weights: ``W + ΔW``). After every
+  weights saved to a temporary folder, deleted once the engine has loaded them; LoRA adapters merged into the
+  base weights: ``W + ΔW``). After every
   optimiser step (a new ``global_step`` in the rows' streams) the weights are pushed in place through the
   worker's ``reload_weights`` and the engine's prefix cache is emptied, so no key or value computed with old
   weights is reused. A resumed run builds its engine from the resumed weights.
@@ -26,7 +27,6 @@ guidance prefixes, GKD and SFT teacher rows are written by the run's teacher exa
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -108,7 +108,6 @@ class VLLMStudent:
         self.llm = None
         self.step: int | None = None
         self.sync_s = 0.0
-        self._folder: Path | None = None
 
     def _dtype(self) -> str:
         dtype = next(self.student.parameters()).dtype
@@ -119,13 +118,13 @@ class VLLMStudent:
             os.environ[key] = value
         from vllm import LLM
 
-        self._folder = Path(tempfile.mkdtemp(prefix="tropd-vllm-"))
-        save_for_engine(self.student, self._folder)
         on_cpu = next(self.student.parameters()).device.type == "cpu"
-        self.llm = LLM(model=str(self._folder), skip_tokenizer_init=True, dtype=self._dtype(),
-                       max_model_len=self.max_model_len, seed=self.seed, enforce_eager=on_cpu,
-                       kv_cache_memory_bytes=int(self.kv_cache_gb * (1 << 30)),
-                       logprobs_mode="processed_logprobs", max_logprobs=0, generation_config="vllm")
+        with tempfile.TemporaryDirectory(prefix="tropd-vllm-") as folder:  # read once, while the engine loads
+            save_for_engine(self.student, Path(folder))
+            self.llm = LLM(model=folder, skip_tokenizer_init=True, dtype=self._dtype(),
+                           max_model_len=self.max_model_len, seed=self.seed, enforce_eager=on_cpu,
+                           kv_cache_memory_bytes=int(self.kv_cache_gb * (1 << 30)),
+                           logprobs_mode="processed_logprobs", max_logprobs=0, generation_config="vllm")
 
     def push_weights(self) -> None:
         """Copy the student's current weights into the engine, in place, and empty its prefix cache."""
@@ -179,11 +178,8 @@ class VLLMStudent:
         return rows
 
     def close(self) -> None:
-        """Free the engine and its temporary folder."""
-        self.llm = None
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None
+        """Free the engine (a later call builds a new one from the student as it is then)."""
+        self.llm, self.step = None, None
 
 
 class VLLMSampler(KVCacheSampler):
