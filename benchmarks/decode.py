@@ -15,7 +15,8 @@ tokens), temperature 1, through ``tropd.rollout.sampling.sample_rows`` with fixe
 - ``dynamic_compiled`` / ``static_compiled``: the model's forward under ``torch.compile`` (default mode);
 - ``vllm``: the same model in a vLLM engine in the process (:class:`tropd.rollout.vllm_engine.VLLMStudent`, as
   ``rollout.engine: vllm`` builds it), each row with its own seed. Its draws are not ``dynamic``'s, so the sample
-  comparison does not apply to it.
+  comparison does not apply to it. Its process also times ``dynamic``, call for call with vLLM's, and its speed
+  ratio is against those paired calls (both under the same load), not against the ``dynamic`` process.
 
 Each variant runs in a fresh process: one warm-up call (which compiles, timed separately), then the median of
 ``--repeats`` calls. The table gives tokens/s, the ratio to ``dynamic``, and how the samples compare with
@@ -87,16 +88,23 @@ def worker(variant: str, args) -> dict:
         def write(model, contexts, cfg, streams):
             return engine(contexts, cfg, cfg.max_new_tokens, streams)
 
-    def run():
+    def run(write=write):
         start = time.perf_counter()
         rows = write(model, contexts, cfg, streams=RowStreams.of(0, len(contexts)))
         return time.perf_counter() - start, [(r.tokens.tolist(), r.behavior_logprobs.tolist()) for r in rows]
 
     first, output = run()
-    times = [run()[0] for _ in range(args.repeats)]
+    times, paired = [], []
+    for _ in range(args.repeats):
+        times.append(run()[0])
+        if variant == "vllm":  # tropd's sampler in the same process, call for call: the same load on both
+            paired.append(run(sample_rows)[0])
     n = sum(len(t) for t, _ in output)
     seconds = statistics.median(times)
-    return {"seconds": seconds, "first_call": first, "tokens": n, "tokens_per_s": n / seconds, "output": output}
+    out = {"seconds": seconds, "first_call": first, "tokens": n, "tokens_per_s": n / seconds, "output": output}
+    if paired:
+        out["paired_dynamic_seconds"] = statistics.median(paired)
+    return out
 
 
 def compare(output: list, reference: list) -> dict:
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
                 output = r.pop("output")
                 if variant != "vllm":  # other draws: no sample comparison
                     r.update(compare(output, base.get("output", output)))
-                r["vs_dynamic"] = base["seconds"] / r["seconds"]
+                r["vs_dynamic"] = r.get("paired_dynamic_seconds", base["seconds"]) / r["seconds"]
         base.pop("output", None)
 
     load = os.getloadavg()[0]
@@ -181,7 +189,8 @@ def main(argv=None) -> int:
             lines.append(f"| {rows} | {name} | failed: {r['error']} | | | | | |")
             continue
         same = (f"{r['rows_identical']}/{r['rows']} | {r['max_logprob_diff']:.1e}" if "rows_identical" in r
-                else "other draws | –")
+                else f"other draws (dynamic in its process: {r['tokens'] / r['paired_dynamic_seconds']:.1f} "
+                     "tokens/s) | –")
         lines.append(f"| {rows} | {name} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | {r['vs_dynamic']:.2f}x | "
                      f"{r['first_call']:.1f} | {same} |")
     out = Path(args.out)

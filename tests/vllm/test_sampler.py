@@ -228,7 +228,9 @@ def test_decode_benchmark_times_vllm_beside_the_kv_cache_sampler(tmp_path):
     results = json.loads((tmp_path / "decode_quick.json").read_text())["results"]
     for rows in (2, 4):
         assert results[f"vllm@{rows}"]["tokens"] == results[f"dynamic@{rows}"]["tokens"] == rows * 16
-        assert results[f"vllm@{rows}"]["tokens_per_s"] > 0 and "rows_identical" not in results[f"vllm@{rows}"]
+        vllm = results[f"vllm@{rows}"]
+        assert vllm["tokens_per_s"] > 0 and "rows_identical" not in vllm
+        assert vllm["vs_dynamic"] == vllm["paired_dynamic_seconds"] / vllm["seconds"]  # timed in the same process
     assert "| 4 | vllm |" in (tmp_path / "decode_quick.md").read_text()
 
 
