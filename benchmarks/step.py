@@ -153,7 +153,8 @@ def tropd_worker(kind: str, args, workdir: Path) -> dict:
         else:
             record = original_run_step(self, step)
         per_step.append({**{p: times.get(p, 0.0) for p in PARTS}, "total": record["step_time"],
-                         "tokens": record.get("rollout/generated_tokens", 0.0)})
+                         "tokens": record.get("rollout/generated_tokens", 0.0),
+                         "behavior_gap_max": record.get("behavior_gap_max", 0.0)})
         return record
 
     trainer_module.Trainer.run_step = run_step

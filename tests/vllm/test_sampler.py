@@ -264,3 +264,4 @@ def test_step_benchmark_runs_opd_with_vllm(tmp_path):
     assert "error" not in results["opd_vllm"], results["opd_vllm"]
     assert results["opd_vllm"]["tokens"] == results["opd"]["tokens"] == 4 * 8
     assert results["opd_vllm"]["settings"]["config"]["rollout"]["engine"] == "vllm"
+    assert results["opd_vllm"]["behavior_gap_max"] < 1e-3  # weights pushed: vLLM samples the trained student
