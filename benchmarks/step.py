@@ -262,7 +262,7 @@ def table(results: dict, machine: str, args) -> str:
     fastest = min(trl_runs, key=trl_runs.get) if trl_runs else None
     trl = trl_runs.get(fastest)
     lines = [f"# One on-policy step end to end ({'--quick' if args.quick else 'full'})", "",
-             f"`python benchmarks/step.py{' --quick' if args.quick else ''}` on {machine}. 4 prompts x "
+             f"`{args.command}` on {machine}. 4 prompts x "
              f"{args.tokens} new tokens, float32, median of {args.steps - 1} steps after a warm-up step, each "
              "library in a fresh process. Seconds per step; tropd's parts are its engine calls."
              + (f" Runs went {args.jobs} at a time: timings not comparable." if args.jobs > 1 else ""), "",
@@ -295,8 +295,10 @@ def main(argv=None) -> int:
                    help="also write torch.profiler's top operators of the last step of each tropd run to FILE "
                         "(markdown; the kind is appended to the name)")
     p.add_argument("--profile-rows", type=int, default=20, help="operators listed by --profile")
+    p.add_argument("--stem", help="output file name without extension (default step, or step_quick)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.command = " ".join(["python benchmarks/step.py", *(sys.argv[1:] if argv is None else argv)])
     if args.worker:
         with tempfile.TemporaryDirectory(prefix="tropd-step-") as tmp:
             work = Path(tmp)
@@ -322,7 +324,7 @@ def main(argv=None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "step_quick" if args.quick else "step"
+    stem = args.stem or ("step_quick" if args.quick else "step")
     (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "tokens": args.tokens, "steps": args.steps,
                                                   "results": results}, indent=2) + "\n")
     (out / f"{stem}.md").write_text(text)
