@@ -99,6 +99,16 @@ def worker(variant: str, args) -> dict:
         times.append(run()[0])
         if variant == "vllm":  # tropd's sampler in the same process, call for call: the same load on both
             paired.append(run(sample_rows)[0])
+    if args.profile:  # one more call of each engine under torch.profiler (vLLM's engine runs in this process)
+        from torch.profiler import ProfilerActivity, profile
+
+        tables = []
+        for name, fn in ([(variant, write)] + ([("dynamic, same process", sample_rows)] if variant == "vllm" else [])):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(fn)
+            tables.append(f"## {name}, {args.rows} rows\n\n```\n"
+                          f"{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15)}\n```\n")
+        Path(args.profile).write_text(f"# torch.profiler, one call of benchmarks/decode.py\n\n" + "\n".join(tables))
     n = sum(len(t) for t, _ in output)
     seconds = statistics.median(times)
     out = {"seconds": seconds, "first_call": first, "tokens": n, "tokens_per_s": n / seconds, "output": output}
@@ -126,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for decode.{json,md}")
     p.add_argument("--stem", help="output file name without extension (default decode, or decode_quick)")
+    p.add_argument("--profile", metavar="FILE", help="with one variant and one --rows value: write a torch.profiler "
+                                                     "table of one call (vllm: and of tropd's sampler beside it)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -150,6 +162,8 @@ def main(argv=None) -> int:
         for variant in variants:
             cmd = [sys.executable, __file__, "--worker", variant, "--tokens", str(args.tokens), "--rows", str(rows),
                    "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+            if args.profile and variant != "dynamic":
+                cmd += ["--profile", str(Path(args.profile).resolve())]
             env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
