@@ -148,21 +148,6 @@ def test_tied_embeddings_are_built_and_pushed():
         eng.close()
 
 
-def test_lora_weights_are_merged_for_the_engine():
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(vllm_model(seed=4), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    weights = dict(checkpoint_weights(model))
-    merged = model.merge_and_unload().state_dict()
-    assert set(weights) == set(merged)
-    for name, value in merged.items():
-        torch.testing.assert_close(weights[name], value, atol=1e-6, rtol=0)
-
-
 # -- runs ------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
