@@ -1,6 +1,5 @@
-"""Shared by the vLLM tests: one tiny teacher folder vLLM's CPU attention can run (head_dim 64), free ports, and
-a server subprocess started with a readiness wait. vLLM must be installed (CI has it); without it this folder is
-skipped as a whole."""
+"""Shared by the vLLM teacher tests: one tiny teacher folder vLLM's CPU attention can run (head_dim 64), free
+ports, and a server subprocess started with a readiness wait. Each test module skips itself without vLLM."""
 
 from __future__ import annotations
 
@@ -16,9 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytest.importorskip("vllm")
-
-from tests.helpers import tiny_llama, tiny_tokenizer  # noqa: E402
+from tests.helpers import tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 V = 64

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from tests.train.runs import write_config
-from tests.vllm.conftest import ATOL, V, free_port, started
-from tropd.cli import main
-from tropd.models import prune_layers
-from tropd.needs import Needs
-from tropd.rollout import RowStreams, SamplingConfig, sample
-from tropd.rollout.sampling import sampling_logprobs, teacher_rows
-from tropd.teacher import InProcessTeacher, RemoteTeacher, TeacherServerError
+pytest.importorskip("vllm")  # CI installs it; elsewhere this folder needs vLLM (docs/vllm.md)
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from tests.train.runs import write_config  # noqa: E402
+from tests.vllm.conftest import ATOL, V, free_port, started  # noqa: E402
+from tropd.cli import main  # noqa: E402
+from tropd.models import prune_layers  # noqa: E402
+from tropd.needs import Needs  # noqa: E402
+from tropd.rollout import RowStreams, SamplingConfig, sample  # noqa: E402
+from tropd.rollout.sampling import sampling_logprobs, teacher_rows  # noqa: E402
+from tropd.teacher import InProcessTeacher, RemoteTeacher, TeacherServerError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "e-s3cret"

@@ -14,7 +14,7 @@ answers ``/v1/info`` and the client's compatibility check):
   distribution it was drawn from, after temperature and top-p: the exact behaviour log-prob), a seed per row
   from the caller's uniforms (:func:`~tropd.teacher.logprob_lists.row_seed`), stopping at the request's EOS ids.
 
-vLLM is imported when the engine is built (``pip install vllm``); it runs in this process
+vLLM is imported when the engine is built (``pip install 'tropd[vllm]'``, docs/vllm.md); it runs in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Eager mode (no CUDA graphs, no compilation) on a machine without CUDA.
 """
 
@@ -69,7 +69,7 @@ class VLLMEngine:
         try:
             from vllm import LLM
         except ImportError as err:
-            raise ValueError(f"--engine vllm needs vLLM ({err}): pip install vllm") from None
+            raise ValueError(f"--engine vllm needs vLLM ({err}): pip install 'tropd[vllm]' (on a CPU: docs/vllm.md)") from None
         cuda = torch.cuda.is_available()
         if kv_cache_mb is None and not cuda:
             kv_cache_mb = CPU_KV_CACHE_MB
