@@ -69,7 +69,8 @@ class VLLMEngine:
         try:
             from vllm import LLM
         except ImportError as err:
-            raise ValueError(f"--engine vllm needs vLLM ({err}): pip install 'tropd[vllm]' (on a CPU: docs/vllm.md)") from None
+            raise ValueError(f"--engine vllm needs vLLM ({err}): pip install 'tropd[vllm]' (on a CPU: "
+                             f"docs/vllm.md)") from None
         cuda = torch.cuda.is_available()
         if kv_cache_mb is None and not cuda:
             kv_cache_mb = CPU_KV_CACHE_MB
