@@ -187,7 +187,8 @@ def _cmd_serve_teacher(args: argparse.Namespace) -> int:
                     header_timeout=args.header_timeout)
     serve(args.model, host=args.host, port=args.port, token=os.environ.get(TOKEN_ENV), device=args.device,
           dtype=args.dtype, chunk_size=args.chunk_size, max_batch_rows=args.max_batch_rows, limits=limits,
-          allow_no_token=args.allow_no_token)
+          allow_no_token=args.allow_no_token, engine=args.engine, max_model_len=args.max_model_len,
+          kv_cache_mb=args.kv_cache_mb)
     return 0
 
 
@@ -278,9 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a --host reachable from other machines without a token (anyone who reaches it may "
                         "use it)")
     s.add_argument("--port", type=int, default=8000, help="port, 0 to 65535 (0: a free one, printed at start-up)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--engine", default="hf", choices=("hf", "vllm"),
+                   help="hf: transformers (every score); vllm: an in-process vLLM engine on an HF model folder "
+                        "(sampled-token log-probs and top-k only: no full logits (gkd, trb) or entropy (eopd); "
+                        "docs/vllm.md)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (--engine hf; vLLM picks its own)")
     s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    s.add_argument("--chunk-size", type=int, default=512, help="response positions turned into logits at a time")
+    s.add_argument("--chunk-size", type=int, default=512, help="response positions turned into logits at a time "
+                                                               "(--engine hf)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="--engine vllm: longest sequence in tokens (default: the model's); one less is scored")
+    s.add_argument("--kv-cache-mb", type=float, default=None,
+                   help="--engine vllm: KV-cache size in MiB (default: vLLM's share of GPU memory; 512 without CUDA)")
     s.add_argument("--max-batch-rows", type=int, default=64, help="most rows merged from waiting requests into one "
                                                                   "forward")
     s.add_argument("--max-body-mb", type=float, default=128.0,

@@ -9,7 +9,8 @@ Failures: a connection error, a timeout or a 502/503/504 is retried with exponen
 at most 10 s apart) for up to ``retry_s`` seconds, so a server restart mid-run costs a wait, not the step; then
 one :class:`TeacherServerError` says what happened. Other HTTP errors (a bad token, a bad request, an error in
 the model) are not retried. The token comes from ``TROPD_TEACHER_TOKEN`` (never from the run's config file,
-which is written to disk).
+which is written to disk). This transport (:func:`client_for`, :func:`send`) also carries the client of a stock
+vLLM server (``model.teacher=vllm+http://host:port``, :mod:`tropd.teacher.openai_server`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,18 @@ class TeacherServerError(ConnectionError):
     """The teacher server could not be reached, did not answer in time, or refused the request."""
 
 
+#: ``model.teacher`` schemes of a stock vLLM (OpenAI-compatible) server: :mod:`tropd.teacher.openai_server`
+VLLM_SCHEMES = ("vllm+http://", "vllm+https://")
+
+
 def is_url(name: str | None) -> bool:
-    return isinstance(name, str) and name.startswith(("http://", "https://"))
+    """A teacher behind HTTP: ``http(s)://`` (``tropd serve-teacher``) or ``vllm+http(s)://`` (a vLLM server)."""
+    return isinstance(name, str) and name.startswith(("http://", "https://", *VLLM_SCHEMES))
+
+
+def is_vllm_url(name: str | None) -> bool:
+    """``vllm+http(s)://host:port``: a stock vLLM server (``vllm serve``), not ``tropd serve-teacher``."""
+    return isinstance(name, str) and name.startswith(VLLM_SCHEMES)
 
 
 class _TokenizerView:
@@ -59,14 +70,9 @@ class RemoteTeacher:
 
     def __init__(self, url: str, *, timeout_s: float = 300.0, retry_s: float = 120.0, token: str | None = None,
                  client=None) -> None:
-        import httpx
-
         self.url = url.rstrip("/")
         self.timeout_s, self.retry_s = float(timeout_s), float(retry_s)
-        token = token if token is not None else os.environ.get(TOKEN_ENV)
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._client = client or httpx.Client(base_url=self.url, headers=headers,
-                                              timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)))
+        self._client = client or client_for(self.url, self.timeout_s, token)
         self.info = self._request("GET", "/v1/info").json()
         self.last_compute_s = float("nan")  # server-side seconds of the last scoring batch (header x-tropd-compute-s)
         self.vocab_size = int(self.info["vocab_size"])
@@ -111,43 +117,76 @@ class RemoteTeacher:
         raise ValueError("TRB blends the teacher's next-token distribution into every decoded token, so it needs "
                          "the teacher in this process, not behind a teacher server")
 
+    def check_needs(self, needs: Needs) -> None:
+        """Refuse (ValueError, one line) scores the server's engine says it cannot give (``/v1/info``
+        ``supports``; a server without that field gives everything)."""
+        supports = self.info.get("supports") or {}
+        for name in ("teacher_logits", "teacher_entropy"):
+            if getattr(needs, name) and supports.get(name) is False:
+                raise ValueError(f"the objective needs {name}, which the teacher server {self.url} does not compute "
+                                 f"(engine {self.info.get('engine')!r}); choose a top-k objective (objective.name) "
+                                 f"or start it with `tropd serve-teacher --engine hf`")
+
     # -- transport -----------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: bytes | None = None):
-        import httpx
+        return send(self._client, self.url, method, path, timeout_s=self.timeout_s, retry_s=self.retry_s,
+                    content=body, server="`tropd serve-teacher`")
 
-        deadline = time.monotonic() + self.retry_s
-        delay, tries, last = 0.5, 0, ""
-        while True:
-            tries += 1
-            try:
-                response = self._client.request(method, path, content=body,
-                                                headers={"content-type": "application/octet-stream"} if body else None)
-                if response.status_code not in _RETRY_STATUS:
-                    break
-                last = f"HTTP {response.status_code}: {_detail(response)}"
-            except httpx.TimeoutException:
-                last = f"no answer within {self.timeout_s:g} s (model.teacher_timeout)"
-            except httpx.TransportError as err:
-                last = f"not reachable ({type(err).__name__}: {err})"
-            if time.monotonic() + delay > deadline:
-                raise TeacherServerError(
-                    f"teacher server {self.url}{path}: {last}; gave up after {tries} tries in {self.retry_s:g} s "
-                    f"(model.teacher_retry_s). Is `tropd serve-teacher` running there?")
-            if tries == 1:
-                warnings.warn(f"teacher server {self.url}{path}: {last}; retrying for up to {self.retry_s:g} s",
-                              RuntimeWarning, stacklevel=2)
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-        if response.status_code != 200:
-            raise TeacherServerError(f"teacher server {self.url}{path}: HTTP {response.status_code}: "
-                                     f"{_detail(response)}")
-        return response
+
+def client_for(url: str, timeout_s: float, token: str | None):
+    """An ``httpx.Client`` for ``url`` sending ``Authorization: Bearer <token>`` (default: ``TROPD_TEACHER_TOKEN``)
+    when there is a token, with the answer timeout ``timeout_s`` (connect: at most 10 s)."""
+    import httpx
+
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url, headers=headers,
+                        timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)))
+
+
+def send(client, url: str, method: str, path: str, *, timeout_s: float, retry_s: float, content: bytes | None = None,
+         json=None, server: str = "the teacher server"):
+    """``client.request(method, path)``: a connection error, a timeout or a 502/503/504 retried with backoff
+    (0.5 s doubling, at most 10 s apart) for up to ``retry_s`` seconds; then, or on any other non-200 answer, one
+    :class:`TeacherServerError` line (module docstring). ``server`` names what should be running at ``url``."""
+    import httpx
+
+    deadline = time.monotonic() + retry_s
+    delay, tries, last = 0.5, 0, ""
+    extra = {"json": json} if json is not None else {}
+    headers = {"content-type": "application/octet-stream"} if content is not None else None
+    while True:
+        tries += 1
+        try:
+            response = client.request(method, path, content=content, headers=headers, **extra)
+            if response.status_code not in _RETRY_STATUS:
+                break
+            last = f"HTTP {response.status_code}: {_detail(response)}"
+        except httpx.TimeoutException:
+            last = f"no answer within {timeout_s:g} s (model.teacher_timeout)"
+        except httpx.TransportError as err:
+            last = f"not reachable ({type(err).__name__}: {err})"
+        if time.monotonic() + delay > deadline:
+            raise TeacherServerError(
+                f"teacher server {url}{path}: {last}; gave up after {tries} tries in {retry_s:g} s "
+                f"(model.teacher_retry_s). Is {server} running there?")
+        if tries == 1:
+            warnings.warn(f"teacher server {url}{path}: {last}; retrying for up to {retry_s:g} s",
+                          RuntimeWarning, stacklevel=3)
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+    if response.status_code != 200:
+        raise TeacherServerError(f"teacher server {url}{path}: HTTP {response.status_code}: {_detail(response)}")
+    return response
 
 
 def _detail(response) -> str:
-    """The server's one-line reason for an error answer (FastAPI's ``detail``), else the start of its body."""
+    """The server's one-line reason for an error answer (FastAPI's ``detail``, an OpenAI-style
+    ``error.message``), else the start of its body."""
     try:
-        detail = response.json().get("detail", response.text)
+        data = response.json()
+        error = data.get("error")
+        detail = data.get("detail", error.get("message", response.text) if isinstance(error, dict) else response.text)
     except (ValueError, AttributeError):
         detail = response.text
     return " ".join(str(detail).split())[:500]

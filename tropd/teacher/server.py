@@ -18,7 +18,10 @@ its body, rows, tokens, answer size and time are bounded (413 / 408 / 503 naming
 time a client may take to send its headers and body. Should a merged batch still fail, each of its requests is
 run alone, so only the one at fault gets the error.
 
-Engine: HF transformers on CPU or GPU (:class:`HFEngine`). A vLLM engine is not included yet.
+Engines (``--engine``): HF transformers on CPU or GPU (:class:`HFEngine`, the default: every score), or an
+in-process vLLM engine (:class:`~tropd.teacher.vllm_engine.VLLMEngine`: sampled-token log-probs and top-k, no
+full logits or entropy; a score request asking for those is refused with a 422 naming them). ``/v1/info`` says
+which engine serves and what it computes (``engine``, ``supports``).
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ class HFEngine:
 
     def info(self) -> dict:
         tok, config = self.tokenizer, self.model.config.get_text_config()
-        return {"model": public_name(self.name), "vocab_size": self.vocab_size,
+        return {"model": public_name(self.name), "engine": "hf", "vocab_size": self.vocab_size,
+                "supports": {name: True for name in wire.SCORE_NEEDS[:-1]},
                 "context_length": self.context_length,
                 "num_layers": getattr(config, "num_hidden_layers", None),
                 "num_parameters": sum(p.numel() for p in self.model.parameters()),
@@ -90,6 +94,10 @@ class HFEngine:
                               "chat_template": bool(getattr(tok, "chat_template", None)),
                               **{name: getattr(tok, name, None) for name in
                                  ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}}}
+
+    def unsupported(self, needs: Needs) -> str | None:
+        """Why a score request with ``needs`` cannot be answered: never (every score is computed)."""
+        return None
 
     def score(self, input_ids, attention_mask, response_start: int, tokens, needs: Needs) -> TeacherScores:
         return score_with_teacher(self.model, input_ids.to(self.device), attention_mask.to(self.device),
@@ -230,6 +238,9 @@ def score_request(engine: HFEngine, limits: Limits, t: dict[str, torch.Tensor], 
         raise _refuse("input_ids", f"{length} positions exceed the model's context of {engine.context_length} tokens")
     _check_tokens(rows * length, limits, "input_ids", f"{rows} rows x {length} positions")
     needs = _needs(meta.get("needs", {}), engine.vocab_size)
+    why = engine.unsupported(needs)
+    if why:
+        raise _refuse("needs", why)
     answer = rows * (length - start) * _answer_bytes_per_position(needs, engine.vocab_size)
     if answer > limits.max_response_bytes:
         raise _refuse("needs", f"the answer would be {answer / 2**20:.0f} MiB, over the server's limit of "
@@ -692,23 +703,49 @@ def check_settings(host: str, port: int, token: str | None, allow_no_token: bool
                          f"set TROPD_TEACHER_TOKEN (the trainers send the same), or pass --allow-no-token")
 
 
+ENGINES = ("hf", "vllm")
+
+
+def load_engine(model: str, engine: str = "hf", device: str = "auto", dtype: str = "float32",
+                chunk_size: int = TEACHER_CHUNK, max_model_len: int | None = None, kv_cache_mb: float | None = None):
+    """The engine that serves ``model``: :class:`HFEngine` (``device``, ``chunk_size``) or ``vllm``
+    (:class:`~tropd.teacher.vllm_engine.VLLMEngine`: ``max_model_len``, ``kv_cache_mb``; vLLM picks its device)."""
+    from tropd.models import DTYPES, load_named_model, resolve_device
+
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r}: use {' or '.join(ENGINES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use {', '.join(DTYPES)}")
+    if engine == "hf":
+        for flag, value in (("--max-model-len", max_model_len), ("--kv-cache-mb", kv_cache_mb)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --engine vllm only; drop it or add --engine vllm")
+        loaded, tokenizer = load_named_model(model, DTYPES[dtype], resolve_device(device))
+        return HFEngine(loaded, tokenizer, model, chunk_size)
+    if device != "auto":
+        raise ValueError(f"--device {device}: vLLM runs on the device its build supports; drop --device with "
+                         f"--engine vllm")
+    for flag, value in (("--max-model-len", max_model_len), ("--kv-cache-mb", kv_cache_mb)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    from tropd.teacher.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model, public_name(model), dtype, max_model_len=max_model_len, kv_cache_mb=kv_cache_mb)
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, device: str = "auto",
           dtype: str = "float32", chunk_size: int = TEACHER_CHUNK, max_batch_rows: int = 64,
-          limits: Limits | None = None, allow_no_token: bool = False, console=print) -> None:
-    """Load ``model`` and serve it until interrupted. ``port`` 0 picks a free port; the bound address is printed
-    as ``tropd serve-teacher: listening on http://HOST:PORT``. A host reachable from other machines needs a
-    ``token`` unless ``allow_no_token``."""
+          limits: Limits | None = None, allow_no_token: bool = False, console=print, engine: str = "hf",
+          max_model_len: int | None = None, kv_cache_mb: float | None = None) -> None:
+    """Load ``model`` on ``engine`` (:func:`load_engine`) and serve it until interrupted. ``port`` 0 picks a free
+    port; the bound address is printed as ``tropd serve-teacher: listening on http://HOST:PORT``. A host reachable
+    from other machines needs a ``token`` unless ``allow_no_token``."""
     import uvicorn
-
-    from tropd.models import DTYPES, load_named_model, resolve_device
 
     limits = limits or Limits()
     token = token or None
     check_settings(host, port, token, allow_no_token, max_batch_rows, chunk_size)
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: use {', '.join(DTYPES)}")
-    loaded, tokenizer = load_named_model(model, DTYPES[dtype], resolve_device(device))
-    engine = HFEngine(loaded, tokenizer, model, chunk_size)
+    engine = load_engine(model, engine, device, dtype, chunk_size, max_model_len, kv_cache_mb)
     app = create_app(engine, token, max_batch_rows, limits)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -721,7 +758,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, token: str | No
     bound = sock.getsockname()[1]
     guard = ("token required" if token else "no token (loopback use only)" if is_loopback(host)
              else "no token (--allow-no-token: anyone who reaches this address may use it)")
-    console(f"tropd serve-teacher: {model} ({engine.vocab_size} logits, {engine.device}); {guard}")
+    console(f"tropd serve-teacher: {model} ({engine.vocab_size} logits, {engine.device}, engine "
+            f"{engine.info()['engine']}); {guard}")
     console(f"tropd serve-teacher: {limits.describe()}")
     console(f"tropd serve-teacher: listening on http://{host}:{bound}", flush=True)
     uvicorn.Server(server_config(app, limits)).run(sockets=[sock])

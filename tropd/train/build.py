@@ -41,8 +41,8 @@ from tropd.objectives import Objective, get_objective
 from tropd.rollout import SamplingConfig
 from tropd.rollout.sampler import KVCacheSampler, Sampler
 from tropd.tasks.encoding import encode_prompt
-from tropd.teacher import TEACHER_CHUNK, InProcessTeacher, RemoteTeacher, Teacher
-from tropd.teacher.remote import is_url
+from tropd.teacher import TEACHER_CHUNK, InProcessTeacher, RemoteTeacher, Teacher, VLLMServerTeacher
+from tropd.teacher.remote import is_url, is_vllm_url
 from tropd.train.config import ConfigError, ObjectiveConfig, RunConfig
 from tropd.train.prompts import prompts_for
 from tropd.train.sharding import shard_student
@@ -250,7 +250,9 @@ def load_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.d
                 top_k: int | None = None) -> tuple[nn.Module, Teacher, object]:
     """``(student, teacher, tokenizer)`` on ``device`` (default: ``model.device``).
 
-    The teacher is a :class:`~tropd.teacher.RemoteTeacher` for a ``model.teacher`` URL, else an
+    The teacher is a :class:`~tropd.teacher.VLLMServerTeacher` for a ``vllm+http://`` URL (probed for the top-k
+    and for the rows the run will ask of it), a :class:`~tropd.teacher.RemoteTeacher` for another URL (refused
+    when its engine cannot give the objective's scores), else an
     :class:`~tropd.teacher.InProcessTeacher` on the model loaded frozen in ``model.teacher_dtype``, scored
     ``objective.chunk_size`` positions at a time. The student is in ``model.dtype`` (float32 master weights):
     loaded, derived from the teacher (:func:`~tropd.models.base_student`), or resumed from a checkpoint; with
@@ -262,12 +264,17 @@ def load_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.d
     passes the one of the objective it built). The tokenizer returned is the in-process teacher's, else the
     student's."""
     m = cfg.model
-    if top_k is None:
-        top_k = build_objective(cfg.objective).needs.top_k
+    needs = build_objective(cfg.objective).needs
+    top_k = needs.top_k if top_k is None else top_k
     device = device if device is not None else resolve_device(m.device)
     remote, teacher, tok = None, None, None
-    if is_url(m.teacher):
+    if is_vllm_url(m.teacher):
+        rows_at = (cfg.rollout.temperature, cfg.rollout.top_p) if writes_teacher_rows(cfg, needs) else None
+        remote = VLLMServerTeacher(m.teacher, timeout_s=m.teacher_timeout, retry_s=m.teacher_retry_s, top_k=top_k,
+                                   rows_at=rows_at)
+    elif is_url(m.teacher):
         remote = RemoteTeacher(m.teacher, timeout_s=m.teacher_timeout, retry_s=m.teacher_retry_s)
+        remote.check_needs(needs)
     else:
         teacher, tok = load_named_model(m.teacher, DTYPES[m.teacher_dtype or m.dtype], device)
         teacher.requires_grad_(False).eval()
@@ -277,7 +284,10 @@ def load_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.d
         student, student_tok = base_student(m, device, teacher, tok)
     student.requires_grad_(True)
     prepare_tokenizer(student_tok)
-    if remote is not None:
+    if isinstance(remote, VLLMServerTeacher):
+        tok = student_tok
+        remote.check_student(student_tok, logits_vocab_size(student), top_k)
+    elif remote is not None:
         tok = student_tok
         check_compatible(student_tok, remote.tokenizer, need_chat_template=cfg.data.chat_template, top_k=top_k,
                          vocab_size=logits_vocab_size(student), teacher_vocab_size=remote.vocab_size)
@@ -292,6 +302,13 @@ def load_models(cfg: RunConfig, resume_from: Path | None = None, device: torch.d
     if remote is not None:
         return student, remote, tok
     return student, InProcessTeacher(teacher, chunk_size=cfg.objective.chunk_size or TEACHER_CHUNK), tok
+
+
+def writes_teacher_rows(cfg: RunConfig, needs) -> bool:
+    """Whether the run asks its teacher for rows at ``rollout.temperature``/``top_p``: guidance prefixes, GKD or
+    SFT teacher rows, or an SFT warm-up (the held-out answers are greedy)."""
+    guided = needs.guidance and cfg.guidance.enabled is not False
+    return guided or needs.rollout in ("teacher", "gkd_mixed") or cfg.train.sft_steps() > 0
 
 
 def describe_models(cfg: RunConfig, student: nn.Module, teacher: Teacher, processes: int, load_s: float) -> str:

