@@ -13,7 +13,7 @@ tokens), temperature 1, through ``tropd.rollout.sampling.sample_rows`` with fixe
 - ``static``: the same loop with transformers' ``StaticCache`` sized for prompt + budget, written in place
   (``rollout.kv_cache: static``);
 - ``dynamic_compiled`` / ``static_compiled``: the model's forward under ``torch.compile`` (default mode);
-- ``vllm``: the same model in a vLLM engine in the process (:class:`tropd.rollout.vllm_engine.VLLMStudent`, as
+- ``vllm``: the same model in a vLLM engine in the process (:class:`tropd.rollout.vllm_sampler.VLLMStudent`, as
   ``rollout.engine: vllm`` builds it), each row with its own seed. Its draws are not ``dynamic``'s, so the sample
   comparison does not apply to it. Its process also times ``dynamic``, call for call with vLLM's, and its speed
   ratio is against those paired calls (both under the same load), not against the ``dynamic`` process.
@@ -79,7 +79,7 @@ def worker(variant: str, args) -> dict:
 
     write = sample_rows
     if variant == "vllm":
-        from tropd.rollout.vllm_engine import VLLMStudent
+        from tropd.rollout.vllm_sampler import VLLMStudent
 
         longest = max(len(c) for c in contexts) + args.tokens
         engine = VLLMStudent(model, max_model_len=longest, kv_cache_gb=1.0, seed=0)

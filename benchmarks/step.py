@@ -121,7 +121,7 @@ def tropd_worker(kind: str, args, workdir: Path) -> dict:
         if not vllm:
             return KVCacheSampler(student, teacher, sampling)
         from tropd.models import context_length
-        from tropd.rollout.vllm_engine import VLLMSampler, VLLMStudent
+        from tropd.rollout.vllm_sampler import VLLMSampler, VLLMStudent
 
         engine = VLLMStudent(student, max_model_len=min(512, context_length(student) or 512),
                              kv_cache_gb=cfg.rollout.vllm_kv_cache_gb, seed=0)

@@ -17,7 +17,7 @@ from tests.helpers import tiny_llama, tiny_tokenizer  # noqa: E402
 from tests.train.runs import V, final_weights  # noqa: E402
 from tropd.rollout import RowStreams, SamplingConfig  # noqa: E402
 from tropd.rollout.sampling import sampling_logprobs  # noqa: E402
-from tropd.rollout.vllm_engine import VLLMStudent, checkpoint_weights  # noqa: E402
+from tropd.rollout.vllm_sampler import VLLMStudent, checkpoint_weights  # noqa: E402
 from tropd.train.config import ConfigError, load_config  # noqa: E402
 from tropd.train.run import train_from_config  # noqa: E402
 

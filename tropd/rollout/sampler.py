@@ -71,7 +71,7 @@ class KVCacheSampler:
     from it) writing guidance prefixes and GKD and SFT teacher rows, and blended into TRB rollouts.
 
     ``student_rows`` (None here) lets a subclass draw the student's rows with another engine and keep the rest
-    (:class:`tropd.rollout.vllm_engine.VLLMSampler`)."""
+    (:class:`tropd.rollout.vllm_sampler.VLLMSampler`)."""
 
     student_rows: StudentRows | None = None
 

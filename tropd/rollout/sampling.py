@@ -352,7 +352,7 @@ def rows_from_decode(out: DecodeOutput) -> list[RolloutRow]:
 #: Another engine's way of writing the student's rows, in place of decoding the model in this process:
 #: ``student_rows(contexts, cfg, budgets, streams) -> rows``, one :class:`RolloutRow` per context, at most
 #: ``budgets[i]`` tokens (a tensor, or an int for every row), row i drawn from row i's ``"student"`` stream
-#: (:class:`tropd.rollout.vllm_engine.VLLMStudent`).
+#: (:class:`tropd.rollout.vllm_sampler.VLLMStudent`).
 StudentRows = Callable[[Sequence[Sequence[int]], SamplingConfig, "torch.Tensor | int", RowStreams], list[RolloutRow]]
 
 

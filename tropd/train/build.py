@@ -131,10 +131,10 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, resume_from: Path | N
 
 def vllm_sampler(cfg: RunConfig, accelerator: Accelerator, student: nn.Module, teacher: Teacher,
                  sampling: SamplingConfig, longest: int) -> Sampler:
-    """``rollout.engine: vllm``: a :class:`~tropd.rollout.vllm_engine.VLLMSampler` over an engine that takes
+    """``rollout.engine: vllm``: a :class:`~tropd.rollout.vllm_sampler.VLLMSampler` over an engine that takes
     sequences of ``longest`` tokens at most (the prompt limit plus the response budget, within the student's
     context). One process only: each process would hold its own engine and copy of the student."""
-    from tropd.rollout.vllm_engine import VLLMSampler, VLLMStudent
+    from tropd.rollout.vllm_sampler import VLLMSampler, VLLMStudent
 
     if accelerator.num_processes > 1:
         raise ConfigError(f"rollout.engine=vllm runs in one process; this launch has {accelerator.num_processes}: "

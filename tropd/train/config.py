@@ -35,7 +35,7 @@ from tropd.teacher.scoring import TEACHER_CHUNK
 from tropd.train.schedule import SCHEDULES
 from tropd.train.seeds import max_seed
 
-#: Values of rollout.engine (tropd/rollout/vllm_engine.py for vllm).
+#: Values of rollout.engine (tropd/rollout/vllm_sampler.py for vllm).
 ROLLOUT_ENGINES = ("tropd", "vllm")
 
 #: ``train.report_to``'s loggers; each is the module a run imports (checked to be installed before a run starts)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers import tiny_llama
-from tropd.rollout.vllm_engine import checkpoint_weights
+from tropd.rollout.vllm_sampler import checkpoint_weights
 from tropd.train.build import vllm_sampler
 from tropd.train.config import ConfigError, load_config
 
