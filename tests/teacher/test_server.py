@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -207,10 +208,14 @@ def test_training_through_the_server_equals_in_process_and_survives_a_restart(di
         while not (metrics.is_file() and '"step": 1' in metrics.read_text()) and time.monotonic() < deadline:
             if train.poll() is not None:
                 break
-            time.sleep(0.05)
+            time.sleep(0.01)
         outage["mid_run"] = train.poll() is None
+        if outage["mid_run"]:  # held while the server goes down, so it cannot finish its steps first under load
+            train.send_signal(signal.SIGSTOP)
         stack.close()  # the server goes down mid-run
         outage["at"] = time.monotonic()
+        if outage["mid_run"]:
+            train.send_signal(signal.SIGCONT)
 
     watcher = threading.Thread(target=take_the_server_down_after_step_1)
     watcher.start()
