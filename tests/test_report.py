@@ -134,3 +134,37 @@ def test_a_run_stopped_during_the_warm_up_has_no_marker(tmp_path):
 def test_records_without_phase_data_or_step_are_ignored(tmp_path, bad):
     run = _write_run(tmp_path, [bad, *RECORDS[1:4]])
     assert "3 training steps logged" in write_report(run).read_text()
+
+
+def _lines(fig, label: str):
+    return [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label() == label]
+
+
+def test_a_one_region_step_does_not_hide_the_loss_and_sft_steps_draw_no_trust_fractions(tmp_path):
+    """An SFT step logs its loss twice (``loss`` and its only region, ``loss_guidance``) and no student token:
+    loss.png draws ``loss`` there alone, trust.png draws no fraction there (nothing was computed)."""
+    sft = [_step(s, "sft", 6.0 - s, loss_guidance=6.0 - s, student_tokens=0.0, frac_masked=0.0) for s in (1, 2, 3)]
+    opd = [_step(s, "tropd", 1.0, loss_guidance=0.01, loss_trust=-0.1, loss_outlier=1.09, student_tokens=40.0,
+                 trust_frac=0.5, p_trust=0.45, frac_masked=0.5) for s in (4, 5)]
+    figures = build_figures(read_metrics(_write_run(tmp_path, sft + opd)))
+    try:
+        (loss,) = _lines(figures["loss"], "loss")
+        (guidance,) = _lines(figures["loss"], "loss_guidance")
+        assert list(loss.get_xdata()) == [1, 2, 3, 4, 5]
+        assert list(guidance.get_xdata()) == [4, 5]  # not at the SFT steps, where it equals the loss
+        for key in ("trust_frac", "p_trust", "frac_masked"):
+            (line,) = _lines(figures["trust"], key)
+            assert list(line.get_xdata()) == [4, 5], key
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
+
+
+def test_every_evaluation_row_says_when(tmp_path):
+    records = [*RECORDS[:7], {"step": 5, "eval/teacher_text_nll": 2.2}, *RECORDS[7:],
+               {"step": 9, "eval/teacher_text_nll": 1.9}]
+    text = write_report(_write_run(tmp_path, records)).read_text()
+    rows = [ln for ln in text.split("## Held-out evaluation", 1)[1].splitlines() if ln.startswith("| ")][1:]
+    whens = {int(r.split("|")[1]): r.split("|")[2].strip() for r in rows}
+    assert whens == {0: "before training", 3: "end of SFT warm-up", 5: "during objective tropd",
+                     6: "end of training", 9: "after training"}

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
 
 from tropd.objectives.head import LMHead
+
+if TYPE_CHECKING:  # annotations only: transformers loads when a model does (--help-config stays light)
+    from transformers import PreTrainedModel
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

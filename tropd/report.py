@@ -5,7 +5,9 @@ token counts, ...), so no small quantity is flattened against a large one; every
 y axis and marks the end of the SFT warm-up (the step where the logged ``phase`` changes) with a dashed line.
 ``summary.md`` says first which steps were skipped as non-finite (if any), compares the first and last step of
 each phase separately (warm-up, then the objective), then lists the held-out evaluations. Non-finite values are
-logged as ``null``: they are gaps in the plots and ``NaN`` in the tables.
+logged as ``null``: they are gaps in the plots and ``NaN`` in the tables. A plot leaves out what a step did not
+compute: a loss region at a step with that one region (it is the loss itself, as an SFT step's
+``loss_guidance``), fractions of the student's tokens at a step without any (an SFT step).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from tropd.train.tracking import read_metrics  # noqa: E402
 
 LOSS_KEYS = ("loss", "loss_trust", "loss_outlier", "loss_guidance", "loss_pg", "loss_fkl")
+#: Fractions of the student's tokens: not computed (not drawn) at a step with no student token (an SFT step).
+STUDENT_FRACTION_KEYS = ("trust_frac", "p_trust", "frac_masked")
 
 #: (file stem, title, panels) of each figure; a panel is (y-axis label, metric keys). A panel is drawn when at
 #: least one of its keys was logged with a number, a figure when at least one of its panels is.
@@ -73,7 +77,18 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _has_data(records: list[dict], key: str) -> bool:
-    return any(math.isfinite(v) for v in _series(records, key)[1])
+    return any(math.isfinite(v) for v in _series(_drawn(records, key), key)[1])
+
+
+def _drawn(records: list[dict], key: str) -> list[dict]:
+    """The records whose ``key`` a plot draws: a loss region only at steps with several regions (a step with
+    one region, such as an SFT step's ``loss_guidance``, logs the loss itself twice, and the region's line would
+    hide ``loss``); a fraction of student tokens only at steps with student tokens."""
+    if key in LOSS_KEYS[1:]:
+        return [r for r in records if key not in r or any(k in r for k in LOSS_KEYS[1:] if k != key)]
+    if key in STUDENT_FRACTION_KEYS:
+        return [r for r in records if not (_is_number(r.get("student_tokens")) and r["student_tokens"] == 0)]
+    return records
 
 
 def phases(records: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -115,7 +130,7 @@ def build_figures(records: list[dict]) -> dict[str, plt.Figure]:
         fig, axes = plt.subplots(len(drawn), 1, sharex=True, squeeze=False, figsize=(8, 0.6 + 2.3 * len(drawn)))
         for ax, (ylabel, keys) in zip(axes[:, 0], drawn):
             for key in keys:
-                xs, ys = _series(records, key)
+                xs, ys = _series(_drawn(records, key), key)
                 ax.plot(xs, ys, marker="o" if len(xs) <= 12 else None, markersize=4, label=key,
                         linestyle=":" if key in REFERENCE_KEYS else "-")
             for step, prev, nxt in boundaries:
@@ -196,7 +211,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Held-out evaluation", "", "| step | when | " + " | ".join(keys) + " |",
                   "|---|---|" + "---|" * len(keys)]
         for r in evals:
-            when = "before training" if r["step"] == 0 else ends.get(r["step"], "")
+            when = "before training" if r["step"] == 0 else ends.get(r["step"]) or _during(r["step"], groups)
             lines.append(f"| {r['step']} | {when} | " + " | ".join(_fmt(r, "eval/" + k) for k in keys) + " |")
         lines.append("")
         for r in (evals[0], evals[-1]) if len(evals) > 1 else evals:
@@ -209,6 +224,16 @@ def write_report(run_dir: str | Path) -> Path:
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _during(step: int, groups: list[tuple[str, list[dict]]]) -> str:
+    """The "when" of an evaluation that is not at a phase's end: the phase whose steps span it."""
+    for i, (name, group) in enumerate(groups):
+        if group[0]["step"] <= step <= group[-1]["step"]:
+            return f"during {_phase_title(name, i, len(groups))}"
+    if groups and step > groups[-1][1][-1]["step"]:
+        return "after training"
+    return "between phases" if groups else "no training step logged"
 
 
 def _eval_keys(evals: list[dict]) -> list[str]:

@@ -310,3 +310,24 @@ def test_plot_single_seed_and_uneven_eval_steps(tmp_path):
     steps, mean, se = stats._curve(runs[1:])
     assert list(steps) == [0, 50, 100] and mean[1] == pytest.approx(0.65)
     assert math.isnan(se[2]) and se[1] == pytest.approx(0.05)  # one seed at step 100: no band there
+
+
+def test_quick_plot_of_all_zero_accuracies_has_a_readable_axis_and_whole_step_ticks():
+    """`tropd gym --quick`: 4 steps, evaluated at 0, 2 and 4, every accuracy 0 (tiny models). The accuracy axes
+    read 0-5 % (not ±0.04 %), the step axes tick whole steps only."""
+    import matplotlib.pyplot as plt
+
+    runs = [_healthy(mismatch=m, method=meth, seed=0, eval_steps=[0, 2, 4], accuracy=[0.0, 0.0, 0.0], steps=4)
+            for m in (0.0, 1.0) for meth in ("opd", "tropd")]
+    fig = stats.build_plot(runs)
+    try:
+        fig.canvas.draw()
+        top, *curves = fig.axes
+        for ax in (top, *curves):
+            assert ax.get_ylim() == pytest.approx((0.0, 5.0)), ax.get_title()
+        for ax in curves:
+            low, high = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if low <= t <= high]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)

@@ -139,3 +139,31 @@ def test_help_config_with_a_teacher_server_shows_what_such_a_run_uses(capsys):
     out = capsys.readouterr().out
     assert "model.teacher_timeout = 300.0   (not used: model.teacher is not a teacher server)" in out
     assert "model.teacher_dtype = None   (a run uses: 'float32')" in out
+
+
+def test_help_config_loads_no_model_code_and_prints_what_it_printed_with_it(capsys):
+    """`tropd train --help-config` in a fresh process imports neither transformers nor the model loaders (it was
+    10-24 s under load, mostly imports), and prints the same text as in this process, where they are loaded."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tropd.models  # noqa: F401 - the eager state: every module loaded
+    import tropd.teacher.in_process  # noqa: F401
+
+    code = ("import contextlib, io, json, sys\nfrom tropd.cli import main\nbuf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n    rc = main(['train', '--help-config'])\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers' or m in "
+            "('tropd.models', 'tropd.teacher.in_process', 'tropd.train.trainer'))\n"
+            "print(json.dumps([rc, heavy, buf.getvalue()]))\n")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rc, heavy, text = json.loads(done.stdout.splitlines()[-1])
+    assert rc == 0 and heavy == []
+    assert main(["train", "--help-config"]) == 0
+    assert capsys.readouterr().out == text

@@ -483,15 +483,29 @@ def _curve(rs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def plot(runs: Iterable[dict], path: str | Path, context: dict | None = None) -> None:
-    """One PNG. Top: final held-out accuracy (%) against the mismatch knob, one line per method (mean over seeds)
-    with its 95% t-interval band (numeric levels on a numeric axis, others in order of first appearance).
+    """Write :func:`build_plot`'s figure as one PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = build_plot(runs, context)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def build_plot(runs: Iterable[dict], context: dict | None = None):
+    """The accuracy figure (the caller saves and closes it). Top: final held-out accuracy (%) against the
+    mismatch knob, one line per method (mean over seeds) with its 95% t-interval band (numeric levels on a numeric axis, others in order of first appearance).
     Bottom: a panel per mismatch level, accuracy against training step (mean, ±1 standard-error band). Colours
     are fixed per method, :data:`HIGHLIGHT` methods are thicker, the legend sits right of the panels; with
-    ``context["teacher_accuracy"]`` a dotted teacher line is drawn."""
+    ``context["teacher_accuracy"]`` a dotted teacher line is drawn. Step axes have whole-step ticks; an
+    accuracy axis spans at least 5 points within 0-100% (every accuracy 0 reads 0-5%, not ±0.04%)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     groups = group_runs(runs)
     levels = list(dict.fromkeys(m for m, _ in groups))
@@ -537,7 +551,7 @@ def plot(runs: Iterable[dict], path: str | Path, context: dict | None = None) ->
                                     linewidth=0, zorder=1)
             ax.set_title(f"mismatch {level_name(level)}", fontsize=9)
             ax.set_xlabel("training step")
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         curves[0].set_ylabel("held-out accuracy (%, ±1 SE)")
         for ax in [top, *curves]:
@@ -546,10 +560,10 @@ def plot(runs: Iterable[dict], path: str | Path, context: dict | None = None) ->
                            label="teacher" if ax is top else None)
             low, high = ax.get_ylim()
             if high - low < 5:  # e.g. every accuracy 0: show a readable range, not ±0.04%
-                mid = (low + high) / 2
-                ax.set_ylim(mid - 2.5, mid + 2.5)
+                low = min(max(0.0, (low + high) / 2 - 2.5), 95.0)
+                ax.set_ylim(low, low + 5.0)
         top.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="method", title_fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-    finally:
+    except BaseException:
         plt.close(fig)
+        raise
+    return fig

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache, StaticCache
 
 from tropd.rollout.batch import RolloutBatch, RolloutRow, left_pad, position_ids_from_mask
 from tropd.rollout.streams import RowStreams
@@ -150,6 +149,8 @@ class CachedLM:
         self.model = model
         self.device = model_device(model)
         self.out_device = out_device or self.device
+        from transformers import DynamicCache, StaticCache  # here: importing this module stays light
+
         self.cache = (DynamicCache(config=model.config) if static_length is None
                       else StaticCache(config=model.config, max_cache_len=static_length))
         # transformers renamed `past_key_values` to `cache` (5.x); pass it under the name this model's forward takes

@@ -8,24 +8,28 @@ The verdict is out of the program's reach
     answers are decoded into plain builtin values only (None, bool, int, float, complex, str, bytes, list,
     tuple, dict, set, frozenset), so every comparison the tests make is between builtin objects; an exception
     comes back as the builtin exception class it derives from. The worker cannot see or touch the judge: it
-    runs as ``nobody`` while the judge keeps the parent's uid (parent is root), or in another PID namespace, or
-    inside a Landlock domain (no ptrace, no signals, no ``/proc/<pid>/fd`` outside it). The verdict is the
+    runs as an unprivileged uid while the judge keeps the parent's uid (parent is root), or in another PID
+    namespace, or inside a Landlock domain (no ptrace, no signals, no ``/proc/<pid>/fd`` outside it). The verdict is the
     judge's exit status plus a per-run nonce on the judge's own stdout.
 
 Filesystem, enforced by the operating system
     With bubblewrap (``bwrap``, the strongest): the worker sees a new root holding only ``/usr``, the
     interpreter's install tree, ``/etc/ld.so.cache`` and ``/etc/localtime``, all read-only, a fresh ``/dev``
-    and ``/proc``, a read-only empty ``/tmp``, and its own temporary directory, the one writable place; the
-    host's ``/tmp``, home directories, the working tree are invisible. Without bwrap, Landlock (Linux >= 5.13)
-    makes every path but the temporary directory non-writable (reads stay as the uid allows). With neither, a
-    WARNING is logged once and :attr:`Isolation.filesystem_readonly` is ``False``.
+    and ``/proc``, a read-only empty ``/tmp``, and its own temporary directory, the one writable place (a
+    private ``tmpfs`` of ``max_disk_mb``); the host's ``/tmp``, home directories, the working tree are invisible.
+    Without bwrap, Landlock (Linux >= 5.13) makes every path but the temporary directory non-writable (reads stay
+    as the uid allows). With neither, a WARNING is logged once and :attr:`Isolation.filesystem_readonly` is
+    ``False``.
 
 Also enforced by the operating system
     * a new session and process group per process; when the run ends, for any reason, both groups get
       ``SIGKILL``, and with a PID namespace every process the program created dies with it;
     * resource limits set before untrusted code runs, soft = hard: CPU seconds, address space, processes
-      (binding for a non-root uid: a root parent's worker drops to ``nobody``), file size (caps
+      (binding for a non-root uid: a root parent's worker drops to a uid of its own), file size (caps
       stdout/stderr too), open files, no core files; the judge gets the same limits but processes;
+    * per sandbox where the machine allows (else one WARNING line each, :func:`limit_warnings`): memory and
+      processes of all its processes together (a cgroup of its own; ``RLIMIT_NPROC`` of a uid or a user
+      namespace of its own), and the size of its temporary directory (a bubblewrap ``tmpfs``);
     * a wall-clock limit measured by the parent, over both processes;
     * a fixed minimal environment, ``python -I -S``, a fresh temporary directory as the worker's cwd;
     * network, PID, IPC and UTS namespaces when bwrap or ``unshare`` work here.
@@ -56,11 +60,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Sequence
 
+from tropd.tasks.sandbox_cgroups import CgroupPlan, RunCgroup, find_plan
+from tropd.tasks.sandbox_cgroups import create as create_cgroup
+
 Status = Literal["passed", "failed", "timeout", "early_exit", "error"]
 Filesystem = Literal["bubblewrap", "landlock", "none"]
 logger = logging.getLogger(__name__)
 
 NOBODY_UID = 65534
+#: Processes of the worker's launcher (bwrap's monitor and PID 1, or unshare's) in its cgroup besides the program's.
+LAUNCHER_TASKS = 3
 NOBODY_GID = 65534
 _HARNESS_EXIT_CODES = {1: "a test failed", 2: "the program failed to load", 3: "entry point missing",
                        4: "harness or reference error"}
@@ -75,10 +84,16 @@ class Limits:
     Attributes:
         timeout_s: wall-clock seconds before the parent kills both processes.
         cpu_s: CPU seconds (``RLIMIT_CPU``), per process; ``None`` means ``ceil(timeout_s)``.
-        memory_mb: address-space limit in MiB (``RLIMIT_AS``), per process; Python itself needs ~100 MiB of it.
-        max_procs: ``RLIMIT_NPROC`` (processes and threads of the sandbox user).
+        memory_mb: MiB of memory for the whole sandbox: the worker and every process it starts, their files in
+            the temporary folder included (a cgroup's memory limit, :attr:`Isolation.memory_per_sandbox`); also
+            each process's address space (``RLIMIT_AS``; Python itself needs ~100 MiB of it), the only bound
+            where no cgroup can be made (then N processes may hold N x memory_mb, and a WARNING says so).
+        max_procs: processes and threads of the sandbox (the worker included): a cgroup's ``pids.max`` and
+            ``RLIMIT_NPROC`` of a user that only this sandbox uses (:attr:`Isolation.procs_per_sandbox`).
         max_output_bytes: largest file the worker may write (``RLIMIT_FSIZE``), stdout and stderr included.
         max_open_files: ``RLIMIT_NOFILE``.
+        max_disk_mb: size of the temporary folder, the one writable place (a private ``tmpfs`` in bubblewrap's
+            view, :attr:`Isolation.private_tmp`).
     """
 
     timeout_s: float = 5.0
@@ -87,10 +102,11 @@ class Limits:
     max_procs: int = 16
     max_output_bytes: int = 4 * 1024 * 1024
     max_open_files: int = 64
+    max_disk_mb: int = 64
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.memory_mb <= 0 or self.max_procs <= 0:
-            raise ValueError(f"limits must be positive: {self}")
+        if self.timeout_s <= 0 or self.memory_mb <= 0 or self.max_procs <= 0 or self.max_disk_mb <= 0:
+            raise ValueError(f"limits must be positive (timeout_s, memory_mb, max_procs, max_disk_mb): {self}")
 
     def child_limits(self) -> dict[str, int]:
         cpu = self.cpu_s if self.cpu_s is not None else max(1, int(-(-self.timeout_s // 1)))
@@ -151,13 +167,21 @@ class Isolation:
         prefix: command prefix of the worker (``bwrap`` options without the per-run ones, ``unshare``, or empty).
         network_namespace: the worker has its own network namespace: no interfaces but a loopback that is down.
         pid_namespace: the worker sees only its own processes (private ``/proc``) and all of them die with it.
-        user_namespace: the worker runs in its own user namespace (an unprivileged way to get the others).
-        drop_to: ``(uid, gid)`` the worker switches to before untrusted code (parent is root), else ``None``.
+        user_namespace: the worker runs in its own user namespace (an unprivileged way to get the others; from
+            Linux 5.14 it also makes ``RLIMIT_NPROC`` count only that namespace's processes).
+        drop_to: ``(uid, gid)`` the worker switches to before untrusted code (parent is root), else ``None``;
+            with :attr:`uid_per_sandbox`, the uid is the first of :data:`SANDBOX_UIDS` and each run takes one
+            that no other run uses.
         preload: standard modules imported before the privilege drop, because the dropped user cannot read
             this interpreter's standard library (then other modules are not importable by programs).
         filesystem: what keeps the worker from writing outside its temporary directory at the OS level:
             ``"bubblewrap"`` (a read-only, minimal view of the filesystem), ``"landlock"`` (writes restricted,
             reads as the uid allows) or ``"none"`` (only file permissions and the Python-level guard).
+        private_tmp: the temporary folder is a size-limited ``tmpfs`` (``max_disk_mb``) inside bubblewrap's
+            view, invisible to the host; otherwise it is a folder in the host's temporary folder.
+        uid_per_sandbox: each run drops to its own uid (:data:`SANDBOX_UIDS`), so ``RLIMIT_NPROC`` counts only
+            that run's processes.
+        cgroup: where each run gets its own cgroup (memory and/or pids limits of the whole sandbox), or ``None``.
     """
 
     prefix: tuple[str, ...] = ()
@@ -167,6 +191,9 @@ class Isolation:
     drop_to: tuple[int, int] | None = None
     preload: tuple[str, ...] = ()
     filesystem: Filesystem = "none"
+    private_tmp: bool = False
+    uid_per_sandbox: bool = False
+    cgroup: CgroupPlan | None = None
 
     @property
     def nproc_enforced(self) -> bool:
@@ -180,19 +207,126 @@ class Isolation:
         return self.filesystem != "none"
 
     @property
+    def memory_per_sandbox(self) -> bool:
+        """Whether ``memory_mb`` bounds all of a sandbox's processes together (a cgroup), not each one."""
+        return self.cgroup is not None and "memory" in self.cgroup.controllers
+
+    @property
+    def procs_per_sandbox(self) -> bool:
+        """Whether ``max_procs`` counts only this sandbox's processes: a cgroup's ``pids.max``, a uid of its
+        own, or ``RLIMIT_NPROC`` in a user namespace of its own (Linux >= 5.14 counts it per namespace)."""
+        if self.cgroup is not None and "pids" in self.cgroup.controllers:
+            return True
+        if self.uid_per_sandbox and self.drop_to is not None:
+            return True
+        return self.user_namespace and os.geteuid() != 0 and _kernel_at_least(5, 14)
+
+    @property
     def judge_protected(self) -> bool:
         """Whether the OS stops the worker from signalling, tracing or opening the fds of the judge."""
         return self.pid_namespace or self.drop_to is not None or self.filesystem == "landlock"
 
-    def worker_command(self, workdir: str, harness: Sequence[str]) -> list[str]:
-        """The command that starts the worker harness (``harness``: the arguments after the interpreter)."""
+    def worker_command(self, workdir: str, harness: Sequence[str], disk_bytes: int = 64 << 20) -> list[str]:
+        """The command that starts the worker harness (``harness``: the arguments after the interpreter;
+        ``disk_bytes``: the size of a private temporary folder)."""
         if self.filesystem != "bubblewrap":
             return [*self.prefix, sys.executable, *harness]
         mounts = [arg for parent in _ancestors(os.path.dirname(workdir)) if not _bwrap_has(parent)
                   for arg in ("--perms", "0755", "--dir", parent)]
+        # A private tmpfs of its own size, owned by root with mode 0700 until the harness hands it to the
+        # dropped uid; else the host folder itself.
+        folder = (["--size", str(int(disk_bytes)), "--perms", "0700", "--tmpfs", workdir] if self.private_tmp
+                  else ["--bind", workdir, workdir])
         # The real interpreter, not a venv's symlink: only its install tree is in the sandbox's view.
-        return [*self.prefix, *mounts, "--bind", workdir, workdir, "--remount-ro", "/tmp", "--remount-ro", "/",
+        return [*self.prefix, *mounts, *folder, "--remount-ro", "/tmp", "--remount-ro", "/",
                 "--chdir", workdir, "--", os.path.realpath(sys.executable), *harness]
+
+
+#: The uids a root parent's workers drop to, one per concurrent run (held with a lock file, so several tropd
+#: processes on one machine never share one): 60578-61183 is a range systemd leaves unused (docs/UIDS-GIDS.md of
+#: systemd), below the dynamic service users and nobody, and mapped in the usual 65536-uid container.
+SANDBOX_UIDS = range(60600, 61100)
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
+
+
+def _uids_mapped(uids: range) -> bool:
+    """Whether this user namespace maps every uid of ``uids`` (a rootless container maps only some)."""
+    try:
+        lines = Path("/proc/self/uid_map").read_text().split("\n")
+    except OSError:
+        return True
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3:
+            first, count = int(parts[0]), int(parts[2])
+            if first <= uids.start and uids.stop <= first + count:
+                return True
+    return False
+
+
+def _uid_lock_dir() -> str:
+    return "/run/tropd-sandbox-uids" if os.access("/run", os.W_OK) else \
+        os.path.join(tempfile.gettempdir(), "tropd-sandbox-uids")
+
+
+def _acquire_uid() -> tuple[int, int]:
+    """A uid of :data:`SANDBOX_UIDS` that no other run (of any process) holds and no process uses, and the
+    descriptor of its lock file (close it to release the uid)."""
+    import fcntl
+
+    folder = _uid_lock_dir()
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    while True:
+        for uid in SANDBOX_UIDS:
+            fd = os.open(os.path.join(folder, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            if _processes_of(uid):  # used by something else (or a straggler not yet gone): skip it
+                os.close(fd)
+                continue
+            return uid, fd
+        time.sleep(0.05)
+
+
+def _processes_of(uid: int) -> list[int]:
+    """Live host processes whose real or effective uid is ``uid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("Uid:"):
+                real, effective = (int(x) for x in line.split()[1:3])
+                if uid in (real, effective) and "\nState:\tZ" not in status:
+                    found.append(int(entry.name))
+                break
+    return found
+
+
+def _kill_uid(uid: int, settle_s: float = 2.0) -> None:
+    """SIGKILL every process of ``uid`` (a uid this run holds) until none is left (bounded)."""
+    deadline = time.monotonic() + settle_s
+    while (alive := _processes_of(uid)) and time.monotonic() < deadline:
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
 
 
 # Imported before the privilege drop when the dropped user cannot read the standard library.
@@ -246,7 +380,7 @@ def _bwrap_has(path: str) -> bool:
 def _bwrap_prefix(bwrap: str, user_namespace: bool) -> tuple[str, ...]:
     """``bwrap`` options of the worker: new namespaces, a minimal read-only view (per-run mounts come later)."""
     args = [bwrap, "--die-with-parent", "--new-session"]
-    # As root, no user namespace: the worker harness drops to `nobody` itself (bwrap would map only root).
+    # As root, no user namespace: the worker harness drops to an unprivileged uid itself (bwrap would map only root).
     args += ["--unshare-all"] if user_namespace else [
         "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
     for tree in _BWRAP_SYSTEM:
@@ -287,14 +421,17 @@ def _candidates() -> list[Isolation]:
     """Isolation set-ups from strongest to weakest; :func:`isolation` keeps the first that passes its probe."""
     unshare, bwrap = shutil.which("unshare"), shutil.which("bwrap")
     root = os.geteuid() == 0
-    nobody = (NOBODY_UID, NOBODY_GID) if root else None
+    own_uids = root and _uids_mapped(SANDBOX_UIDS)
+    nobody = ((SANDBOX_UIDS.start if own_uids else NOBODY_UID), NOBODY_GID) if root else None  # the drop
     full_ns = ("--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--")
     net_ns = ("--net", "--")
     user_ns = ("--user", "--map-root-user")
     out: list[Isolation] = []
     if bwrap:
-        for preload in (((), PRELOAD_MODULES) if root else ((),)):
-            out.append(Isolation(_bwrap_prefix(bwrap, not root), True, True, not root, nobody, preload, "bubblewrap"))
+        for private_tmp in (True, False):  # a tmpfs of a given size needs bubblewrap >= 0.7 (`--size`)
+            for preload in (((), PRELOAD_MODULES) if root else ((),)):
+                out.append(Isolation(_bwrap_prefix(bwrap, not root), True, True, not root, nobody, preload,
+                                     "bubblewrap", private_tmp))
     filesystems: list[Filesystem] = (["landlock"] if _landlock_abi() > 0 else []) + ["none"]
     for fs in filesystems:
         if root:
@@ -309,7 +446,7 @@ def _candidates() -> list[Isolation]:
         if not root:
             out.append(Isolation(filesystem=fs))
     out.append(Isolation())
-    return out
+    return [replace(c, uid_per_sandbox=own_uids) if c.drop_to else c for c in out]
 
 
 _PROBE_TESTS = "assert x == 1\n"
@@ -345,15 +482,18 @@ def _probe(candidate: Isolation) -> SandboxResult:
 
 _isolation_lock = threading.Lock()
 _isolation_cache: Isolation | None = None
+_no_cgroup_why = "not probed"
 
 
 def isolation() -> Isolation:
-    """Probe (once per process, thread-safe) the strongest isolation that runs a trivial program here.
+    """Probe (once per process, thread-safe) the strongest isolation that runs a trivial program here, and where
+    each run can get a cgroup of its own.
 
     Logs a WARNING, once, when the chosen set-up has no OS-level filesystem isolation (saying what is missing
-    and how to install it) or does not keep the worker away from the judge.
+    and how to install it) or does not keep the worker away from the judge, and one line for each limit that
+    holds only per process here (:func:`limit_warnings`).
     """
-    global _isolation_cache
+    global _isolation_cache, _no_cgroup_why
     with _isolation_lock:
         if _isolation_cache is None:
             chosen, failures = Isolation(), []
@@ -363,9 +503,39 @@ def isolation() -> Isolation:
                     chosen = candidate
                     break
                 failures.append((candidate, result))
+            plan, _no_cgroup_why = find_plan()
+            chosen = replace(chosen, cgroup=plan)
             _warn_if_weak(chosen, failures)
             _isolation_cache = chosen
         return _isolation_cache
+
+
+def limit_warnings(iso: Isolation) -> list[str]:
+    """One line for each limit of :class:`Limits` that does not hold per sandbox with ``iso``: what it bounds
+    instead, what that allows, and how to fix it. :func:`isolation` logs them once per process."""
+    lines = []
+    if not iso.memory_per_sandbox:
+        why = _no_cgroup_why if iso.cgroup is None else "the cgroup has no memory controller"
+        lines.append(f"tropd sandbox: memory_mb is per process here (RLIMIT_AS), not per sandbox ({why}): a program "
+                     "that starts N processes may hold N x memory_mb. To fix: run the grader as root with a "
+                     "writable cgroup (cgroup v2: the parent of its cgroup enables memory and pids), e.g. outside "
+                     "a container or in one with a writable /sys/fs/cgroup.")
+    if not iso.private_tmp:
+        lines.append(f"tropd sandbox: the program's temporary folder is not size-limited and lies in the host's "
+                     f"temporary folder ({tempfile.gettempdir()}): RLIMIT_FSIZE caps each file, not their total. "
+                     f"To fix: install bubblewrap >= 0.7 ({INSTALL_HINT.split(', or run')[0]}).")
+    if not iso.nproc_enforced and not iso.procs_per_sandbox:
+        lines.append("tropd sandbox: the process limit is not enforced here (root without a privilege drop or a "
+                     "pids cgroup): a fork bomb can exhaust the machine's processes until the wall-clock limit. "
+                     "To fix: let the grader drop to an unprivileged uid (it needs to read its interpreter) or "
+                     "give it a writable cgroup.")
+    elif not iso.procs_per_sandbox:
+        who = f"uid {iso.drop_to[0]}" if iso.drop_to else f"uid {os.geteuid()}"
+        lines.append(f"tropd sandbox: the process limit is shared by every sandbox running as {who} (RLIMIT_NPROC "
+                     "is per user, and no pids cgroup could be made): a fork bomb in one can make programs graded "
+                     "beside it fail. To fix: run the grader as root (each sandbox then gets a uid of its own), "
+                     "or allow user namespaces on Linux >= 5.14 (each sandbox is counted in its own).")
+    return lines
 
 
 def _warn_if_weak(chosen: Isolation, failures: list[tuple[Isolation, SandboxResult]]) -> None:
@@ -381,11 +551,15 @@ def _warn_if_weak(chosen: Isolation, failures: list[tuple[Isolation, SandboxResu
                        "their user may (world-writable folders such as /tmp); only file permissions and a "
                        "Python-level guard, which a program can bypass, stand in the way. To fix: %s.",
                        why, INSTALL_HINT)
+    logger.info("tropd sandbox limits: private_tmp=%s uid_per_sandbox=%s cgroup=%s",
+                chosen.private_tmp, chosen.uid_per_sandbox, chosen.cgroup.describe() if chosen.cgroup else None)
+    for line in limit_warnings(chosen):
+        logger.warning(line)
     if not chosen.judge_protected:
         logger.warning("tropd sandbox: the program's process runs as the judge's user in the judge's PID "
                        "namespace without Landlock: a hostile program could trace or signal the judge and forge "
-                       "a pass. To fix: run as root (the program then drops to nobody), allow user namespaces, "
-                       "or %s.", INSTALL_HINT)
+                       "a pass. To fix: run as root (the program then drops to an unprivileged uid), allow user "
+                       "namespaces, or %s.", INSTALL_HINT)
 
 
 def _read_tail(handle, limit: int) -> str:
@@ -465,16 +639,25 @@ def _run(program: str, tests: str, setup: str | None, entry_point: str | None, c
     workdir = tempfile.mkdtemp(prefix="tropd-sandbox-")
     nonce = secrets.token_hex(16)
     child_limits = limits.child_limits()
-    worker_job = {"program": program, "limits": child_limits, "workdir": workdir,
-                  "drop_to": list(iso.drop_to) if iso.drop_to else None, "preload": list(iso.preload),
-                  "landlock": iso.filesystem == "landlock"}
     judge_job = {"nonce": nonce, "tests": tests, "setup": setup, "entry_point": entry_point,
                  "call_check": call_check, "limits": child_limits}
     procs: list[subprocess.Popen] = []
     pipe_fds: list[int] = []
+    uid_lock: int | None = None
+    run_cgroup: RunCgroup | None = None
+    drop_to = iso.drop_to
     try:
-        if iso.drop_to:
-            os.chown(workdir, *iso.drop_to)
+        if drop_to and iso.uid_per_sandbox:
+            uid, uid_lock = _acquire_uid()
+            drop_to = (uid, drop_to[1])
+        if iso.cgroup is not None:
+            run_cgroup = create_cgroup(iso.cgroup, child_limits["memory_bytes"],
+                                       child_limits["max_procs"] + LAUNCHER_TASKS)
+        worker_job = {"program": program, "limits": child_limits, "workdir": workdir,
+                      "drop_to": list(drop_to) if drop_to else None, "preload": list(iso.preload),
+                      "landlock": iso.filesystem == "landlock"}
+        if drop_to:
+            os.chown(workdir, *drop_to)
         os.chmod(workdir, 0o700)
         to_worker_r, to_worker_w = os.pipe()
         to_judge_r, to_judge_w = os.pipe()
@@ -483,7 +666,9 @@ def _run(program: str, tests: str, setup: str | None, entry_point: str | None, c
         with tempfile.TemporaryFile() as w_out, tempfile.TemporaryFile() as w_err, \
                 tempfile.TemporaryFile() as j_out, tempfile.TemporaryFile() as j_err:
             worker_cmd = iso.worker_command(workdir, ["-I", "-S", "-c", source, "worker", str(to_worker_r),
-                                                      str(to_judge_w)])
+                                                      str(to_judge_w)], limits.max_disk_mb << 20)
+            if run_cgroup is not None:
+                worker_cmd = run_cgroup.wrap(worker_cmd)
             procs.append(_start(worker_cmd, worker_job, w_out, w_err, workdir, _child_env(workdir),
                                 (to_worker_r, to_judge_w)))
             judge_cmd = [sys.executable, "-I", "-S", "-c", source, "judge", str(to_judge_r), str(to_worker_w)]
@@ -516,6 +701,11 @@ def _run(program: str, tests: str, setup: str | None, entry_point: str | None, c
         for fd in pipe_fds:
             os.close(fd)
         _settle_workdir(workdir)
+        if run_cgroup is not None:
+            run_cgroup.destroy()
+        if uid_lock is not None:
+            _kill_uid(drop_to[0])  # the uid is this run's alone: whatever still runs as it is a straggler
+            os.close(uid_lock)
         shutil.rmtree(workdir, ignore_errors=True)
 
     rc = judge.returncode

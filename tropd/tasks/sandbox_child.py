@@ -468,6 +468,7 @@ def worker_main(rx: int, tx: int) -> None:
         if job.get("landlock"):
             restrict_writes(job["workdir"])
         if job.get("drop_to") is not None:
+            os.chown(job["workdir"], *job["drop_to"])  # a private tmpfs is root's until now
             drop_privileges(*job["drop_to"])
         install_guard(job["workdir"])
     except BaseException:  # noqa: BLE001

@@ -11,13 +11,17 @@ student's backward pass, which inference tensors cannot be.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PreTrainedModel
 
 from tropd.forward import response_hidden
 from tropd.needs import Needs
 from tropd.objectives.head import LMHead
 from tropd.objectives.teacher_scores import TeacherScores, entropy_from_logprobs, scores_from_hidden
+
+if TYPE_CHECKING:  # annotations only: transformers loads when a model does
+    from transformers import PreTrainedModel
 
 __all__ = ["TEACHER_CHUNK", "TeacherScores", "entropy_from_logprobs", "score_with_teacher", "scores_from_hidden"]
 
