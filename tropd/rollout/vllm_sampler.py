@@ -6,10 +6,9 @@ guidance prefixes, GKD and SFT teacher rows are written by the run's teacher exa
 
 - **Weights.** The engine is built on the first student rollout from the student as it is then (its config and
   weights saved to a temporary folder, deleted once the engine has loaded them; LoRA adapters merged into the
-  base weights: ``W + ΔW``). After every
-  optimiser step (a new ``global_step`` in the rows' streams) the weights are pushed in place through the
-  worker's ``reload_weights`` and the engine's prefix cache is emptied, so no key or value computed with old
-  weights is reused. A resumed run builds its engine from the resumed weights.
+  base weights: ``W + ΔW``). After every optimiser step (a new ``global_step`` in the rows' streams) the weights
+  are pushed in place through the worker's ``reload_weights`` and the engine's prefix cache is emptied, so no key
+  or value computed with old weights is reused. A resumed run builds its engine from the resumed weights.
 - **Randomness.** Row i is drawn by vLLM with seed ``streams.seeds("student")[i]``, a function of (run seed,
   step, global row) only, so a row's tokens do not depend on the process or on the other rows of its batch
   (up to vLLM's kernels, which may round differently for other batch shapes). The draws differ from the
@@ -165,7 +164,7 @@ class VLLMStudent:
             if cfg.greedy:
                 logprobs = [0.0] * len(tokens)
             else:
-                logprobs = [float(step[token].logprob) for step, token in zip(done.logprobs, tokens)]
+                logprobs = [float(position[token].logprob) for position, token in zip(done.logprobs, tokens)]
             eos = bool(tokens) and tokens[-1] in eos_ids
             rows[i] = RolloutRow(tokens=torch.tensor(tokens, dtype=torch.long),
                                  behavior_logprobs=torch.tensor(logprobs, dtype=torch.float32),
