@@ -60,6 +60,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Sequence
 
+import psutil
+
 from tropd.tasks.sandbox_cgroups import CgroupPlan, RunCgroup, find_plan
 from tropd.tasks.sandbox_cgroups import create as create_cgroup
 
@@ -298,23 +300,14 @@ def _acquire_uid() -> tuple[int, int]:
         time.sleep(0.05)
 
 
+#: Process states that no longer run (psutil).
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+
+
 def _processes_of(uid: int) -> list[int]:
     """Live host processes whose real or effective uid is ``uid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("Uid:"):
-                real, effective = (int(x) for x in line.split()[1:3])
-                if uid in (real, effective) and "\nState:\tZ" not in status:
-                    found.append(int(entry.name))
-                break
-    return found
+    return [p.pid for p in psutil.process_iter(["uids", "status"])
+            if p.info["uids"] and uid in p.info["uids"][:2] and p.info["status"] not in _GONE]
 
 
 def _kill_uid(uid: int, settle_s: float = 2.0) -> None:
@@ -591,20 +584,9 @@ def _kill_group(proc: subprocess.Popen, settle_s: float = 2.0) -> None:
 
 def _processes_in(workdir: str) -> list[int]:
     """Live (not zombie) host processes whose working directory lies in ``workdir``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-            if cwd != workdir and not cwd.startswith(workdir + os.sep):
-                continue
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state not in ("Z", "X"):
-            found.append(int(entry.name))
-    return found
+    return [p.pid for p in psutil.process_iter(["cwd", "status"])
+            if p.info["cwd"] and (p.info["cwd"] == workdir or p.info["cwd"].startswith(workdir + os.sep))
+            and p.info["status"] not in _GONE]
 
 
 def _settle_workdir(workdir: str, settle_s: float = 2.0) -> None:
