@@ -166,9 +166,17 @@ def test_a_server_that_does_not_answer_is_one_clear_error():
 def test_a_token_protected_server_refuses_other_clients(url):
     with pytest.raises(TeacherServerError, match="HTTP 401: missing or wrong token"):
         RemoteTeacher(url, token="")
-    with pytest.raises(TeacherServerError, match="HTTP 401"):
+    with pytest.raises(TeacherServerError, match=r"HTTP 401.*set TROPD_TEACHER_TOKEN to the server's token"):
         RemoteTeacher(url, token="wrong")
     assert RemoteTeacher(url, token=TOKEN).vocab_size == 64
+
+
+def test_a_404_on_the_first_endpoint_asks_whether_the_url_names_the_other_kind_of_server():
+    from tropd.teacher.remote import _hint
+
+    assert "vllm+http://host:port: is it the other kind?" in _hint(404, "/v1/info")
+    assert "vllm+http://host:port: is it the other kind?" in _hint(404, "/v1/models")
+    assert _hint(404, "/v1/score") == "" and _hint(500, "/v1/info") == ""
 
 
 @pytest.mark.slow

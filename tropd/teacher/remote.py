@@ -176,8 +176,19 @@ def send(client, url: str, method: str, path: str, *, timeout_s: float, retry_s:
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
     if response.status_code != 200:
-        raise TeacherServerError(f"teacher server {url}{path}: HTTP {response.status_code}: {_detail(response)}")
+        raise TeacherServerError(f"teacher server {url}{path}: HTTP {response.status_code}: {_detail(response)}"
+                                 + _hint(response.status_code, path))
     return response
+
+
+def _hint(status: int, path: str) -> str:
+    """What to do about an error answer that a wrong token or the wrong kind of server explains."""
+    if status == 401:
+        return f" (set {TOKEN_ENV} to the server's token: its own {TOKEN_ENV}, or vllm serve's --api-key)"
+    if status == 404 and path in ("/v1/info", "/v1/models"):  # the first endpoint a client reads
+        return (" (model.teacher names a tropd serve-teacher server as http://host:port and a stock vLLM server "
+                "as vllm+http://host:port: is it the other kind?)")
+    return ""
 
 
 def _detail(response) -> str:
