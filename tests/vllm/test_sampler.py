@@ -207,6 +207,15 @@ def test_resume_with_vllm_is_exact(tmp_path, vllm_teacher):
         torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
 
 
+def test_a_kv_cache_too_small_stops_the_run_at_start_up_in_one_line(tmp_path, vllm_teacher):
+    cfg = run_config(tmp_path, vllm_teacher, **{"rollout.vllm_kv_cache_gb": 1e-6, "train.sft_warmup_steps": 1})
+    with pytest.raises(ConfigError, match=r"rollout.engine=vllm: vLLM could not start an engine for sequences of up "
+                                          r"to \d+ tokens .* Raise rollout.vllm_kv_cache_gb") as err:
+        train_from_config(cfg, console=lambda *_: None)
+    assert "\n" not in str(err.value) and err.value.key == "rollout.vllm_kv_cache_gb"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # before any step, the warm-up's included
+
+
 def test_what_vllm_cannot_do_is_refused_in_one_line(tmp_path, vllm_teacher, monkeypatch):
     with pytest.raises(ConfigError, match="trb blends the teacher into every decoded token") as err:
         run_config(tmp_path, vllm_teacher, objective="trb")

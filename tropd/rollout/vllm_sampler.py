@@ -4,9 +4,9 @@
 (:data:`~tropd.rollout.sampling.StudentRows`); :class:`VLLMSampler` is the default sampler with those rows, so
 guidance prefixes, GKD and SFT teacher rows are written by the run's teacher exactly as with the default engine.
 
-- **Weights.** The engine is built on the first student rollout from the student as it is then (its config and
-  weights saved to a temporary folder, deleted once the engine has loaded them; LoRA adapters merged into the
-  base weights: ``W + ΔW``). After every optimiser step (a new ``global_step`` in the rows' streams) the weights
+- **Weights.** The engine is built when the run starts (:meth:`VLLMStudent.start`), from the student's config and
+  weights saved to a temporary folder, deleted once the engine has loaded them (LoRA adapters merged into the
+  base weights: ``W + ΔW``). Before the first student rollout and after every optimiser step (a new ``global_step`` in the rows' streams) the weights
   are pushed in place through the worker's ``reload_weights`` and the engine's prefix cache is emptied, so no key
   or value computed with old weights is reused. A resumed run builds its engine from the resumed weights.
 - **Randomness.** Row i is drawn by vLLM with seed ``streams.seeds("student")[i]``, a function of (run seed,
@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -38,6 +39,7 @@ from tropd.rollout.batch import RolloutRow
 from tropd.rollout.sampler import KVCacheSampler
 from tropd.rollout.sampling import SamplingConfig
 from tropd.rollout.streams import RowStreams
+from tropd.settings import ConfigError
 
 #: What the engine needs from the process: its core in this process (weights are pushed to its worker directly).
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -105,9 +107,26 @@ class VLLMStudent:
         dtype = next(self.student.parameters()).dtype
         return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
 
+    def start(self) -> None:
+        """Build the engine now, before training, so that what vLLM cannot do with these settings (a KV cache too
+        small for one sequence of ``max_model_len`` tokens) stops the run at start-up, in one line."""
+        t0 = time.perf_counter()
+        try:
+            self._build()
+        except Exception as err:  # vLLM's reason, on one line, with the settings that size the engine
+            reason = " ".join(str(err).split())[:400] or type(err).__name__
+            raise ConfigError(f"rollout.engine=vllm: vLLM could not start an engine for sequences of up to "
+                              f"{self.max_model_len} tokens (the longest prompt plus rollout.max_new_tokens) with "
+                              f"rollout.vllm_kv_cache_gb={self.kv_cache_gb:g}: {reason}. Raise "
+                              "rollout.vllm_kv_cache_gb, or shorten rollout.max_new_tokens or the prompts "
+                              "(data.max_prompt_tokens)", "rollout.vllm_kv_cache_gb") from None
+        self.sync_s += time.perf_counter() - t0
+
     def _build(self) -> None:
         for key, value in ENGINE_ENV.items():
             os.environ[key] = value
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its INFO/WARNING lines would flood the console
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", category=FutureWarning)
         from vllm import LLM
 
         on_cpu = next(self.student.parameters()).device.type == "cpu"
@@ -116,7 +135,8 @@ class VLLMStudent:
             self.llm = LLM(model=folder, skip_tokenizer_init=True, dtype=self._dtype(),
                            max_model_len=self.max_model_len, seed=self.seed, enforce_eager=on_cpu,
                            kv_cache_memory_bytes=int(self.kv_cache_gb * (1 << 30)),
-                           logprobs_mode="processed_logprobs", max_logprobs=0, generation_config="vllm")
+                           logprobs_mode="processed_logprobs", max_logprobs=0, generation_config="vllm",
+                           use_tqdm_on_load=False)
 
     def push_weights(self) -> None:
         """Copy the student's current weights into the engine, in place, and empty its prefix cache. Tied output
@@ -127,7 +147,8 @@ class VLLMStudent:
         self.llm.reset_prefix_cache()
 
     def sync(self, step: int) -> None:
-        """Build the engine on first use; after that, push the weights once per optimiser step ``step``."""
+        """Build the engine if :meth:`start` did not; push the weights once per optimiser step ``step`` (the
+        first call after :meth:`start` pushes too: the student may have trained since, in an SFT warm-up)."""
         t0 = time.perf_counter()
         if self.llm is None:
             self._build()

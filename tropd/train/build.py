@@ -120,9 +120,10 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, resume_from: Path | N
     if make_sampler is not None:
         sampler = make_sampler(student, teacher, sampling)
     elif cfg.rollout.engine == "vllm":
-        sampler = vllm_sampler(cfg, accelerator, student, teacher, sampling, limit + cfg.rollout.max_new_tokens)
-        notes.append(f"rollouts: a colocated vLLM engine (its KV cache {cfg.rollout.vllm_kv_cache_gb:g} GiB), built "
-                     "on the first student rollout, weights pushed after every step")
+        longest = max(len(ids) for ids in prompt_ids if ids is not None) + cfg.rollout.max_new_tokens
+        sampler = vllm_sampler(cfg, accelerator, student, teacher, sampling, longest)
+        notes.append(f"rollouts: a colocated vLLM engine for sequences of up to {sampler.engine.max_model_len} "
+                     f"tokens (KV cache {cfg.rollout.vllm_kv_cache_gb:g} GiB), weights pushed after every step")
     else:
         sampler = KVCacheSampler(student, teacher, sampling)
     return RunParts(accelerator, student, teacher, tok, objective, warmup, sampler,
@@ -131,9 +132,9 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, resume_from: Path | N
 
 def vllm_sampler(cfg: RunConfig, accelerator: Accelerator, student: nn.Module, teacher: Teacher,
                  sampling: SamplingConfig, longest: int) -> Sampler:
-    """``rollout.engine: vllm``: a :class:`~tropd.rollout.vllm_sampler.VLLMSampler` over an engine that takes
-    sequences of ``longest`` tokens at most (the prompt limit plus the response budget, within the student's
-    context). One process only: each process would hold its own engine and copy of the student."""
+    """``rollout.engine: vllm``: a :class:`~tropd.rollout.vllm_sampler.VLLMSampler` over an engine, started here,
+    that takes sequences of ``longest`` tokens at most (the longest prompt plus the response budget, within the
+    student's context). One process only: each process would hold its own engine and copy of the student."""
     from tropd.rollout.vllm_sampler import VLLMSampler, VLLMStudent
 
     if accelerator.num_processes > 1:
@@ -142,6 +143,7 @@ def vllm_sampler(cfg: RunConfig, accelerator: Accelerator, student: nn.Module, t
     context = context_length(student)
     engine = VLLMStudent(student, max_model_len=min(longest, context) if context else longest,
                          kv_cache_gb=cfg.rollout.vllm_kv_cache_gb, seed=cfg.train.seed)
+    engine.start()
     return VLLMSampler(student, teacher, sampling, engine)
 
 
