@@ -36,6 +36,8 @@ def test_with_overrides_equals_the_command_line_and_leaves_the_original():
                                         "in [0, 1], got 2.0"),
     ({"objective.name": "opd"}, "the config with overrides objective.name='opd': objective.kwargs.top_k is not a "
                                 "setting of 'opd'"),
+    ({"objective.name": "opd"}, "(objective.kwargs={} gives opd's defaults, e.g. after changing objective.name "
+                                "from the config file's)"),
     ({"train.lr.x": 1}, "override train.lr.x: lr is not a section"),
 ])
 def test_with_overrides_refuses_what_the_command_line_refuses(values, message):

@@ -197,7 +197,9 @@ class RunConfig:
         for key in o.kwargs:
             if key not in allowed or key == "chunk_size":
                 names = ", ".join(k for k in allowed if k != "chunk_size")
-                raise ConfigError(f"objective.kwargs.{key} is not a setting of {o.name!r}; allowed: {names}",
+                raise ConfigError(f"objective.kwargs.{key} is not a setting of {o.name!r}; allowed: {names} "
+                                  f"(objective.kwargs={{}} gives {o.name}'s defaults, e.g. after changing "
+                                  "objective.name from the config file's)",
                                   f"objective.kwargs.{key}")
         try:  # built here only to check its settings and read its needs (the run's: tropd.train.build)
             obj = get_objective(o.name, chunk_size=o.chunk_size, **o.kwargs)
