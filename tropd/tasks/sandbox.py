@@ -310,16 +310,21 @@ def _processes_of(uid: int) -> list[int]:
             if p.info["uids"] and uid in p.info["uids"][:2] and p.info["status"] not in _GONE]
 
 
-def _kill_uid(uid: int, settle_s: float = 2.0) -> None:
-    """SIGKILL every process of ``uid`` (a uid this run holds) until none is left (bounded)."""
+def _kill_while(find, settle_s: float) -> None:
+    """SIGKILL the processes ``find()`` lists until it lists none, for at most ``settle_s`` seconds."""
     deadline = time.monotonic() + settle_s
-    while (alive := _processes_of(uid)) and time.monotonic() < deadline:
+    while (alive := find()) and time.monotonic() < deadline:
         for pid in alive:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
         time.sleep(0.01)
+
+
+def _kill_uid(uid: int, settle_s: float = 2.0) -> None:
+    """SIGKILL every process of ``uid`` (a uid this run holds) until none is left (bounded)."""
+    _kill_while(lambda: _processes_of(uid), settle_s)
 
 
 # Imported before the privilege drop when the dropped user cannot read the standard library.
@@ -593,14 +598,7 @@ def _settle_workdir(workdir: str, settle_s: float = 2.0) -> None:
     """Wait (bounded) until no process runs in ``workdir``, SIGKILLing stragglers. The program's own session
     (bwrap ``--new-session``) is outside the worker's process group: the kernel kills it when the PID namespace's
     init dies, but not at once, and without a PID namespace only this finds it."""
-    deadline = time.monotonic() + settle_s
-    while (alive := _processes_in(workdir)) and time.monotonic() < deadline:
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.01)
+    _kill_while(lambda: _processes_in(workdir), settle_s)
 
 
 def _start(cmd: list[str], job: dict, out, err, cwd: str, env: dict, fds: tuple[int, int]) -> subprocess.Popen:
