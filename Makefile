@@ -16,5 +16,8 @@ install: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/tropd train $(ARGS)
 
+# Two pytest-xdist workers, a test module at a time (tests/conftest.py); TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest $(ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=10 $(ARGS)

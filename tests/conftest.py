@@ -1,7 +1,9 @@
 """Test-session settings and the tiny models shared by the whole session.
 
 Tiny models run fastest single-threaded (no thread oversubscription on 2 cores). ``pytest -m "not slow"`` skips
-the slow tier (multi-process launches, served teachers, benchmark runs: the ``slow`` marker, pyproject.toml)."""
+the slow tier (multi-process launches, served teachers, benchmark runs: the ``slow`` marker, pyproject.toml).
+``make test`` runs the suite on two pytest-xdist workers, a module at a time (``--dist loadscope``: a module's
+shared launches run once), modules with slow tests first (:func:`pytest_collection_modifyitems`)."""
 
 from pathlib import Path
 
@@ -18,3 +20,10 @@ def teacher_dir(tmp_path_factory) -> Path:
     from tests.train.runs import save_teacher
 
     return save_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Modules holding ``slow`` tests first, each module's tests in their own order: under ``--dist loadscope`` each
+    worker starts on a long module and the short ones fill in behind, so neither waits on the other at the end."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: otherwise collection order
