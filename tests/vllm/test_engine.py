@@ -10,14 +10,11 @@ import torch
 
 pytest.importorskip("vllm")  # CI installs it; elsewhere this folder needs vLLM (docs/vllm.md)
 
-from transformers import AutoModelForCausalLM  # noqa: E402
-
 from tests.train.runs import write_config  # noqa: E402
-from tests.vllm.conftest import ATOL, V, free_port, started  # noqa: E402
+from tests.vllm.conftest import ATOL, V, free_port, started, student_batch, student_folder, untied  # noqa: E402
 from tropd.cli import main  # noqa: E402
-from tropd.models import prune_layers  # noqa: E402
 from tropd.needs import Needs  # noqa: E402
-from tropd.rollout import RowStreams, SamplingConfig, sample  # noqa: E402
+from tropd.rollout import RowStreams, SamplingConfig  # noqa: E402
 from tropd.rollout.sampling import sampling_logprobs, teacher_rows  # noqa: E402
 from tropd.teacher import InProcessTeacher, RemoteTeacher, TeacherServerError  # noqa: E402
 
@@ -35,11 +32,6 @@ def url(vllm_teacher_dir):
         yield f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture(scope="module")
-def hf_teacher(vllm_teacher_dir):
-    return AutoModelForCausalLM.from_pretrained(vllm_teacher_dir).eval()
-
-
 def test_info_says_what_the_engine_computes(url, hf_teacher):
     teacher = RemoteTeacher(url, token=TOKEN)
     info = teacher.info
@@ -55,11 +47,7 @@ def test_info_says_what_the_engine_computes(url, hf_teacher):
 
 
 def test_scores_equal_in_process_scores(url, hf_teacher):
-    student = prune_layers(hf_teacher, 1)
-    cfg = SamplingConfig(max_new_tokens=8, eos_token_ids=tuple(range(1, 20)), pad_token_id=0)
-    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15], [20, 21, 22, 23]]
-    batch = sample(student, prompts, cfg, streams=RowStreams.of(0, len(prompts)))
-    assert len(set(batch.response_lengths.tolist())) > 1
+    batch = student_batch(hf_teacher)
     needs = Needs(teacher_topk=True, top_k=K)
     want = InProcessTeacher(hf_teacher).score(batch, Needs(teacher_topk=True, top_k=K + 1))
     got = RemoteTeacher(url, token=TOKEN).score(batch, needs)
@@ -67,9 +55,8 @@ def test_scores_equal_in_process_scores(url, hf_teacher):
     torch.testing.assert_close(got.teacher_logprobs[mask], want.teacher_logprobs[mask], atol=ATOL, rtol=0)
     torch.testing.assert_close(got.teacher_topk_logprobs[mask], want.teacher_topk_logprobs[..., :K][mask],
                                atol=ATOL, rtol=0)
-    gaps = (want.teacher_topk_logprobs[..., :-1] - want.teacher_topk_logprobs[..., 1:]).abs() > ATOL
-    untied = (torch.cat([torch.ones_like(gaps[..., :1]), gaps[..., :-1]], -1) & gaps)[mask]
-    assert torch.equal(got.teacher_topk_ids[mask][untied], want.teacher_topk_ids[..., :K][mask][untied])
+    untied_k = untied(want.teacher_topk_logprobs)[mask]
+    assert torch.equal(got.teacher_topk_ids[mask][untied_k], want.teacher_topk_ids[..., :K][mask][untied_k])
     with pytest.raises(TeacherServerError, match=r"HTTP 422: needs: the objective needs the teacher's "
                                                  r"full-vocabulary entropy"):
         RemoteTeacher(url, token=TOKEN).score(batch, Needs(teacher_topk=True, top_k=K, teacher_entropy=True))
@@ -95,11 +82,7 @@ def test_rows_greedy_equal_and_sampled_carry_the_sampling_logprobs(url, hf_teach
 
 
 def test_a_run_asking_for_the_entropy_is_refused_at_start_up(url, vllm_teacher_dir, tmp_path, capsys, monkeypatch):
-    student = tmp_path / "student"
-    prune_layers(AutoModelForCausalLM.from_pretrained(vllm_teacher_dir), 1).save_pretrained(student)
-    from tests.helpers import tiny_tokenizer
-
-    tiny_tokenizer(V).save_pretrained(student)
+    student = student_folder(vllm_teacher_dir, tmp_path / "student")
     path = write_config(tmp_path, vllm_teacher_dir, model={"student": str(student), "student_layers": None},
                         objective={"name": "eopd", "kwargs": {"top_k": K}})
     monkeypatch.setenv("TROPD_TEACHER_TOKEN", TOKEN)

@@ -15,15 +15,12 @@ import torch
 
 pytest.importorskip("vllm")  # CI installs it; elsewhere this folder needs vLLM (docs/vllm.md)
 
-from transformers import AutoModelForCausalLM  # noqa: E402
-
 from tests.helpers import tiny_tokenizer  # noqa: E402
 from tests.train.runs import final_weights, write_config  # noqa: E402
-from tests.vllm.conftest import ATOL, V, free_port, started  # noqa: E402
+from tests.vllm.conftest import ATOL, V, free_port, started, student_batch, student_folder, untied  # noqa: E402
 from tropd.cli import main  # noqa: E402
-from tropd.models import prune_layers  # noqa: E402
 from tropd.needs import Needs  # noqa: E402
-from tropd.rollout import RowStreams, SamplingConfig, sample  # noqa: E402
+from tropd.rollout import RowStreams, SamplingConfig  # noqa: E402
 from tropd.rollout.sampling import sampling_logprobs, teacher_rows  # noqa: E402
 from tropd.teacher import InProcessTeacher, TeacherServerError, VLLMServerTeacher  # noqa: E402
 
@@ -44,31 +41,8 @@ def url(vllm_teacher_dir):
         yield f"vllm+http://127.0.0.1:{port}"
 
 
-@pytest.fixture(scope="module")
-def hf_teacher(vllm_teacher_dir):
-    return AutoModelForCausalLM.from_pretrained(vllm_teacher_dir).eval()
-
-
-def _batch(teacher, seed: int = 0):
-    """Rollouts of a 1-layer student: prompts of 2 to 6 tokens (left-padded), responses ending at different
-    lengths (many EOS ids)."""
-    student = prune_layers(teacher, 1)
-    cfg = SamplingConfig(max_new_tokens=8, eos_token_ids=tuple(range(1, 20)), pad_token_id=0)
-    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15], [20, 21, 22, 23]]
-    batch = sample(student, prompts, cfg, streams=RowStreams.of(seed, len(prompts)))
-    assert len(set(batch.response_lengths.tolist())) > 1 and len(set(batch.prompt_lengths.tolist())) > 1
-    return batch
-
-
-def _untied(logprobs: torch.Tensor) -> torch.Tensor:
-    """``[..., K]`` of ``[..., K+1]`` sorted log-probs: entry j differs by more than ATOL from its neighbours."""
-    gaps = (logprobs[..., :-1] - logprobs[..., 1:]).abs() > ATOL
-    before = torch.cat([torch.ones_like(gaps[..., :1]), gaps[..., :-1]], -1)
-    return before & gaps
-
-
 def test_scores_equal_in_process_scores(url, hf_teacher):
-    batch = _batch(hf_teacher)
+    batch = student_batch(hf_teacher)
     teacher = VLLMServerTeacher(url, token=TOKEN, top_k=K)
     assert teacher.processed and teacher.context_length == 127
     want = InProcessTeacher(hf_teacher).score(batch, Needs(teacher_topk=True, top_k=K + 1))
@@ -80,9 +54,9 @@ def test_scores_equal_in_process_scores(url, hf_teacher):
     torch.testing.assert_close(got.teacher_logprobs[mask], want.teacher_logprobs[mask], atol=ATOL, rtol=0)
     torch.testing.assert_close(got.teacher_topk_logprobs[mask], want.teacher_topk_logprobs[..., :K][mask],
                                atol=ATOL, rtol=0)
-    untied = _untied(want.teacher_topk_logprobs)[mask]
-    assert untied.float().mean() > 0.9
-    assert torch.equal(got.teacher_topk_ids[mask][untied], want.teacher_topk_ids[..., :K][mask][untied])
+    untied_k = untied(want.teacher_topk_logprobs)[mask]
+    assert untied_k.float().mean() > 0.9
+    assert torch.equal(got.teacher_topk_ids[mask][untied_k], want.teacher_topk_ids[..., :K][mask][untied_k])
     only = teacher.score(batch, Needs())  # the sampled token's log-prob alone (prompt_logprobs=0)
     assert only.teacher_topk_ids is None
     torch.testing.assert_close(only.teacher_logprobs[mask], want.teacher_logprobs[mask], atol=ATOL, rtol=0)
@@ -124,7 +98,7 @@ def test_what_the_server_cannot_do_is_one_line(url, hf_teacher):
         VLLMServerTeacher(url, token="wrong", retry_s=0)
     teacher = VLLMServerTeacher(url, token=TOKEN, top_k=K)
     with pytest.raises(ValueError, match="full-vocabulary entropy .*eopd"):
-        teacher.score(_batch(hf_teacher), Needs(teacher_topk=True, top_k=K, teacher_entropy=True))
+        teacher.score(student_batch(hf_teacher), Needs(teacher_topk=True, top_k=K, teacher_entropy=True))
     with pytest.raises(ValueError, match="TRB .*not behind a vLLM server"):
         teacher.model_for_blending()
 
@@ -142,9 +116,7 @@ def test_the_students_tokenizer_and_vocabulary_are_checked(url):
 
 def test_a_run_through_the_server_equals_the_in_process_run(url, vllm_teacher_dir, tmp_path, monkeypatch):
     """tropd (top-k scores, guidance off: the teacher writes only the greedy held-out answers), 3 steps."""
-    student = tmp_path / "student"
-    prune_layers(AutoModelForCausalLM.from_pretrained(vllm_teacher_dir), 1).save_pretrained(student)
-    tiny_tokenizer(V).save_pretrained(student)
+    student = student_folder(vllm_teacher_dir, tmp_path / "student")
     sections = dict(model={"student": str(student), "student_layers": None}, guidance={"enabled": False},
                     train={"steps": 3, "save_every": 3})
     local = write_config(tmp_path / "local", vllm_teacher_dir, **sections)
