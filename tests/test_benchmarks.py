@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The vLLM variants run beside tropd's own in the same benchmark call where vLLM is installed (CI: its CPU build).
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 def _script(name: str):
@@ -31,10 +33,11 @@ def test_speed_quick_runs_every_kernel(tmp_path):
 
 @pytest.mark.slow
 def test_step_quick_times_tropd_and_trl(tmp_path):
-    assert _script("step").main(["--quick", "--steps", "2", "--tokens", "8", "--kinds", "trl_distill,trl_gkd,opd",
+    kinds = ["trl_distill", "trl_gkd", "opd"] + (["opd_vllm"] if HAS_VLLM else [])
+    assert _script("step").main(["--quick", "--steps", "2", "--tokens", "8", "--kinds", ",".join(kinds),
                                  "--jobs", "2", "--out", str(tmp_path)]) == 0  # two runs at a time
     results = json.loads((tmp_path / "step_quick.json").read_text())["results"]
-    for kind in ("trl_distill", "trl_gkd", "opd"):
+    for kind in kinds:
         assert results[kind].get("total", 0) > 0, (kind, results[kind])
     assert results["opd"]["sampling"] > 0 and results["opd"]["backward"] > 0
     # each side's effective settings are recorded; TRL's gradient checkpointing (its default) is off, so that
@@ -44,15 +47,26 @@ def test_step_quick_times_tropd_and_trl(tmp_path):
         assert config["gradient_checkpointing"] is False and config["beta"] == 1.0, (kind, config)
     assert results["trl_gkd"]["settings"]["config"]["lmbda"] == 1.0
     assert results["opd"]["settings"]["config"]["objective"]["name"] == "opd"
+    if HAS_VLLM:  # opd with vLLM rollouts: the same tokens, and vLLM samples the trained student (weights pushed)
+        assert "error" not in results["opd_vllm"], results["opd_vllm"]
+        assert results["opd_vllm"]["tokens"] == results["opd"]["tokens"] == 4 * 8
+        assert results["opd_vllm"]["settings"]["config"]["rollout"]["engine"] == "vllm"
+        assert results["opd_vllm"]["behavior_gap_max"] < 1e-3
 
 
 @pytest.mark.slow
 def test_decode_quick_static_cache_samples_what_the_dynamic_one_does(tmp_path):
-    assert _script("decode").main(["--quick", "--variants", "dynamic,static", "--repeats", "1",
+    variants = ["dynamic", "static"] + (["vllm"] if HAS_VLLM else [])
+    assert _script("decode").main(["--quick", "--variants", ",".join(variants), "--repeats", "1",
                                    "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "decode_quick.json").read_text())["results"]
     assert results["dynamic@4"]["tokens"] == 4 * 64
     assert results["static@4"]["max_logprob_diff"] < 1e-4 and results["static@4"]["rows_identical"] >= 1
+    if HAS_VLLM:  # vLLM's engine timed beside tropd's sampler, call for call in its process
+        vllm = results["vllm@4"]
+        assert vllm["tokens"] == 4 * 64 and vllm["tokens_per_s"] > 0 and "rows_identical" not in vllm
+        assert vllm["vs_dynamic"] == vllm["paired_dynamic_seconds"] / vllm["seconds"]  # timed in the same process
+        assert "| 4 | vllm |" in (tmp_path / "decode_quick.md").read_text()
 
 
 def test_activations_quick_shows_checkpointing_keeps_one_hidden_state_per_layer(tmp_path):

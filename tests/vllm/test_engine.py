@@ -8,17 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("vllm")  # CI installs it; elsewhere this folder needs vLLM (docs/vllm.md)
+from tests.train.runs import write_config
+from tests.vllm.conftest import ATOL, NEEDS_VLLM, V, free_port, started, student_batch, student_folder, untied
+from tropd.cli import main
+from tropd.needs import Needs
+from tropd.rollout import RowStreams, SamplingConfig
+from tropd.rollout.sampling import sampling_logprobs, teacher_rows
+from tropd.teacher import InProcessTeacher, RemoteTeacher, TeacherServerError
 
-from tests.train.runs import write_config  # noqa: E402
-from tests.vllm.conftest import ATOL, V, free_port, started, student_batch, student_folder, untied  # noqa: E402
-from tropd.cli import main  # noqa: E402
-from tropd.needs import Needs  # noqa: E402
-from tropd.rollout import RowStreams, SamplingConfig  # noqa: E402
-from tropd.rollout.sampling import sampling_logprobs, teacher_rows  # noqa: E402
-from tropd.teacher import InProcessTeacher, RemoteTeacher, TeacherServerError  # noqa: E402
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, NEEDS_VLLM]
 TOKEN = "e-s3cret"
 K = 8
 

