@@ -30,7 +30,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = train_from_config(cfg, resume=args.resume, override_config=args.override_config)
     except NoStepTrainedError as err:  # report what the run did, then fail with the cause
         if err.summary["main_process"]:
-            err.summary["report"] = _write_report(Path(err.summary["run_dir"]))
+            if cfg.train.write_report:
+                err.summary["report"] = _write_report(Path(err.summary["run_dir"]))
             _print_summary(err.summary)
         raise
     if not summary["main_process"]:
@@ -45,10 +46,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 1
         print(f"report: {report}")
         return 0
-    report = _write_report(run_dir)
-    if report is None:
-        return 1
-    summary["report"] = report
+    if cfg.train.write_report:
+        summary["report"] = _write_report(run_dir)
+        if summary["report"] is None:
+            return 1
     _print_summary(summary)
     return 130 if summary["interrupted"] else 0
 
@@ -96,7 +97,9 @@ def _print_summary(summary: dict) -> None:
     if skipped:
         print(f"skipped: {skipped} of the {run} step(s) run had a non-finite loss or gradient and left the weights "
               f"unchanged{' (none trained)' if skipped == run else ''}; nonfinite_reason in metrics.jsonl says why")
-    print(f"checkpoint: {summary['checkpoint']}\nreport: {summary['report']}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    if "report" in summary:
+        print(f"report: {summary['report']}")
     keys = [k for k in ("teacher_text_nll", "teacher_text_ppl", "distinct_ratio", "task_score") if k in after]
     if keys:
         print("\n| held-out metric | before | after |\n|---|---|---|")

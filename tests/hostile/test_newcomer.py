@@ -69,7 +69,7 @@ def test_a_run_prints_and_records_absolute_paths_whatever_the_run_dir_given(tmp_
     import json
     from pathlib import Path
 
-    config = write_config(tmp_path, teacher_dir)
+    config = write_config(tmp_path, teacher_dir, train={"write_report": True})
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", str(config), "--run-dir", "rel-run", "data.eval_prompts=0",
                  "train.steps=1"]) == 0

@@ -50,7 +50,7 @@ def nan_student(teacher_dir, tmp_path_factory) -> Path:
 def test_a_run_whose_every_step_was_skipped_fails_with_the_cause(tmp_path, teacher_dir, nan_student, capsys):
     # 2 steps and max_nonfinite_steps=3: the in-a-row guard never fires; before, this exited 0 with a normal summary
     config = write_config(tmp_path, teacher_dir, model={"student": str(nan_student)},
-                          train={"steps": 2, "save_every": 0, "max_nonfinite_steps": 3})
+                          train={"steps": 2, "save_every": 0, "max_nonfinite_steps": 3, "write_report": True})
     assert main(["train", "--config", str(config), "data.eval_prompts=0"]) == 1
     captured = capsys.readouterr()
     err = captured.err
@@ -90,7 +90,7 @@ def test_skipped_steps_are_in_the_summary_of_a_run_that_trained(tmp_path, teache
 
     monkeypatch.setattr(Trainer, "run_step", run_step)
     monkeypatch.setattr(Trainer, "accumulate", accumulate)
-    config = write_config(tmp_path, teacher_dir, train={"steps": 3, "save_every": 0})
+    config = write_config(tmp_path, teacher_dir, train={"steps": 3, "save_every": 0, "write_report": True})
     assert main(["train", "--config", str(config), "data.eval_prompts=0"]) == 0
     assert "skipped: 1 of the 3 step(s) run had a non-finite loss or gradient" in capsys.readouterr().out
     report = (tmp_path / "run" / "report" / "summary.md").read_text()

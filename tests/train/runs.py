@@ -21,14 +21,17 @@ def save_teacher(path: Path) -> Path:
 
 
 def write_config(tmp_path: Path, teacher_dir: Path, **sections) -> Path:
-    """A 4-step tropd run of a 2-layer student on builtin prompts, into ``tmp_path/run``; ``sections`` update it."""
+    """A 4-step tropd run of a 2-layer student on builtin prompts, into ``tmp_path/run``; ``sections`` update it.
+    Without the report ``tropd train`` writes at the end (``train.write_report``: about a second of plotting per
+    run, most of a tiny run's time); the tests that read a report ask for it."""
     cfg = {
         "model": {"teacher": str(teacher_dir), "student_layers": 2, "device": "cpu"},
         "objective": {"name": "tropd", "kwargs": {"top_k": 8}},
         "rollout": {"max_new_tokens": 6, "rollouts_per_prompt": 2},
         "data": {"prompts": "builtin", "eval_prompts": 2},
         "train": {"steps": 4, "prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-3, "save_every": 2,
-                  "output_dir": str(tmp_path / "run"), "progress": False},
+                  "output_dir": str(tmp_path / "run"), "progress": False,
+                  "write_report": False},
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)

@@ -267,7 +267,8 @@ def test_fsdp_checkpoint_keeps_tied_embeddings_tied(refused_runs, tmp_path):
 
 #: issue 22 §6: a newcomer's short run of the default models (SmolLM2-135M and 24 of its layers), one step.
 REAL_RUN = ["model.device=cpu", "train.steps=1", "train.sft_warmup_steps=0", "train.prompts_per_step=2",
-            "rollout.rollouts_per_prompt=2", "rollout.max_new_tokens=8", "data.eval_prompts=1", "train.eval_every=0"]
+            "rollout.rollouts_per_prompt=2", "rollout.max_new_tokens=8", "data.eval_prompts=1", "train.eval_every=0",
+            "train.write_report=false"]
 #: Counts of what the discrete draws (sampled tokens, guidance, trust masks) gave: equal.
 COUNTS = ("num_tokens", "student_tokens", "rollout/generated_tokens", "rollout/teacher_tokens")
 #: Shares and means of such counts (averaged in another order over processes): equal to 1e-6, finer than one row
@@ -284,10 +285,9 @@ def test_the_real_model_on_two_processes_draws_what_one_does_and_adamw_bounds_th
     floats agree to summation order; the weights after it differ by at most about one learning rate in a few
     thousand of 113M entries (AdamW divides each gradient by its own size, so a component at the noise level gets
     a full-size update whose sign is the noise's), which is why a later step's draws may differ."""
-    runs = {}
-    for n in (1, 2):
-        runs[n] = tmp_path / f"np{n}"
-        tropd(["train", *REAL_RUN, "--run-dir", str(runs[n])], processes=n)
+    runs = {n: tmp_path / f"np{n}" for n in (1, 2)}
+    assert main(["train", *REAL_RUN, "--run-dir", str(runs[1])]) == 0  # in this process, single-threaded like each of
+    tropd(["train", *REAL_RUN, "--run-dir", str(runs[2])], processes=2)  # the 2 (tests/conftest.py, _env)
     one, two = ([json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in (1, 2))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 1]  # eval, the step, eval
     for a, b in zip(one, two):

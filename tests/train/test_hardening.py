@@ -78,7 +78,7 @@ def test_a_report_that_fails_is_an_error_and_resume_writes_it(tmp_path, teacher_
         raise OSError("No space left on device")
 
     monkeypatch.setattr(tropd.report, "write_report", broken)
-    path = write_config(tmp_path, teacher_dir, train={"steps": 2})
+    path = write_config(tmp_path, teacher_dir, train={"steps": 2, "write_report": True})
     assert main(["train", "--config", str(path), "data.eval_prompts=0"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the run is saved, but writing its report failed: OSError: No space left" in err

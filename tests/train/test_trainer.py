@@ -154,8 +154,20 @@ def test_top_k_larger_than_vocab_is_refused(tmp_path, teacher_dir, capsys):
     assert "top_k" in capsys.readouterr().err
 
 
+def test_write_report_false_leaves_the_report_to_tropd_report(tmp_path, teacher_dir, capsys):
+    path = write_config(tmp_path, teacher_dir, train={"steps": 1, "write_report": False})
+    assert main(["train", "--config", str(path), "data.eval_prompts=0"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    assert f"checkpoint: {run / 'checkpoints' / 'step-000001'}" in out and "report:" not in out
+    assert not (run / "report").exists() and "report" not in json.loads((run / "summary.json").read_text())
+    assert main(["train", "--run-dir", str(run), "--resume"]) == 0  # complete, and no report is owed
+    assert "nothing to do" in capsys.readouterr().out and not (run / "report").exists()
+    assert main(["report", str(run)]) == 0 and (run / "report" / "summary.md").is_file()
+
+
 def test_cli_two_step_smoke_run(tmp_path, teacher_dir, capsys):
-    path = write_config(tmp_path, teacher_dir)
+    path = write_config(tmp_path, teacher_dir, train={"write_report": True})
     rc = main(["train", "--config", str(path), "train.steps=2", "objective.name=opd", "objective.kwargs={}"])
     out = capsys.readouterr().out
     assert rc == 0

@@ -168,6 +168,9 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, "How many step checkpoints to keep.")
     eval_every: int = setting(0, "Run the evaluation hook every N steps (0 = only before and after).")
     report_to: list[str] = setting([], "Extra loggers: tensorboard, wandb.")
+    write_report: bool = setting(True, "Write the run's report (report/: plots and summary.md) when `tropd train` "
+                                       "ends; false skips it (about a second of plotting; `tropd report RUN_DIR` "
+                                       "writes it at any time).")
     progress: bool = setting(True, "Show a progress bar.")
 
     def sft_steps(self) -> int:
