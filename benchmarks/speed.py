@@ -77,6 +77,12 @@ def worker(kind: str, n: int, v: int, h: int, repeats: int) -> dict:
             t_hidden = torch.randn(n, h, generator=g) / h ** 0.5
             t_weight = torch.randn(v, h, generator=g)
 
+    # TRL is imported before the timing and the memory baseline (a first import takes seconds and ~0.3 GB)
+    if kind == "trl_gkd":
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+    elif kind == "trl_chunked":
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
     def naive(z):
         s = torch.log_softmax(z, -1).gather(-1, tokens[0][:, None])[:, 0]
         return (-(q[0] - b[0]) * s).mean()
@@ -90,8 +96,6 @@ def worker(kind: str, n: int, v: int, h: int, repeats: int) -> dict:
                             teacher_topk_ids=topk_ids, teacher_topk_logprobs=topk_lp, trust_uniforms=uniforms)
             loss = get_objective(kind, **kw)(x).loss
         elif kind == "trl_gkd":
-            from trl.experimental.gkd.gkd_trainer import GKDTrainer
-
             loss = GKDTrainer.generalized_jsd_loss(logits, teacher, beta=1.0)
         elif kind == "dense_naive_k1":
             loss = naive(hidden @ weight.T)
@@ -102,8 +106,6 @@ def worker(kind: str, n: int, v: int, h: int, repeats: int) -> dict:
                             teacher_topk_logprobs=topk_lp, trust_uniforms=uniforms)
             loss = get_objective("tropd", top_k=k)(x).loss
         elif kind == "trl_chunked":
-            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
-
             divergence, _ = ChunkedDivergenceFunction.apply(hidden, weight, None, t_hidden, t_weight, None, 1.0)
             loss = divergence.mean()
         else:
@@ -121,16 +123,17 @@ def worker(kind: str, n: int, v: int, h: int, repeats: int) -> dict:
     return {"seconds": statistics.median(times), "extra_gb": (_peak_kb() - base) / 2**20, "runs": repeats}
 
 
-def run_one(kind: str, n: int, v: int, h: int, repeats: int, memory_gb: float) -> dict:
+def run_kernels(kinds: list[str], n: int, v: int, h: int, repeats: int, memory_gb: float) -> dict[str, dict]:
+    """Run ``kinds`` one after another in one fresh process; each kernel's result, or the process's error."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, __file__, "--worker", kind, str(n), str(v), str(h), str(repeats), str(memory_gb)]
+    cmd = [sys.executable, __file__, "--worker", ",".join(kinds), str(n), str(v), str(h), str(repeats), str(memory_gb)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
     tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
     oom = "out of memory" in proc.stderr.lower() or "MemoryError" in proc.stderr or proc.returncode == -9
-    return {"error": f"out of memory (> {memory_gb:g} GB)" if oom else tail[:200]}
+    return {kind: {"error": f"out of memory (> {memory_gb:g} GB)" if oom else tail[:200]} for kind in kinds}
 
 
 def main(argv=None) -> int:
@@ -141,6 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default=",".join(FROM_LOGITS + FROM_HIDDEN), help="comma-separated kernels")
     p.add_argument("--jobs", type=int, default=1,
                    help="kernel processes run at a time (more than 1 skews the timings: for checking the script)")
+    p.add_argument("--one-process", action="store_true",
+                   help="every kernel in one process, one after another (for checking the script: one start-up "
+                        "instead of one per kernel; a kernel's extra memory is then not its own)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for speed.{json,md}")
     p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -148,7 +154,7 @@ def main(argv=None) -> int:
         kind, n, v, h, repeats, memory_gb = args.worker
         limit = int(float(memory_gb) * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        print(json.dumps(worker(kind, int(n), int(v), int(h), int(repeats))))
+        print(json.dumps({k: worker(k, int(n), int(v), int(h), int(repeats)) for k in kind.split(",")}))
         return 0
 
     import torch
@@ -162,11 +168,13 @@ def main(argv=None) -> int:
         # from full logits at N = 8192 opd and trl_gkd are left out: the point is that the fused path needs no logits
         todo = [kind for kind in kernels if not (n >= 8192 and kind in ("opd", "trl_gkd"))]
         repeats = 1 if n >= 8192 else args.repeats
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # each kernel in a process of its own
-            futures = {kind: pool.submit(run_one, kind, n, v, h, repeats, args.memory_gb) for kind in todo}
-            for kind in todo:
-                row[kind] = futures[kind].result()
-                print(f"N={n} V={v} {kind}: {row[kind]}", flush=True)
+        groups = [todo] if args.one_process else [[kind] for kind in todo]  # each a process of its own
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(run_kernels, group, n, v, h, repeats, args.memory_gb) for group in groups]
+            for future in futures:
+                for kind, cell in future.result().items():
+                    row[kind] = cell
+                    print(f"N={n} V={v} {kind}: {cell}", flush=True)
         results.append(row)
 
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -175,7 +183,9 @@ def main(argv=None) -> int:
              f"`python benchmarks/speed.py{' --quick' if args.quick else ''} --repeats {args.repeats}` on {machine}. "
              f"Each cell: seconds (median of {args.repeats} runs; 1 run at N = 8192) / extra peak memory; ratios "
              "against the naive floor of the same input."
-             + (f" Kernels ran {args.jobs} at a time: timings not comparable." if args.jobs > 1 else ""), ""]
+             + (f" Kernels ran {args.jobs} at a time: timings not comparable." if args.jobs > 1 else "")
+             + (" Every kernel ran in one process: the extra memory is not each kernel's own." if args.one_process
+                else ""), ""]
     for row in results:
         lines += [f"## N = {row['N']}, V = {row['V']} (H = {row['H']})", "", "| kernel | seconds | extra GB | ratio |",
                   "|---|---|---|---|"]
