@@ -1,7 +1,7 @@
 """Loss kernels side by side: tropd, TRL and the naive floor, each in a fresh process (time and extra memory).
 
     python benchmarks/speed.py              # the issue's sizes; needs TRL (pip install 'tropd[bench]')
-    python benchmarks/speed.py --quick      # tiny sizes: checks the script in seconds (--jobs 2: two kernels at a time)
+    python benchmarks/speed.py --quick      # tiny sizes: checks the script in seconds (--one-process: one start-up)
 
 Every kernel runs forward + backward of one loss over N response positions and a vocabulary of V, float32,
 in its own process: inputs are allocated, then the loss is timed (median of ``--repeats``; a single run at
