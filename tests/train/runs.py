@@ -30,8 +30,7 @@ def write_config(tmp_path: Path, teacher_dir: Path, **sections) -> Path:
         "rollout": {"max_new_tokens": 6, "rollouts_per_prompt": 2},
         "data": {"prompts": "builtin", "eval_prompts": 2},
         "train": {"steps": 4, "prompts_per_step": 2, "micro_batch_size": 4, "lr": 1e-3, "save_every": 2,
-                  "output_dir": str(tmp_path / "run"), "progress": False,
-                  "write_report": False},
+                  "output_dir": str(tmp_path / "run"), "progress": False, "write_report": False},
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)

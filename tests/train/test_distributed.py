@@ -286,8 +286,9 @@ def test_the_real_model_on_two_processes_draws_what_one_does_and_adamw_bounds_th
     thousand of 113M entries (AdamW divides each gradient by its own size, so a component at the noise level gets
     a full-size update whose sign is the noise's), which is why a later step's draws may differ."""
     runs = {n: tmp_path / f"np{n}" for n in (1, 2)}
-    assert main(["train", *REAL_RUN, "--run-dir", str(runs[1])]) == 0  # in this process, single-threaded like each of
-    tropd(["train", *REAL_RUN, "--run-dir", str(runs[2])], processes=2)  # the 2 (tests/conftest.py, _env)
+    # one process: this one, single-threaded like each of the two launched (tests/conftest.py, _env)
+    assert main(["train", *REAL_RUN, "--run-dir", str(runs[1])]) == 0
+    tropd(["train", *REAL_RUN, "--run-dir", str(runs[2])], processes=2)
     one, two = ([json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in (1, 2))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 1, 1]  # eval, the step, eval
     for a, b in zip(one, two):
