@@ -151,10 +151,10 @@ def main(argv=None) -> int:
     p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        kind, n, v, h, repeats, memory_gb = args.worker
+        kinds, n, v, h, repeats, memory_gb = args.worker  # kinds: comma-separated, run one after another
         limit = int(float(memory_gb) * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        print(json.dumps({k: worker(k, int(n), int(v), int(h), int(repeats)) for k in kind.split(",")}))
+        print(json.dumps({k: worker(k, int(n), int(v), int(h), int(repeats)) for k in kinds.split(",")}))
         return 0
 
     import torch
