@@ -16,12 +16,12 @@ with ``--core-seeds`` seeds (run first), the other methods with ``--seeds``. Fin
 
 ``--mechanism`` runs the contrasts of docs/gym.md's mechanism section (:data:`MECHANISM`): K1 ``opd``, the exact
 on-policy reverse KL (``rkl_exact``), SFT on teacher samples and SFT on the student's own samples (``self_sft``,
-no teacher) from an annealed start and from the gym's constant-lr start; one learning rate for all; writes
-``gym_mechanism.{json,md}``.
+no teacher) from an annealed start and from a constant-lr one (the first design's 600-step students); one
+learning rate for all; writes ``gym_mechanism.{json,md}``.
 
-``--probes`` trains ``opd`` from the matched student under each of :data:`PROBES` (one change to the gym's
-spec each: learning rate, schedule, optimizer, batch shape, teacher, starting student), evaluated on the
-validation split, and writes ``gym_probes.{json,md}``.
+``--probes`` trains ``opd`` from the matched student under each of :data:`PROBES` (one change each to the first
+design's spec: learning rate, schedule, optimizer, batch shape, teacher; then the starting student's SFT steps,
+which chose the gym's), evaluated on the validation split, and writes ``gym_probes.{json,md}``.
 
 ``--sweep`` trains every method at each of ``--sweep-lrs`` on the knob values ``--sweep-mismatch``, one seed,
 evaluated on the validation split (never the held-out problems), and prints each method's best rate by mean
@@ -46,31 +46,37 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from tropd.gym.run import ANNEALED, TEACHER  # noqa: E402
+from tropd.gym.run import ANNEALED, FIRST_START, TEACHER  # noqa: E402
 
 #: condition -> (GymSpec changes, learning rate, methods) of ``--mechanism`` (ANNEALED: students trained to
-#: convergence, as in the first gym).
+#: convergence, as in the first gym; FIRST_START: the first design's constant-rate students, 600 steps).
 MECHANISM = {
     "annealed start": (ANNEALED, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
-    "constant-lr start (the gym's)": ({}, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
+    "constant-lr start (600 steps)": (FIRST_START, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
 }
 
 
 #: label -> (GymSpec changes, learning rate, seeds) of ``--probes``: ``opd`` from the matched student, validation
-#: split. The first row is the gym as committed; each other row changes one thing.
+#: split. The first design's rows start from its 600-step students (FIRST_START) and change one thing each; the last
+#: rows vary the starting student's SFT steps, which chose the gym's 700.
+_FIRST = FIRST_START
 PROBES = {
-    "the gym (2-layer teacher)": ({}, 5e-5, 2),
-    "4-layer teacher": ({"teacher": replace(TEACHER, layers=4)}, 5e-5, 1),
-    "lr 7e-5": ({}, 7e-5, 1),
-    "lr 1e-4": ({}, 1e-4, 1),
-    "linear decay from 1e-4": ({"lr_schedule": "linear"}, 1e-4, 1),
-    "linear decay from 2e-4": ({"lr_schedule": "linear"}, 2e-4, 1),
-    "Adam beta1 0.95": ({"betas": (0.95, 0.999)}, 5e-5, 1),
-    "no gradient clipping": ({"grad_clip": 0.0}, 5e-5, 1),
-    "64 prompts x 1 response": ({"prompts_per_step": 64, "rollouts_per_prompt": 1}, 5e-5, 1),
-    "150 steps of 64 prompts x 2": ({"steps": 150, "prompts_per_step": 64, "eval_every": 50}, 1e-4, 1),
-    "teacher trained to recover (0.1)": ({"teacher_recovery": 0.1}, 5e-5, 2),
-    "weaker student (500 SFT steps)": ({"student_steps": 500}, 5e-5, 1),
+    "the first gym (600-step student)": ({**_FIRST}, 5e-5, 2),
+    "4-layer teacher": ({**_FIRST, "teacher": replace(TEACHER, layers=4)}, 5e-5, 1),
+    "lr 7e-5": ({**_FIRST}, 7e-5, 1),
+    "lr 1e-4": ({**_FIRST}, 1e-4, 1),
+    "linear decay from 1e-4": ({**_FIRST, "lr_schedule": "linear"}, 1e-4, 1),
+    "linear decay from 2e-4": ({**_FIRST, "lr_schedule": "linear"}, 2e-4, 1),
+    "Adam beta1 0.95": ({**_FIRST, "betas": (0.95, 0.999)}, 5e-5, 1),
+    "no gradient clipping": ({**_FIRST, "grad_clip": 0.0}, 5e-5, 1),
+    "64 prompts x 1 response": ({**_FIRST, "prompts_per_step": 64, "rollouts_per_prompt": 1}, 5e-5, 1),
+    "150 steps of 64 prompts x 2": ({**_FIRST, "steps": 150, "prompts_per_step": 64, "eval_every": 50}, 1e-4, 1),
+    "teacher trained to recover (0.1)": ({**_FIRST, "teacher_recovery": 0.1}, 5e-5, 2),
+    "student of 500 SFT steps": ({"student_steps": 500}, 5e-5, 1),
+    "student of 700 SFT steps (the gym)": ({"student_steps": 700}, 5e-5, 2),
+    "student of 800 SFT steps": ({"student_steps": 800}, 5e-5, 2),
+    "student of 900 SFT steps": ({"student_steps": 900}, 5e-5, 2),
+    "student of 1000 SFT steps": ({"student_steps": 1000}, 5e-5, 2),
 }
 
 
@@ -94,16 +100,19 @@ def probes_table(results: dict, meta: dict) -> str:
     lines = ["# What lifts opd's matched gain? One change to the gym at a time", "",
              f"- **command**: `{meta['command']}`", f"- **machine**: {meta['machine']}",
              f"- **duration**: {meta['duration'] / 60:.0f} min", "",
-             "`opd` from the matched student (mismatch 0); accuracy on the **validation** problems (never the held-out "
-             "ones), per seed; gain = final − start in points; wall = seconds per run (2 runs at a time).", "",
-             "| probe | lr | start acc | final acc per seed | mean gain | wall (s) |", "|---|---|---|---|---|---|"]
+             "`opd` from the matched student (mismatch 0) of as many SFT steps as the student column says; accuracy "
+             "on the **validation** problems (never the held-out ones), per seed; gain = final − start in points; "
+             "wall = seconds per run.", "",
+             "| probe | student | lr | start acc | final acc per seed | mean gain | wall (s) |",
+             "|---|---|---|---|---|---|---|"]
     for label, result in results.items():
         runs = sorted(result["runs"], key=lambda r: r["seed"])
         finals = [final_accuracy(r) for r in runs]
         start = runs[0]["accuracy"][0]
         gain = 100 * (sum(finals) / len(finals) - start)
         wall = sum(r["wall_s"] for r in runs) / len(runs)
-        lines.append(f"| {label} | {runs[0]['lr']:g} | {100 * start:.1f} | "
+        lines.append(f"| {label} | {result['context']['spec']['student_steps']} steps | {runs[0]['lr']:g} | "
+                     f"{100 * start:.1f} | "
                      f"{', '.join(f'{100 * f:.1f}' for f in finals)} | {gain:+.1f} | {wall:.0f} |")
     return "\n".join(lines + [""])
 
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(EXPERIMENT), help="comma-separated methods")
     p.add_argument("--mismatch", default=",".join(f"{m:g}" for m in MISMATCH), help="comma-separated knob values")
     p.add_argument("--sweep-lrs", default="5e-5,1e-4,2e-4", help="--sweep: learning rates tried per method")
-    p.add_argument("--sweep-mismatch", default="0,1", help="--sweep: knob values the rates are tried on")
+    p.add_argument("--sweep-mismatch", default="0", help="--sweep: knob values the rates are tried on")
     p.add_argument("--sweep-choose-on", default="0", help="--sweep: knob values whose mean accuracy picks the rate")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: GymSpec.lrs)")
     p.add_argument("--steps", type=int, default=None, help=f"steps per run (default: GymSpec's {GymSpec.steps})")

@@ -246,14 +246,18 @@ def test_benchmark_mechanism_quick_runs_every_contrast(tmp_path, monkeypatch):
         assert {r["method"] for r in runs} == set(methods) and {r["lr"] for r in runs} == {lr}
     annealed = data["results"]["annealed start"]["context"]["spec"]
     assert annealed["student_schedule"] == "cosine" and annealed["teacher_recovery"] == 0.0
-    assert data["results"]["constant-lr start (the gym's)"]["context"]["spec"]["student_schedule"] == "constant"
+    assert data["results"]["constant-lr start (600 steps)"]["context"]["spec"]["student_schedule"] == "constant"
     text = (tmp_path / "gym_mechanism_quick.md").read_text()
     assert "| annealed start | " in text and "self_sft" in text
 
 
 def test_every_probe_is_one_valid_change_to_the_gym():
     bench = _benchmark()
-    assert list(bench.PROBES)[0] == "the gym (2-layer teacher)" and bench.PROBES["the gym (2-layer teacher)"][0] == {}
+    assert list(bench.PROBES)[0] == "the first gym (600-step student)"
+    assert bench.PROBES["the first gym (600-step student)"][0] == gym_run.FIRST_START
+    gym = [label for label, (changes, _, _) in bench.PROBES.items() if replace(gym_run.GymSpec(), **changes)
+           == gym_run.GymSpec()]
+    assert gym == ["student of 700 SFT steps (the gym)"]  # the committed gym is one of the rows, named as such
     for label, (changes, lr, seeds) in bench.PROBES.items():
         spec = replace(gym_run.GymSpec(), **changes, lr=lr, lrs=())  # an unknown field would raise here
         assert spec.lr_of("opd") == lr and seeds >= 1, label
@@ -262,7 +266,7 @@ def test_every_probe_is_one_valid_change_to_the_gym():
 def test_benchmark_probes_quick_runs_each_probe_on_validation(tmp_path, monkeypatch):
     bench = _benchmark()
     probes = {k: bench.PROBES[k] for k in ("lr 1e-4", "linear decay from 2e-4", "64 prompts x 1 response",
-                                           "weaker student (500 SFT steps)")}
+                                           "student of 500 SFT steps")}
     monkeypatch.setattr(bench, "PROBES", probes)
     monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
