@@ -59,19 +59,18 @@ MECHANISM = {
 #: label -> (GymSpec changes, learning rate, seeds) of ``--probes``: ``opd`` from the matched student, validation
 #: split. The first design's rows start from its 600-step students (FIRST_START) and change one thing each; the last
 #: rows vary the starting student's SFT steps, which chose the gym's 700.
-_FIRST = FIRST_START
 PROBES = {
-    "the first gym (600-step student)": ({**_FIRST}, 5e-5, 2),
-    "4-layer teacher": ({**_FIRST, "teacher": replace(TEACHER, layers=4)}, 5e-5, 1),
-    "lr 7e-5": ({**_FIRST}, 7e-5, 1),
-    "lr 1e-4": ({**_FIRST}, 1e-4, 1),
-    "linear decay from 1e-4": ({**_FIRST, "lr_schedule": "linear"}, 1e-4, 1),
-    "linear decay from 2e-4": ({**_FIRST, "lr_schedule": "linear"}, 2e-4, 1),
-    "Adam beta1 0.95": ({**_FIRST, "betas": (0.95, 0.999)}, 5e-5, 1),
-    "no gradient clipping": ({**_FIRST, "grad_clip": 0.0}, 5e-5, 1),
-    "64 prompts x 1 response": ({**_FIRST, "prompts_per_step": 64, "rollouts_per_prompt": 1}, 5e-5, 1),
-    "150 steps of 64 prompts x 2": ({**_FIRST, "steps": 150, "prompts_per_step": 64, "eval_every": 50}, 1e-4, 1),
-    "teacher trained to recover (0.1)": ({**_FIRST, "teacher_recovery": 0.1}, 5e-5, 2),
+    "the first gym (600-step student)": (dict(FIRST_START), 5e-5, 2),
+    "4-layer teacher": ({**FIRST_START, "teacher": replace(TEACHER, layers=4)}, 5e-5, 1),
+    "lr 7e-5": (dict(FIRST_START), 7e-5, 1),
+    "lr 1e-4": (dict(FIRST_START), 1e-4, 1),
+    "linear decay from 1e-4": ({**FIRST_START, "lr_schedule": "linear"}, 1e-4, 1),
+    "linear decay from 2e-4": ({**FIRST_START, "lr_schedule": "linear"}, 2e-4, 1),
+    "Adam beta1 0.95": ({**FIRST_START, "betas": (0.95, 0.999)}, 5e-5, 1),
+    "no gradient clipping": ({**FIRST_START, "grad_clip": 0.0}, 5e-5, 1),
+    "64 prompts x 1 response": ({**FIRST_START, "prompts_per_step": 64, "rollouts_per_prompt": 1}, 5e-5, 1),
+    "150 steps of 64 prompts x 2": ({**FIRST_START, "steps": 150, "prompts_per_step": 64, "eval_every": 50}, 1e-4, 1),
+    "teacher trained to recover (0.1)": ({**FIRST_START, "teacher_recovery": 0.1}, 5e-5, 2),
     "student of 500 SFT steps": ({"student_steps": 500}, 5e-5, 1),
     "student of 700 SFT steps (the gym)": ({"student_steps": 700}, 5e-5, 2),
     "student of 800 SFT steps": ({"student_steps": 800}, 5e-5, 2),

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="32,128", help="batch sizes (rows per step) to measure")
     p.add_argument("--draws", type=int, default=200, help="random batches per size")
     p.add_argument("--annealed", action="store_true",
-                   help="measure on the annealed start student (tropd.gym.run.ANNEALED) instead of the constant-rate one")
+                   help="measure on the annealed start student (tropd.gym.run.ANNEALED), not the constant-rate one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
