@@ -179,6 +179,27 @@ def test_run_records_outputs_and_resume(tmp_path, monkeypatch):
     assert redone["accuracy"] == before["accuracy"] and redone["grad_norm"] == before["grad_norm"]
 
 
+def test_a_runs_step0_evaluation_is_its_starts_which_is_why_it_is_reused(tmp_path):
+    """Measured afresh (no ``start_eval``), a run's step-0 evaluation equals its start's held-out evaluation, in
+    every metric; given one, the run records it at step 0 and still evaluates its later steps itself."""
+    models = gym_run.trained_models(SPEC, (0.5,), tmp_path / "cache", log=lambda *_: None)
+    prompts = gym_run.write_prompts(SPEC, tmp_path / "p.jsonl", n=200)
+    start = models["start_eval"]["0.5"]
+
+    def job(name: str, start_eval) -> gym_run.RunJob:
+        return gym_run.RunJob(SPEC, 0.5, "opd", 0, models["teacher"], models["students"][0.5],
+                              str(tmp_path / name), str(prompts), start_eval=start_eval)
+
+    fresh = gym_run.run_one(job("fresh", None))
+    assert fresh["accuracy"][0] == pytest.approx(start["accuracy"])
+    assert fresh["teacher_nll"][0] == pytest.approx(start["teacher_nll"], rel=1e-5)
+    assert fresh["distinct"][0] == pytest.approx(start["distinct"])
+    marked = {**start, "accuracy": 0.123456}  # a value no evaluation of 12 problems can give
+    reused = gym_run.run_one(job("reused", marked))
+    assert reused["accuracy"][0] == 0.123456 and reused["accuracy"][1:] == fresh["accuracy"][1:]
+    assert reused["grad_norm"] == fresh["grad_norm"]
+
+
 def test_validation_runs_evaluate_on_the_validation_split(tmp_path):
     result = gym_run.run_gym(SPEC, {"opd": 1}, (0.0,), tmp_path / "w", workers=1, cache=tmp_path / "cache",
                              log=lambda *_: None, split="valid")
@@ -327,9 +348,14 @@ def test_cli_help_states_the_gyms_real_step_budget(capsys):
 
 
 def test_inner_seeds_apply_strictly_inside_the_knob_range_only():
-    models = {"teacher": "T", "students": {0.0: "S0", 0.5: "S5", 1.0: "S1"}}
+    models = {"teacher": "T", "students": {0.0: "S0", 0.5: "S5", 1.0: "S1"},
+              "start_eval": {"0": {"accuracy": 0.7}, "0.5": {"accuracy": 0.5}, "1": {"accuracy": 0.3}}}
     jobs = gym_run.plan_jobs(SPEC, models, (0.0, 0.5, 1.0), {"opd": 3, "sft": 3}, Path("w"), Path("p.jsonl"),
                              inner_seeds={"sft": 1})
+    # each held-out job carries its own start's evaluation (its step 0); validation jobs measure theirs
+    assert all(j.start_eval == models["start_eval"][f"{j.mismatch:g}"] for j in jobs)
+    assert all(j.start_eval is None for j in gym_run.plan_jobs(SPEC, models, (0.5,), {"opd": 1}, Path("w"),
+                                                               Path("p.jsonl"), split="valid"))
     count = {}
     for job in jobs:
         count[(job.method, job.mismatch)] = count.get((job.method, job.mismatch), 0) + 1

@@ -238,6 +238,9 @@ class RunJob:
     prompts: str
     threads: int = 1
     split: str = "heldout"
+    #: The start's evaluation on ``split`` when already measured (:func:`trained_models`): the run's step-0
+    #: evaluation, which would repeat it, uses it instead.
+    start_eval: dict | None = None
 
     @property
     def lr(self) -> float:
@@ -282,7 +285,10 @@ def run_one(job: RunJob) -> dict:
         "train.sft_warmup_steps": 0, "train.save_every": 0, "train.progress": False, "train.seed": job.seed,
         "train.eval_every": spec.eval_every, "train.output_dir": str(run)})
     start = time.perf_counter()
-    train_from_config(cfg, console=lambda *_: None, eval_fn=_evaluator(spec, Path(job.teacher), job.split))
+    evaluate = _evaluator(spec, Path(job.teacher), job.split)
+    if job.start_eval is not None:  # step 0's evaluation is the start's (the weights are the start's until step 1)
+        evaluate = _first_answered(job.start_eval, evaluate)
+    train_from_config(cfg, console=lambda *_: None, eval_fn=evaluate)
     record = read_record(run, job, time.perf_counter() - start)
     if record["last_step"] < spec.steps:  # stopped early (a stop request, e.g. SIGTERM): not a finished run
         raise RuntimeError(f"gym run {run} stopped at step {record['last_step']} of {spec.steps}; no record.json "
@@ -290,6 +296,12 @@ def run_one(job: RunJob) -> dict:
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
     write_text_atomic(done, json.dumps(record))
     return record
+
+
+def _first_answered(first: dict, evaluate: Callable) -> Callable:
+    """An evaluation hook that answers its first call with ``first`` and every later one with ``evaluate``."""
+    pending = [first]
+    return lambda model: pending.pop() if pending else evaluate(model)
 
 
 def read_record(run: Path, job: RunJob, wall_s: float) -> dict:
@@ -331,8 +343,9 @@ def plan_jobs(spec: GymSpec, models: dict, mismatches: tuple[float, ...], seeds:
         for mismatch in mismatches:
             for method in order:
                 if seed < n_seeds(method, mismatch):
+                    start = models["start_eval"].get(level_name(mismatch)) if split == "heldout" else None
                     jobs.append(RunJob(spec, mismatch, method, seed, models["teacher"], models["students"][mismatch],
-                                       str(workdir), str(prompts), threads, split))
+                                       str(workdir), str(prompts), threads, split, start))
     return jobs
 
 
