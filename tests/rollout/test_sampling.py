@@ -297,3 +297,13 @@ def test_a_rows_response_does_not_depend_on_its_batch(student, prompts):
         torch.testing.assert_close(whole.behavior_logprobs[i, :n], part.behavior_logprobs[j, :n], atol=1e-5, rtol=0)
     other = sample(student, prompts, cfg, streams=RowStreams.of(7, 4, step=4))  # another step, other draws
     assert any(row_response(whole, i) != row_response(other, i) for i in range(4))
+
+
+def test_rollouts_leave_inference_mode_as_ordinary_tensors_training_can_save(student, prompts):
+    """The decode loop runs under ``torch.inference_mode``; what it returns must not be inference tensors, or the
+    loss could not save them for backward."""
+    b = sample(student, prompts, make_cfg(), streams=0)
+    assert not b.tokens.is_inference() and not b.behavior_logprobs.is_inference()
+    weight = torch.ones((), requires_grad=True)
+    (weight * b.behavior_logprobs).sum().backward()  # saves the log-probs for backward: refused for inference ones
+    assert weight.grad is not None and torch.isfinite(weight.grad)
