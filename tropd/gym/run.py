@@ -338,14 +338,15 @@ def plan_jobs(spec: GymSpec, models: dict, mismatches: tuple[float, ...], seeds:
     def n_seeds(method: str, mismatch: float) -> int:
         return inner_seeds.get(method, seeds[method]) if 0.0 < mismatch < 1.0 else seeds[method]
 
+    # a held-out run's step 0 is its start's evaluation, already measured; a validation run measures its own
+    starts = {m: models["start_eval"].get(level_name(m)) if split == "heldout" else None for m in mismatches}
     jobs = []
     for seed in range(max(seeds.values(), default=0)):
         for mismatch in mismatches:
             for method in order:
                 if seed < n_seeds(method, mismatch):
-                    start = models["start_eval"].get(level_name(mismatch)) if split == "heldout" else None
                     jobs.append(RunJob(spec, mismatch, method, seed, models["teacher"], models["students"][mismatch],
-                                       str(workdir), str(prompts), threads, split, start))
+                                       str(workdir), str(prompts), threads, split, starts[mismatch]))
     return jobs
 
 
