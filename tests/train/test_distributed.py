@@ -137,6 +137,26 @@ def test_resume_under_two_processes_is_exact(ddp_run, tmp_path):
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
 
 
+def test_tropd_train_destroys_the_process_group_it_ran_in(config, tmp_path):
+    """A process group left alive at exit can abort a launched process in its teardown after a finished run, so
+    ``tropd train`` destroys the one it ran in, on success and on failure (a gloo group of one process here)."""
+    script = (
+        "import sys, torch.distributed as dist\n"
+        "from tropd.cli import main\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+        "try:\n"
+        "    rc = main(sys.argv[1:])\n"
+        "except SystemExit as err:\n"
+        "    rc = err.code\n"
+        "print('rc', rc, 'group alive', dist.is_initialized())\n")
+    ok = tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "train.steps=1"],
+               program=("-c", script))
+    assert "rc 0 group alive False" in ok.stdout
+    refused = tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "train.steps=1"],
+                    program=("-c", script))  # the folder holds a run: refused, and the group is still destroyed
+    assert "group alive False" in refused.stdout and "rc 0" not in refused.stdout, refused.stdout + refused.stderr
+
+
 def test_bf16_autocast_keeps_float32_master_weights(teacher_dir, tmp_path):
     """At lr 5e-6 bf16 weights would not move; float32 master weights under bf16 autocast move like fp32."""
     deltas = {}
