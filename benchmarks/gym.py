@@ -5,6 +5,7 @@ beat OPD along a continuous teacher-student mismatch?
     python benchmarks/gym.py --sweep    # the learning-rate sweep on the validation split behind GymSpec.lrs
     python benchmarks/gym.py --mechanism   # why on-policy distillation fails from an annealed student (docs/gym.md)
     python benchmarks/gym.py --probes   # the settings tried to lift opd's matched gain (docs/gym.md's design table)
+    python benchmarks/gym.py --probes budget   # the third design's shorter run budget, constant rate or linear decay
     python benchmarks/gym.py --quick    # tiny models, 4 steps: checks the pipeline end to end (seconds)
 
 A teacher (Llama decoder trained from scratch, cached) and one starting student per value of the mismatch knob
@@ -21,7 +22,8 @@ learning rate for all; writes ``gym_mechanism.{json,md}``.
 
 ``--probes`` trains ``opd`` from the matched student under each of :data:`PROBES` (one change each to the first
 design's spec: learning rate, schedule, optimizer, batch shape, teacher; then the starting student's SFT steps,
-which chose the gym's), evaluated on the validation split, and writes ``gym_probes.{json,md}``.
+which chose the gym's), evaluated on the validation split, and writes ``gym_probes.{json,md}``; ``--probes budget``
+the same for :data:`BUDGET_PROBES` (``gym_probes_budget.{json,md}``).
 
 ``--sweep`` trains every method at each of ``--sweep-lrs`` on the knob values ``--sweep-mismatch``, one seed,
 evaluated on the validation split (never the held-out problems), and prints each method's best rate by mean
@@ -46,46 +48,59 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from tropd.gym.run import ANNEALED, FIRST_START, TEACHER  # noqa: E402
+from tropd.gym.run import ANNEALED, CONSTANT_RATE, FIRST_START, SECOND_BUDGET, TEACHER  # noqa: E402
 
 #: condition -> (GymSpec changes, learning rate, methods) of ``--mechanism`` (ANNEALED: students trained to
-#: convergence, as in the first gym; FIRST_START: the first design's constant-rate students, 600 steps).
+#: convergence, as in the first gym; FIRST_START: the first design's constant-rate students, 600 steps), trained at a
+#: constant rate as they were (CONSTANT_RATE; the committed results ran ``--steps 150``).
+CONTRASTS = ("opd", "rkl_exact", "sft", "self_sft")
 MECHANISM = {
-    "annealed start": (ANNEALED, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
-    "constant-lr start (600 steps)": (FIRST_START, 1e-4, ("opd", "rkl_exact", "sft", "self_sft")),
+    "annealed start": ({**ANNEALED, **CONSTANT_RATE}, 1e-4, CONTRASTS),
+    "constant-lr start (600 steps)": ({**FIRST_START, **CONSTANT_RATE}, 1e-4, CONTRASTS),
 }
 
 
 #: label -> (GymSpec changes, learning rate, seeds) of ``--probes``: ``opd`` from the matched student, validation
-#: split. The first design's rows start from its 600-step students (FIRST_START) and change one thing each; the last
-#: rows vary the starting student's SFT steps, which chose the gym's 700.
+#: split, with the second design's budget (300 steps at a constant rate). The first design's rows start from its
+#: 600-step students and change one thing each; the last rows vary the starting student's SFT steps, which chose the
+#: gym's 700.
+FIRST = {**SECOND_BUDGET, **FIRST_START}
 PROBES = {
-    "the first gym (600-step student)": (dict(FIRST_START), 5e-5, 2),
-    "4-layer teacher": ({**FIRST_START, "teacher": replace(TEACHER, layers=4)}, 5e-5, 1),
-    "lr 7e-5": (dict(FIRST_START), 7e-5, 1),
-    "lr 1e-4": (dict(FIRST_START), 1e-4, 1),
-    "linear decay from 1e-4": ({**FIRST_START, "lr_schedule": "linear"}, 1e-4, 1),
-    "linear decay from 2e-4": ({**FIRST_START, "lr_schedule": "linear"}, 2e-4, 1),
-    "Adam beta1 0.95": ({**FIRST_START, "betas": (0.95, 0.999)}, 5e-5, 1),
-    "no gradient clipping": ({**FIRST_START, "grad_clip": 0.0}, 5e-5, 1),
-    "64 prompts x 1 response": ({**FIRST_START, "prompts_per_step": 64, "rollouts_per_prompt": 1}, 5e-5, 1),
-    "150 steps of 64 prompts x 2": ({**FIRST_START, "steps": 150, "prompts_per_step": 64, "eval_every": 50}, 1e-4, 1),
-    "teacher trained to recover (0.1)": ({**FIRST_START, "teacher_recovery": 0.1}, 5e-5, 2),
-    "student of 500 SFT steps": ({"student_steps": 500}, 5e-5, 1),
-    "student of 700 SFT steps (the gym)": ({"student_steps": 700}, 5e-5, 2),
-    "student of 800 SFT steps": ({"student_steps": 800}, 5e-5, 2),
-    "student of 900 SFT steps": ({"student_steps": 900}, 5e-5, 2),
-    "student of 1000 SFT steps": ({"student_steps": 1000}, 5e-5, 2),
+    "the first gym (600-step student)": (FIRST, 5e-5, 2),
+    "4-layer teacher": ({**FIRST, "teacher": replace(TEACHER, layers=4)}, 5e-5, 1),
+    "lr 7e-5": (FIRST, 7e-5, 1),
+    "lr 1e-4": (FIRST, 1e-4, 1),
+    "linear decay from 1e-4": ({**FIRST, "lr_schedule": "linear"}, 1e-4, 1),
+    "linear decay from 2e-4": ({**FIRST, "lr_schedule": "linear"}, 2e-4, 1),
+    "Adam beta1 0.95": ({**FIRST, "betas": (0.95, 0.999)}, 5e-5, 1),
+    "no gradient clipping": ({**FIRST, "grad_clip": 0.0}, 5e-5, 1),
+    "64 prompts x 1 response": ({**FIRST, "prompts_per_step": 64, "rollouts_per_prompt": 1}, 5e-5, 1),
+    "150 steps of 64 prompts x 2": ({**FIRST, "steps": 150, "prompts_per_step": 64, "eval_every": 50}, 1e-4, 1),
+    "teacher trained to recover (0.1)": ({**FIRST, "teacher_recovery": 0.1}, 5e-5, 2),
+    "student of 500 SFT steps": ({**SECOND_BUDGET, "student_steps": 500}, 5e-5, 1),
+    "student of 700 SFT steps (the gym)": ({**SECOND_BUDGET, "student_steps": 700}, 5e-5, 2),
+    "student of 800 SFT steps": ({**SECOND_BUDGET, "student_steps": 800}, 5e-5, 2),
+    "student of 900 SFT steps": ({**SECOND_BUDGET, "student_steps": 900}, 5e-5, 2),
+    "student of 1000 SFT steps": ({**SECOND_BUDGET, "student_steps": 1000}, 5e-5, 2),
 }
 
+#: label -> (GymSpec changes, learning rate, seeds) of ``--probes budget``: the third design's shorter budget (200
+#: steps, evaluated every 50) from the gym's 700-step matched student, at a constant rate and with linear decay.
+BUDGET_PROBES = {
+    "200 steps, constant 1e-4": ({"lr_schedule": "constant"}, 1e-4, 2),
+    "200 steps, linear decay from 2e-4": ({"lr_schedule": "linear"}, 2e-4, 2),
+    "200 steps, linear decay from 3e-4": ({"lr_schedule": "linear"}, 3e-4, 2),
+}
+PROBE_SETS = {"design": PROBES, "budget": BUDGET_PROBES}
 
-def run_probes(spec, workdir: Path, workers: int, quick: bool = False) -> dict:
-    """``opd`` at knob value 0 under every :data:`PROBES` entry, on the validation split; ``{label: run_gym
-    result}`` (``quick``: the tiny spec's sizes stay, one seed)."""
+
+def run_probes(spec, probes: dict, workdir: Path, workers: int, quick: bool = False) -> dict:
+    """``opd`` at knob value 0 under every entry of ``probes`` (:data:`PROBE_SETS`), on the validation split;
+    ``{label: run_gym result}`` (``quick``: the tiny spec's sizes stay, one seed)."""
     from tropd.gym.run import run_gym
 
     out = {}
-    for label, (changes, lr, seeds) in PROBES.items():
+    for label, (changes, lr, seeds) in probes.items():
         if quick:
             changes = {k: v for k, v in changes.items() if k not in ("teacher", "student_steps", "steps", "eval_every")}
         each = replace(spec, **changes, lr=lr, lrs=())
@@ -102,15 +117,17 @@ def probes_table(results: dict, meta: dict) -> str:
              "`opd` from the matched student (mismatch 0) of as many SFT steps as the student column says; accuracy "
              "on the **validation** problems (never the held-out ones), per seed; gain = final − start in points; "
              "wall = seconds per run.", "",
-             "| probe | student | lr | start acc | final acc per seed | mean gain | wall (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| probe | student | run budget | lr | start acc | final acc per seed | mean gain | wall (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, result in results.items():
         runs = sorted(result["runs"], key=lambda r: r["seed"])
         finals = [final_accuracy(r) for r in runs]
         start = runs[0]["accuracy"][0]
         gain = 100 * (sum(finals) / len(finals) - start)
         wall = sum(r["wall_s"] for r in runs) / len(runs)
-        lines.append(f"| {label} | {result['context']['spec']['student_steps']} steps | {runs[0]['lr']:g} | "
+        spec = result["context"]["spec"]
+        lines.append(f"| {label} | {spec['student_steps']} steps | {spec['steps']} steps, {spec['lr_schedule']} rate | "
+                     f"{runs[0]['lr']:g} | "
                      f"{100 * start:.1f} | "
                      f"{', '.join(f'{100 * f:.1f}' for f in finals)} | {gain:+.1f} | {wall:.0f} |")
     return "\n".join(lines + [""])
@@ -207,6 +224,18 @@ def write_report(out: Path, stem: str, text: str, payload: dict) -> int:
     return 0
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; ``platform.processor()`` elsewhere): trained models and run times
+    differ between CPUs (docs/results.md §3)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     from tropd.gym.run import (CORE, EXPERIMENT, MISMATCH, QUICK, GymSpec, check_mismatch, run_gym,
                                write_outputs)
@@ -215,19 +244,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny models, 4 steps, opd/tropd/gkd, one seed")
     p.add_argument("--sweep", action="store_true", help="the learning-rate sweep on the validation split")
     p.add_argument("--mechanism", action="store_true", help="the mechanism contrasts (docs/gym.md)")
-    p.add_argument("--probes", action="store_true", help="opd's matched gain under one change at a time (PROBES)")
+    p.add_argument("--probes", nargs="?", const="design", choices=sorted(PROBE_SETS),
+                   help="opd's matched gain under one change at a time: 'design' (PROBES, the default) or 'budget' "
+                        "(BUDGET_PROBES, the third design's run budget)")
     p.add_argument("--core-seeds", type=int, default=5, help="seeds of opd and tropd per knob value")
     p.add_argument("--seeds", type=int, default=3, help="seeds of every other method per knob value")
     p.add_argument("--inner-seeds", type=int, default=None,
                    help="seeds of every method but opd at knob values strictly inside (0, 1) (default: as at 0 and 1)")
     p.add_argument("--methods", default=",".join(EXPERIMENT), help="comma-separated methods")
     p.add_argument("--mismatch", default=",".join(f"{m:g}" for m in MISMATCH), help="comma-separated knob values")
-    p.add_argument("--sweep-lrs", default="5e-5,1e-4,2e-4", help="--sweep: learning rates tried per method")
+    p.add_argument("--sweep-lrs", default="1e-4,2e-4,4e-4,8e-4", help="--sweep: learning rates tried per method")
     p.add_argument("--sweep-mismatch", default="0", help="--sweep: knob values the rates are tried on")
     p.add_argument("--sweep-choose-on", default="0", help="--sweep: knob values whose mean accuracy picks the rate")
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: GymSpec.lrs)")
     p.add_argument("--steps", type=int, default=None, help=f"steps per run (default: GymSpec's {GymSpec.steps})")
-    p.add_argument("--stem", default=None, help="output name (default: gym, gym_sweep or gym_quick)")
+    p.add_argument("--student-seed", type=int, default=None,
+                   help=f"another set of starting students (GymSpec.student_seed; default {GymSpec.student_seed}): "
+                        "does a finding hold from other starts?")
+    p.add_argument("--stem", default=None, help="output name (default: gym, gym_sweep or gym_quick; "
+                                                 "gym_student_seed<N> with --student-seed N)")
     p.add_argument("--workers", type=int, default=2, help="runs at once (one CPU thread each)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "gym-benchmark"), help="run folders (resumable)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the outputs")
@@ -235,12 +270,14 @@ def main(argv: list[str] | None = None) -> int:
 
     methods = ["opd", "tropd", "gkd"] if args.quick else args.methods.split(",")
     spec = (QUICK if args.quick else GymSpec()).with_budget(steps=args.steps, lr=args.lr)
+    if args.student_seed is not None:
+        spec = replace(spec, student_seed=args.student_seed)
     workdir = Path(args.workdir) / ("quick" if args.quick else "full")
     start = time.perf_counter()
     command = " ".join(["python benchmarks/gym.py", *(sys.argv[1:] if argv is None else argv)])
     import torch
 
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+    machine = (f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"{args.workers} runs at a time")
     if args.mechanism:
         results = run_mechanism(spec, 1 if args.quick else 2, workdir, args.workers, args.quick)
@@ -250,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         stem = args.stem or ("gym_mechanism_quick" if args.quick else "gym_mechanism")
         return write_report(Path(args.out), stem, mechanism_table(results, meta), {"meta": meta, "results": results})
     if args.probes:
-        results = run_probes(spec, workdir, args.workers, args.quick)
+        results = run_probes(spec, PROBE_SETS[args.probes], workdir, args.workers, args.quick)
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1)}
-        stem = args.stem or ("gym_probes_quick" if args.quick else "gym_probes")
+        stem = args.stem or ("gym_probes" + ("" if args.probes == "design" else f"_{args.probes}")
+                             + ("_quick" if args.quick else ""))
         return write_report(Path(args.out), stem, probes_table(results, meta), {"meta": meta, "results": results})
     if args.sweep:
         tried, choose_on = (check_mismatch(v.split(",")) for v in (args.sweep_mismatch, args.sweep_choose_on))
@@ -281,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{len(result['runs'])} runs, {args.workers} at a time (the duration is this invocation's: "
                         "runs finished by an earlier one are reused)"}
     compare = tuple(m for m in methods if m != "opd")
-    stem = args.stem or ("gym_quick" if args.quick else "gym")
+    stem = args.stem or ("gym_quick" if args.quick else "gym") + (
+        "" if args.student_seed in (None, GymSpec.student_seed) else f"_student_seed{args.student_seed}")
     paths = write_outputs(result, Path(args.out), stem, meta, compare=compare)
     print(paths["md"].read_text())
     return 0

@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "SFT traces written in another valid style than the teacher's (0 = the teacher's style)")
     g.add_argument("--seeds", type=int, default=3, help="seeds per (objective, mismatch)")
     g.add_argument("--steps", type=int, default=None,
-                   help="training steps per run (default: the gym's 300; 4 with --quick)")
+                   help="training steps per run (default: the gym's 200; 4 with --quick)")
     g.add_argument("--lr", type=float, default=None,
                    help="one learning rate for every method (default: each method's rate from the gym's "
                         "validation sweep, docs/gym.md, and 1e-4 for objectives it did not sweep)")

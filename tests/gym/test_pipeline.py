@@ -275,20 +275,47 @@ def test_benchmark_mechanism_quick_runs_every_contrast(tmp_path, monkeypatch):
 def test_every_probe_is_one_valid_change_to_the_gym():
     bench = _benchmark()
     assert list(bench.PROBES)[0] == "the first gym (600-step student)"
-    assert bench.PROBES["the first gym (600-step student)"][0] == gym_run.FIRST_START
-    gym = [label for label, (changes, _, _) in bench.PROBES.items() if replace(gym_run.GymSpec(), **changes)
-           == gym_run.GymSpec()]
-    assert gym == ["student of 700 SFT steps (the gym)"]  # the committed gym is one of the rows, named as such
-    for label, (changes, lr, seeds) in bench.PROBES.items():
+    assert bench.PROBES["the first gym (600-step student)"][0] == {**gym_run.SECOND_BUDGET, **gym_run.FIRST_START}
+    second = replace(gym_run.GymSpec(), **gym_run.SECOND_BUDGET)
+    gym = [label for label, (changes, _, _) in bench.PROBES.items() if replace(gym_run.GymSpec(), **changes) == second]
+    assert gym == ["student of 700 SFT steps (the gym)"]  # the second design is one of the rows, named as such
+    # the budget probes are the third design at a constant rate or with its linear decay from two peak rates
+    assert [replace(gym_run.GymSpec(), **changes) == gym_run.GymSpec() for changes, _, _ in
+            bench.BUDGET_PROBES.values()] == [False, True, True]
+    for label, (changes, lr, seeds) in {**bench.PROBES, **bench.BUDGET_PROBES}.items():
         spec = replace(gym_run.GymSpec(), **changes, lr=lr, lrs=())  # an unknown field would raise here
         assert spec.lr_of("opd") == lr and seeds >= 1, label
+
+
+@pytest.mark.parametrize("stem", ["gym_probes", "gym_probes_budget", "gym_mechanism"])
+def test_committed_probes_and_contrasts_ran_the_specs_their_entries_give(stem):
+    """The design probes and the mechanism contrasts pin the run budget they ran with, so their commands still
+    reproduce benchmarks/results/gym_probes.json and gym_mechanism.json now that the gym's own budget is another."""
+    from dataclasses import asdict
+
+    bench = _benchmark()
+    data = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / f"{stem}.json").read_text())
+    entries = {"gym_probes": bench.PROBES, "gym_probes_budget": bench.BUDGET_PROBES,
+               "gym_mechanism": bench.MECHANISM}[stem]
+    spec = gym_run.GymSpec()
+    if stem == "gym_mechanism":
+        assert data["meta"]["command"].endswith("--mechanism --steps 150")
+        spec = spec.with_budget(steps=150)
+    assert list(data["results"]) == list(entries)
+    defaults = gym_run._jsonable(asdict(gym_run.GymSpec()))
+    for label, (changes, lr, _) in entries.items():
+        expected = gym_run._jsonable(asdict(replace(spec, **changes, lr=lr, lrs=())))
+        recorded = data["results"][label]["context"]["spec"]
+        assert recorded == {k: v for k, v in expected.items() if k in recorded}, label
+        # a field GymSpec gained after the run (student_seed) is at its default, the value the run had
+        assert all(expected[k] == defaults[k] for k in expected.keys() - recorded.keys()), label
 
 
 def test_benchmark_probes_quick_runs_each_probe_on_validation(tmp_path, monkeypatch):
     bench = _benchmark()
     probes = {k: bench.PROBES[k] for k in ("lr 1e-4", "linear decay from 2e-4", "64 prompts x 1 response",
                                            "student of 500 SFT steps")}
-    monkeypatch.setattr(bench, "PROBES", probes)
+    monkeypatch.setitem(bench.PROBE_SETS, "design", probes)
     monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
     assert bench.main(["--quick", "--probes", "--workers", "1", "--workdir", str(tmp_path / "w"),
@@ -377,17 +404,33 @@ def test_a_run_stopped_early_writes_no_record_and_runs_again(tmp_path, monkeypat
     assert not list((tmp_path / "w").rglob("record.json"))
 
 
-@pytest.mark.parametrize("stem", ["gym", "gym_rerun"])
-def test_committed_gym_results_come_from_the_committed_spec(stem):
-    """benchmarks/results/gym.json (and its rerun on a second machine) ran GymSpec() as committed, whose learning
-    rates are gym_sweep.json's choices, and every run records its method, seed, knob value and accuracy curve (what
-    docs/results.md §3 reads)."""
+@pytest.mark.parametrize("stem,student_seed", [("gym", 1), ("gym_student_seed2", 2)])
+def test_committed_gym_results_come_from_the_committed_spec(stem, student_seed):
+    """benchmarks/results/gym.json ran GymSpec() as committed, whose learning rates are gym_sweep.json's choices, and
+    every run records its method, seed, knob value and accuracy curve (what docs/results.md §3 reads);
+    gym_student_seed2.json ran the same spec from another set of starting students."""
     from dataclasses import asdict
 
     results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     gym = json.loads((results / f"{stem}.json").read_text())
-    assert gym["context"]["spec"] == gym_run._jsonable(asdict(gym_run.GymSpec()))
+    spec = replace(gym_run.GymSpec(), student_seed=student_seed)
+    assert gym["context"]["spec"] == gym_run._jsonable(asdict(spec))
     chosen = json.loads((results / "gym_sweep.json").read_text())["chosen"]
     assert {m: lr for m, (lr, _) in chosen.items()} == dict(gym_run.GymSpec().lrs)
     for run in gym["runs"]:
         assert {"method", "seed", "mismatch"} <= set(run) and len(run["accuracy"]) == len(run["eval_steps"]) >= 2
+
+
+def test_benchmark_student_seed_trains_and_reports_another_set_of_students(tmp_path, monkeypatch):
+    bench = _benchmark()
+    monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
+    assert bench.main(["--quick", "--student-seed", "2", "--workers", "1", "--workdir", str(tmp_path / "w"),
+                       "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gym_quick_student_seed2.json").read_text())
+    assert data["context"]["spec"]["student_seed"] == 2
+    other = replace(SPEC, student_seed=2)
+    for m in (0.0, 1.0):  # its students are another seed's, not the default set's
+        assert gym_models.cache_key(other.student, other.student_plan(m)) != gym_models.cache_key(
+            SPEC.student, SPEC.student_plan(m))
+        assert (tmp_path / "cache" / "gym" / gym_models.cache_key(other.student, other.student_plan(m))).is_dir()

@@ -103,7 +103,7 @@ def test_no_help_text_states_a_default_twice_or_a_meaningless_one():
     train = " ".join(commands["train"].format_help().split())
     assert "(default: the embedded tropd/configs/default.yaml; with --resume, the run's own config.yaml)" in train
     gym = " ".join(commands["gym"].format_help().split())
-    assert "training steps per run (default: the gym's 300; 4 with --quick)" in gym
+    assert "training steps per run (default: the gym's 200; 4 with --quick)" in gym
     assert "(default: 3)" in gym  # a plain default is still shown
 
 

@@ -101,7 +101,9 @@ class GymSpec:
     ``lr`` is the learning rate of a method without an entry in ``lrs`` (``(method, lr)`` pairs chosen by the
     validation sweep, docs/gym.md). Neither enters :meth:`key`: a run's folder names its own learning rate.
     ``betas``, ``lr_schedule`` and ``grad_clip`` are every run's ``train.*`` optimizer settings (tropd's defaults;
-    ``benchmarks/gym.py --probes`` varies them)."""
+    ``benchmarks/gym.py --probes`` varies them). ``student_seed`` draws the starting students (their SFT examples
+    and order, which problems are written in the alt style, their initial weights): another value is another set of
+    students for the same knob values (``benchmarks/gym.py --student-seed``)."""
 
     families: tuple[str, ...] = ("add", "modchain", "sort")
     teacher: DecoderSpec = TEACHER
@@ -112,20 +114,21 @@ class GymSpec:
     student_steps: int = 700
     student_lr: float = 1e-3
     student_schedule: str = "constant"
+    student_seed: int = 1
     heldout: int = 500
     valid: int = 300
-    steps: int = 300
+    steps: int = 200
     prompts_per_step: int = 32
     rollouts_per_prompt: int = 2
     max_new_tokens: int = 56
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
-    lr_schedule: str = "constant"
+    lr_schedule: str = "linear"
     grad_clip: float = 1.0
-    lrs: tuple[tuple[str, float], ...] = (("clip_outlier", 1e-04), ("eopd", 5e-05), ("fkl_outlier", 5e-05),
-                                          ("gkd", 1e-04), ("mask_outlier", 5e-05), ("opd", 1e-04), ("sft", 1e-04),
-                                          ("trb", 5e-05), ("tropd", 1e-04))
-    eval_every: int = 100
+    lrs: tuple[tuple[str, float], ...] = (("clip_outlier", 2e-04), ("eopd", 1e-04), ("fkl_outlier", 1e-04),
+                                          ("gkd", 8e-04), ("mask_outlier", 2e-04), ("opd", 2e-04), ("sft", 8e-04),
+                                          ("trb", 4e-04), ("tropd", 2e-04))
+    eval_every: int = 50
     top_k: int = 16
 
     def lr_of(self, method: str) -> float:
@@ -152,7 +155,8 @@ class GymSpec:
     def student_plan(self, mismatch: float) -> SFTPlan:
         (mismatch,) = check_mismatch([mismatch])
         return SFTPlan(self.families, "teacher", alt_share=mismatch, examples=self.teacher_examples,
-                       steps=self.student_steps, lr=self.student_lr, schedule=self.student_schedule, seed=1)
+                       steps=self.student_steps, lr=self.student_lr, schedule=self.student_schedule,
+                       seed=self.student_seed)
 
 
 #: GymSpec changes that make the starting students *annealed*: the SFT recipe run to convergence (cosine decay to
@@ -162,6 +166,14 @@ ANNEALED: dict = {"student_schedule": "cosine", "student_lr": 3e-3, "student_ste
 #: GymSpec changes back to the first design's starting students (600 constant-rate SFT steps instead of 700): the
 #: mechanism contrasts, the gradient-noise measurement and most probes of docs/gym.md were run from them.
 FIRST_START: dict = {"student_steps": 600}
+
+#: GymSpec changes back to the runs' schedule before the third design: a constant learning rate, evaluated every 100
+#: steps. The mechanism contrasts (``--steps 150``) ran with it, and the probes with :data:`SECOND_BUDGET`.
+CONSTANT_RATE: dict = {"lr_schedule": "constant", "eval_every": 100}
+
+#: GymSpec changes back to the second design's run budget: 300 steps at a constant rate (docs/gym.md; its results are
+#: at commit d821f07). Most probes of docs/gym.md ran with it.
+SECOND_BUDGET: dict = {"steps": 300, **CONSTANT_RATE}
 
 QUICK = GymSpec(teacher=DecoderSpec(hidden=32, layers=1, heads=2, intermediate=64), teacher_steps=30,
                 teacher_examples=600, student=DecoderSpec(hidden=16, layers=1, heads=2, intermediate=32),
