@@ -261,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-seed", type=int, default=None,
                    help=f"another set of starting students (GymSpec.student_seed; default {GymSpec.student_seed}): "
                         "does a finding hold from other starts?")
-    p.add_argument("--stem", default=None, help="output name (default: gym, gym_sweep or gym_quick; "
-                                                 "gym_student_seed<N> with --student-seed N)")
+    p.add_argument("--stem", default=None, help="output name (default: gym, gym_sweep, gym_probes or gym_mechanism, "
+                                                 "most with _quick under --quick, then _student_seed<N> under "
+                                                 "--student-seed N: another set of students never overwrites the "
+                                                 "default set's results)")
     p.add_argument("--workers", type=int, default=2, help="runs at once (one CPU thread each)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "gym-benchmark"), help="run folders (resumable)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the outputs")
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = (QUICK if args.quick else GymSpec()).with_budget(steps=args.steps, lr=args.lr)
     if args.student_seed is not None:
         spec = replace(spec, student_seed=args.student_seed)
+    other_students = "" if args.student_seed in (None, GymSpec.student_seed) else f"_student_seed{args.student_seed}"
     workdir = Path(args.workdir) / ("quick" if args.quick else "full")
     start = time.perf_counter()
     command = " ".join(["python benchmarks/gym.py", *(sys.argv[1:] if argv is None else argv)])
@@ -284,13 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1),
                 "budget": f"{spec.steps} steps of {spec.prompts_per_step} prompts x {spec.rollouts_per_prompt} "
                           "rollouts, one learning rate for every method (the condition's)"}
-        stem = args.stem or ("gym_mechanism_quick" if args.quick else "gym_mechanism")
+        stem = args.stem or ("gym_mechanism_quick" if args.quick else "gym_mechanism") + other_students
         return write_report(Path(args.out), stem, mechanism_table(results, meta), {"meta": meta, "results": results})
     if args.probes:
         results = run_probes(spec, PROBE_SETS[args.probes], workdir, args.workers, args.quick)
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1)}
         stem = args.stem or ("gym_probes" + ("" if args.probes == "design" else f"_{args.probes}")
-                             + ("_quick" if args.quick else ""))
+                             + ("_quick" if args.quick else "") + other_students)
         return write_report(Path(args.out), stem, probes_table(results, meta), {"meta": meta, "results": results})
     if args.sweep:
         tried, choose_on = (check_mismatch(v.split(",")) for v in (args.sweep_mismatch, args.sweep_choose_on))
@@ -303,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1),
                 "budget": f"{spec.steps} steps of {spec.prompts_per_step} prompts x {spec.rollouts_per_prompt} "
                           "rollouts"}
-        return write_report(Path(args.out), args.stem or "gym_sweep", sweep_table(runs, best, meta, choose_on),
+        stem = args.stem or "gym_sweep" + other_students
+        return write_report(Path(args.out), stem, sweep_table(runs, best, meta, choose_on),
                             {"meta": meta, "context": context, "chosen": best, "runs": runs})
 
     mismatches = (0.0, 1.0) if args.quick else check_mismatch(args.mismatch.split(","))
@@ -319,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{len(result['runs'])} runs, {args.workers} at a time (the duration is this invocation's: "
                         "runs finished by an earlier one are reused)"}
     compare = tuple(m for m in methods if m != "opd")
-    stem = args.stem or ("gym_quick" if args.quick else "gym") + (
-        "" if args.student_seed in (None, GymSpec.student_seed) else f"_student_seed{args.student_seed}")
+    stem = args.stem or ("gym_quick" if args.quick else "gym") + other_students
     paths = write_outputs(result, Path(args.out), stem, meta, compare=compare)
     print(paths["md"].read_text())
     return 0

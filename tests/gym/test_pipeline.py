@@ -434,3 +434,10 @@ def test_benchmark_student_seed_trains_and_reports_another_set_of_students(tmp_p
         assert gym_models.cache_key(other.student, other.student_plan(m)) != gym_models.cache_key(
             SPEC.student, SPEC.student_plan(m))
         assert (tmp_path / "cache" / "gym" / gym_models.cache_key(other.student, other.student_plan(m))).is_dir()
+    # every output of another set of students has its own name: it never overwrites the default set's results
+    monkeypatch.setitem(bench.PROBE_SETS, "design", {"lr 1e-4": bench.PROBES["lr 1e-4"]})
+    assert bench.main(["--quick", "--probes", "--student-seed", "2", "--workers", "1", "--workdir",
+                       str(tmp_path / "w"), "--out", str(tmp_path)]) == 0
+    probes = json.loads((tmp_path / "gym_probes_quick_student_seed2.json").read_text())
+    assert probes["results"]["lr 1e-4"]["context"]["spec"]["student_seed"] == 2
+    assert not (tmp_path / "gym_probes_quick.json").exists()
