@@ -23,24 +23,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print(config_help(cfg))
         return 0
-    try:
-        return _train_and_report(cfg, args)
-    finally:
-        _leave_process_group()
-
-
-def _leave_process_group() -> None:
-    """Destroy the process group that ``accelerate launch`` made, once this process is done with it (what
-    ``Accelerator.end_training`` does): a group left alive at exit can abort the process in its teardown."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _train_and_report(cfg, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tropd.train.errors import NoStepTrainedError
     from tropd.train.run import train_from_config
 

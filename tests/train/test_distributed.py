@@ -137,24 +137,36 @@ def test_resume_under_two_processes_is_exact(ddp_run, tmp_path):
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
 
 
-def test_tropd_train_destroys_the_process_group_it_ran_in(config, tmp_path):
-    """A process group left alive at exit can abort a launched process in its teardown after a finished run, so
-    ``tropd train`` destroys the one it ran in, on success and on failure (a gloo group of one process here)."""
-    script = (
-        "import sys, torch.distributed as dist\n"
-        "from tropd.cli import main\n"
-        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
-        "try:\n"
-        "    rc = main(sys.argv[1:])\n"
-        "except SystemExit as err:\n"
-        "    rc = err.code\n"
-        "print('rc', rc, 'group alive', dist.is_initialized())\n")
-    ok = tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "train.steps=1"],
-               program=("-c", script))
-    assert "rc 0 group alive False" in ok.stdout
-    refused = tropd(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "train.steps=1"],
-                    program=("-c", script))  # the folder holds a run: refused, and the group is still destroyed
-    assert "group alive False" in refused.stdout and "rc 0" not in refused.stdout, refused.stdout + refused.stderr
+#: A user's script: two runs in one launched process, then a refused resume (changed settings), and at exit (the first
+#: exit hook registered runs last) whether the process group outlived the process's runs.
+TWO_RUNS = """
+import atexit, sys, torch.distributed as dist
+from tropd.train.config import load_config
+from tropd.train.run import train_from_config
+
+config, root = sys.argv[1:]
+atexit.register(lambda: open(f"{root}/rank-{RANK}-group-alive-at-exit", "w").write(str(dist.is_initialized())))
+for name in ("a", "b"):
+    train_from_config(load_config(config, [f"train.output_dir={root}/{name}", "train.steps=1"]),
+                      console=lambda *_: None)
+    RANK = dist.get_rank()
+train_from_config(load_config(config, [f"train.output_dir={root}/b", "train.steps=2"]), resume=True,
+                  console=lambda *_: None)
+"""
+
+
+def test_a_launched_process_ends_the_group_its_runs_started(config, tmp_path):
+    """``train_from_config`` under ``accelerate launch`` (what ``tropd train`` calls): the process group its first
+    call started serves the process's later calls and is destroyed at exit, after a failure too (a group left alive
+    into the interpreter's teardown can abort the process there, failing a finished run)."""
+    script = tmp_path / "two_runs.py"
+    script.write_text(TWO_RUNS)
+    proc = tropd([str(config), str(tmp_path)], processes=2, program=(str(script),), rc=1)
+    assert "--resume with settings that differ" in proc.stderr, proc.stderr[-3000:]
+    for name in ("a", "b"):
+        assert json.loads((tmp_path / name / "summary.json").read_text())["num_processes"] == 2
+    for rank in (0, 1):
+        assert (tmp_path / f"rank-{rank}-group-alive-at-exit").read_text() == "False"
 
 
 def test_bf16_autocast_keeps_float32_master_weights(teacher_dir, tmp_path):

@@ -3,6 +3,7 @@ build the run's parts (:mod:`tropd.train.build`), train, write ``summary.json``.
 
 from __future__ import annotations
 
+import atexit
 import json
 import time
 from pathlib import Path
@@ -31,8 +32,17 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     Order: accelerator → run directory (locked for the run's life, checked; the checkpoint to resume found) → the
     run's parts → trainer. A second process in the same run directory is refused (:mod:`tropd.train.lock`). A run
     whose every step was skipped as non-finite writes its summary, then raises
-    :class:`~tropd.train.errors.NoStepTrainedError` with the cause (the student did not train)."""
-    accelerator = build_accelerator(cfg)
+    :class:`~tropd.train.errors.NoStepTrainedError` with the cause (the student did not train).
+
+    Under ``accelerate launch`` the process group this call starts stays up for later calls in the same process
+    and is destroyed when the process exits (what ``Accelerator.end_training`` does; a group left alive into the
+    interpreter's teardown can abort the process there)."""
+    group_before = _group_running()
+    try:
+        accelerator = build_accelerator(cfg)
+    finally:  # the group is up even when the accelerator is then refused
+        if not group_before and _group_running():
+            atexit.register(_end_group)
     main = accelerator.is_main_process
     console = console if main else (lambda *_: None)
     if cfg.train.output_dir is None:  # one name for every process: the main process's
@@ -46,6 +56,19 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     finally:
         if lock is not None:
             lock.release()
+
+
+def _group_running() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _end_group() -> None:
+    import torch.distributed as dist
+
+    if _group_running():
+        dist.destroy_process_group()
 
 
 def _lock_run_dir(run_dir: Path, accelerator) -> RunLock | None:
