@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -117,7 +115,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for activations.{json,md}")
     args = p.parse_args(argv)
 
-    import torch
 
     lengths, depths = ((32, 64), (1, 2)) if args.quick else ((256, 512), (1, 2))
     results = {}
@@ -131,10 +128,10 @@ def main(argv=None) -> int:
         ckpt["memory_vs_plain"] = ckpt["bytes_per_token_per_layer"] / plain["bytes_per_token_per_layer"]
         ckpt["time_vs_plain"] = ckpt["forward_backward_s"] / plain["forward_backward_s"]
 
-    load = os.getloadavg()[0]
+    from benchmarks.machine import describe
+
     shape = "a tiny Qwen2 (hidden 32)" if args.quick else "Qwen2-1.5B-shaped decoder layers (hidden 1,536)"
-    setting = (f"`python benchmarks/activations.py{' --quick' if args.quick else ''}` on {platform.machine()}, "
-               f"{os.cpu_count()} CPU cores, torch {torch.__version__}, load {load:.2f} at the end. {shape}, "
+    setting = (f"`python benchmarks/activations.py{' --quick' if args.quick else ''}` on {describe()}. {shape}, "
                f"{depths[0]} and {depths[1]} layers, {PROMPT} prompt + {lengths[0]} or {lengths[1]} response "
                f"tokens, batch 1; time: forward + backward at {depths[1]} layers and {lengths[1]} response tokens, "
                f"median of {args.repeats} after a warm-up pass.")

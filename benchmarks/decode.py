@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -155,7 +154,6 @@ def main(argv=None) -> int:
     if min(row_counts) < 1:
         p.error(f"--rows must be >= 1, got {args.rows}")
 
-    import torch
 
     results = {}
     for rows in row_counts:
@@ -186,10 +184,11 @@ def main(argv=None) -> int:
                     r.update(compare(output, reference))
                 r["vs_dynamic"] = r.get("paired_dynamic_seconds", base["seconds"]) / r["seconds"]
 
-    load = os.getloadavg()[0]
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.machine import describe
+
     command = " ".join(["python benchmarks/decode.py", *(sys.argv[1:] if argv is None else argv)])
-    setting = (f"`{command}` on {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-               f"load {load:.2f} at the end. Rows x {args.tokens} new tokens, float32; median of {args.repeats} "
+    setting = (f"`{command}` on {describe()}. Rows x {args.tokens} new tokens, float32; median of {args.repeats} "
                "calls after a warm-up call, each variant in a fresh process (vLLM's engine is built before the "
                "warm-up call).")
     lines = ["# Decoding: tropd's sampler (dynamic or static KV cache, with and without torch.compile) and vLLM", "",

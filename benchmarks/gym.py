@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -48,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+from benchmarks.machine import describe  # noqa: E402
 from tropd.gym.run import ANNEALED, CONSTANT_RATE, FIRST_START, SECOND_BUDGET, TEACHER  # noqa: E402
 
 #: condition -> (GymSpec changes, learning rate, methods) of ``--mechanism`` (ANNEALED: students trained to
@@ -224,18 +224,6 @@ def write_report(out: Path, stem: str, text: str, payload: dict) -> int:
     return 0
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux; ``platform.processor()`` elsewhere): trained models and run times
-    differ between CPUs (docs/results.md §3)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     from tropd.gym.run import (CORE, EXPERIMENT, MISMATCH, QUICK, GymSpec, check_mismatch, run_gym,
                                write_outputs)
@@ -278,10 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir) / ("quick" if args.quick else "full")
     start = time.perf_counter()
     command = " ".join(["python benchmarks/gym.py", *(sys.argv[1:] if argv is None else argv)])
-    import torch
-
-    machine = (f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-               f"{args.workers} runs at a time")
+    machine = f"{describe(load=False)}, {args.workers} runs at a time"
     if args.mechanism:
         results = run_mechanism(spec, 1 if args.quick else 2, workdir, args.workers, args.quick)
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1),

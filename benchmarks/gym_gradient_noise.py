@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -169,6 +168,8 @@ def table(result: dict, meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.machine import describe
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny models, small pool: checks the script in seconds")
     p.add_argument("--mismatch", type=float, default=0.0, help="which start student (the gym's knob)")
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     student = Path(models["students"][args.mismatch])
     result = measure(spec, Path(models["teacher"]), student, pool, sizes, args.draws, args.seed)
     meta = {"command": "python benchmarks/gym_gradient_noise.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "machine": describe(load=False),
             "duration": time.perf_counter() - start, "pool": pool, "draws": args.draws, "mismatch": args.mismatch,
             "student": student.name, "start": "annealed" if args.annealed else "constant-lr (600 steps)",
             "teacher": Path(models["teacher"]).name,

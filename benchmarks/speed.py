@@ -26,7 +26,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -157,7 +156,6 @@ def main(argv=None) -> int:
         print(json.dumps({k: worker(k, int(n), int(v), int(h), int(repeats)) for k in kinds.split(",")}))
         return 0
 
-    import torch
 
     kernels = args.kernels.split(",")
     results = []
@@ -177,8 +175,10 @@ def main(argv=None) -> int:
                     print(f"N={n} V={v} {kind}: {cell}", flush=True)
         results.append(row)
 
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-               f"load {os.getloadavg()[0]:.2f} at the end")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.machine import describe
+
+    machine = describe()
     lines = [f"# Loss kernels, forward + backward, float32 ({'--quick' if args.quick else 'full'})", "",
              f"`python benchmarks/speed.py{' --quick' if args.quick else ''} --repeats {args.repeats}` on {machine}. "
              f"Each cell: seconds (median of {args.repeats} runs; 1 run at N = 8192) / extra peak memory; ratios "

@@ -31,7 +31,6 @@ import concurrent.futures
 import inspect
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -307,7 +306,6 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
 
-    import torch
 
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
@@ -318,8 +316,10 @@ def main(argv=None) -> int:
         for kind in kinds:
             results[kind] = futures[kind].result()
             print(f"{kind}: { {k: v for k, v in results[kind].items() if k != 'settings'} }", flush=True)
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-               f"load {os.getloadavg()[0]:.2f} at the end")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.machine import describe
+
+    machine = describe()
     text = table(results, machine, args)
     print(text)
     out = Path(args.out)

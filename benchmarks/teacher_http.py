@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -107,7 +106,9 @@ def main(argv=None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}"
+    from benchmarks.machine import describe
+
+    machine = describe()
     result = {"model": "tiny random (--quick)" if args.quick else "SmolLM2-135M-Instruct", "rows": b,
               "prompt_tokens": p, "response_tokens": t, "vocab": vocab, "repeats": args.repeats,
               "machine": machine, "results": rows}

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -60,8 +58,9 @@ def main(argv=None) -> int:
         results[name] = {"seconds": statistics.median(times), "beta": beta.tolist()}
     diff = max(abs(a - b) for a, b in zip(results["bisection_60"]["beta"], results["tropd_newton_16"]["beta"]))
     ratio = results["bisection_60"]["seconds"] / results["tropd_newton_16"]["seconds"]
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-               f"load {os.getloadavg()[0]:.2f}")
+    from benchmarks.machine import describe
+
+    machine = describe()
     text = (f"# TRB β* solver, {args.rows} rows x V = {args.vocab}, ε = {args.eps}\n\n"
             f"`python benchmarks/trb_solver.py` on {machine}. Median of 5 calls.\n\n"
             "| solver | seconds per call |\n|---|---|\n"
