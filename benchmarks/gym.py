@@ -6,6 +6,7 @@ beat OPD along a continuous teacher-student mismatch?
     python benchmarks/gym.py --mechanism   # why on-policy distillation fails from an annealed student (docs/gym.md)
     python benchmarks/gym.py --probes   # the settings tried to lift opd's matched gain (docs/gym.md's design table)
     python benchmarks/gym.py --probes budget   # the third design's shorter run budget, constant rate or linear decay
+    python benchmarks/gym.py --probes collapse   # opd and tropd at knob 1 with warm-up or a lower peak rate
     python benchmarks/gym.py --quick    # tiny models, 4 steps: checks the pipeline end to end (seconds)
 
 A teacher (Llama decoder trained from scratch, cached) and one starting student per value of the mismatch knob
@@ -23,7 +24,8 @@ learning rate for all; writes ``gym_mechanism.{json,md}``.
 ``--probes`` trains ``opd`` from the matched student under each of :data:`PROBES` (one change each to the first
 design's spec: learning rate, schedule, optimizer, batch shape, teacher; then the starting student's SFT steps,
 which chose the gym's), evaluated on the validation split, and writes ``gym_probes.{json,md}``; ``--probes budget``
-the same for :data:`BUDGET_PROBES` (``gym_probes_budget.{json,md}``).
+the same for :data:`BUDGET_PROBES` (``gym_probes_budget.{json,md}``); ``--probes collapse`` trains ``opd`` and
+``tropd`` from the knob-1 student under each of :data:`COLLAPSE_PROBES` (``gym_probes_collapse.{json,md}``).
 
 ``--sweep`` trains every method at each of ``--sweep-lrs`` on the knob values ``--sweep-mismatch``, one seed,
 evaluated on the validation split (never the held-out problems), and prints each method's best rate by mean
@@ -91,45 +93,78 @@ BUDGET_PROBES = {
     "200 steps, linear decay from 2e-4": ({"lr_schedule": "linear"}, 2e-4, 2),
     "200 steps, linear decay from 3e-4": ({"lr_schedule": "linear"}, 3e-4, 2),
 }
-PROBE_SETS = {"design": PROBES, "budget": BUDGET_PROBES}
+#: label -> (GymSpec changes, learning rate, seeds) of ``--probes collapse``: ``opd`` and ``tropd`` from the knob-1
+#: student, where ``opd`` collapses within its first 50 steps (docs/gym.md): is the collapse the early, highest
+#: rate's? None: each method's own rate (``GymSpec.lrs``), as in the experiment.
+COLLAPSE_PROBES = {
+    "the gym (linear decay from the peak)": ({}, None, 3),
+    "20 warm-up steps to the peak": ({"lr_warmup_steps": 20}, None, 3),
+    "50 warm-up steps to the peak": ({"lr_warmup_steps": 50}, None, 3),
+    "half the peak (linear decay from 1e-4)": ({}, 1e-4, 3),
+}
+
+#: name -> (probes, methods, knob value) of ``--probes NAME``, and the title of its report
+PROBE_SETS = {"design": (PROBES, ("opd",), 0.0), "budget": (BUDGET_PROBES, ("opd",), 0.0),
+              "collapse": (COLLAPSE_PROBES, ("opd", "tropd"), 1.0)}
+PROBE_TITLES = {"design": "What lifts opd's matched gain? One change to the gym at a time",
+                "budget": "The third design's run budget: opd's matched gain in 200 steps",
+                "collapse": "Is the collapse at knob 1 the early, highest rate's? opd and tropd with warm-up or a "
+                            "lower peak"}
 
 
-def run_probes(spec, probes: dict, workdir: Path, workers: int, quick: bool = False) -> dict:
-    """``opd`` at knob value 0 under every entry of ``probes`` (:data:`PROBE_SETS`), on the validation split;
-    ``{label: run_gym result}`` (``quick``: the tiny spec's sizes stay, one seed)."""
+def run_probes(spec, probe_set: str, workdir: Path, workers: int, quick: bool = False) -> dict:
+    """The methods of ``probe_set`` (:data:`PROBE_SETS`) at its knob value under every entry of its probes, on the
+    validation split; ``{label: run_gym result}`` (``quick``: the tiny spec's sizes stay, one seed)."""
     from tropd.gym.run import run_gym
 
+    probes, methods, mismatch = PROBE_SETS[probe_set]
     out = {}
     for label, (changes, lr, seeds) in probes.items():
         if quick:
-            changes = {k: v for k, v in changes.items() if k not in ("teacher", "student_steps", "steps", "eval_every")}
-        each = replace(spec, **changes, lr=lr, lrs=())
-        out[label] = run_gym(each, {"opd": 1 if quick else seeds}, (0.0,), workdir, workers=workers, split="valid")
+            changes = {k: min(v, spec.steps - 1) if k == "lr_warmup_steps" else v for k, v in changes.items()
+                       if k not in ("teacher", "student_steps", "steps", "eval_every")}
+        each = replace(spec, **changes) if lr is None else replace(spec, **changes, lr=lr, lrs=())
+        out[label] = run_gym(each, {m: 1 if quick else seeds for m in methods}, (mismatch,), workdir,
+                             workers=workers, split="valid")
     return out
 
 
-def probes_table(results: dict, meta: dict) -> str:
-    from tropd.gym.stats import final_accuracy
+def probes_table(results: dict, meta: dict, title: str) -> str:
+    """One row per (probe, method): start, final accuracy per seed, mean gain, collapses (COLLAPSE_RULE); with
+    ``tropd`` beside ``opd``, their paired difference of final accuracy (95% interval)."""
+    from tropd.gym.stats import collapsed, final_accuracy, level_name, paired_test
 
-    lines = ["# What lifts opd's matched gain? One change to the gym at a time", "",
+    lines = [f"# {title}", "",
              f"- **command**: `{meta['command']}`", f"- **machine**: {meta['machine']}",
              f"- **duration**: {meta['duration'] / 60:.0f} min", "",
-             "`opd` from the matched student (mismatch 0) of as many SFT steps as the student column says; accuracy "
-             "on the **validation** problems (never the held-out ones), per seed; gain = final − start in points; "
-             "wall = seconds per run.", "",
-             "| probe | student | run budget | lr | start acc | final acc per seed | mean gain | wall (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Each method from the student of the knob value and SFT steps the columns give; accuracy on the "
+             "**validation** problems (never the held-out ones), per seed; gain = final − start in points; collapsed "
+             "= runs that meet the gym's collapse rule (docs/gym.md); wall = seconds per run.", "",
+             "| probe | method | knob | student | run budget | lr | start acc | final acc per seed | mean gain | "
+             "collapsed | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    paired = []
     for label, result in results.items():
-        runs = sorted(result["runs"], key=lambda r: r["seed"])
-        finals = [final_accuracy(r) for r in runs]
-        start = runs[0]["accuracy"][0]
-        gain = 100 * (sum(finals) / len(finals) - start)
-        wall = sum(r["wall_s"] for r in runs) / len(runs)
-        spec = result["context"]["spec"]
-        lines.append(f"| {label} | {spec['student_steps']} steps | {spec['steps']} steps, {spec['lr_schedule']} rate | "
-                     f"{runs[0]['lr']:g} | "
-                     f"{100 * start:.1f} | "
-                     f"{', '.join(f'{100 * f:.1f}' for f in finals)} | {gain:+.1f} | {wall:.0f} |")
+        spec, finals = result["context"]["spec"], {}
+        budget = f"{spec['steps']} steps, {spec['lr_schedule']} rate"
+        if spec.get("lr_warmup_steps"):
+            budget += f" after {spec['lr_warmup_steps']} warm-up steps"
+        for method in dict.fromkeys(r["method"] for r in result["runs"]):
+            runs = sorted((r for r in result["runs"] if r["method"] == method), key=lambda r: r["seed"])
+            finals[method] = [final_accuracy(r) for r in runs]
+            start = runs[0]["accuracy"][0]
+            gain = 100 * (sum(finals[method]) / len(runs) - start)
+            wall = sum(r["wall_s"] for r in runs) / len(runs)
+            down = sum(collapsed(r, result["context"]) for r in runs)
+            lines.append(f"| {label} | {method} | {level_name(runs[0]['mismatch'])} | {spec['student_steps']} steps | "
+                         f"{budget} | {runs[0]['lr']:g} | {100 * start:.1f} | "
+                         f"{', '.join(f'{100 * f:.1f}' for f in finals[method])} | {gain:+.1f} | {down}/{len(runs)} | "
+                         f"{wall:.0f} |")
+        if {"opd", "tropd"} <= finals.keys():
+            t = paired_test([100 * x for x in finals["tropd"]], [100 * x for x in finals["opd"]])
+            paired.append(f"| {label} | {t['mean_diff']:+.1f} [{t['ci_low']:+.1f}, {t['ci_high']:+.1f}] | {t['n']} |")
+    if paired:
+        lines += ["", "`tropd` − `opd`, final validation accuracy in points, paired by seed (95% interval):", "",
+                  "| probe | tropd − opd | seeds |", "|---|---|---|", *paired]
     return "\n".join(lines + [""])
 
 
@@ -233,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true", help="the learning-rate sweep on the validation split")
     p.add_argument("--mechanism", action="store_true", help="the mechanism contrasts (docs/gym.md)")
     p.add_argument("--probes", nargs="?", const="design", choices=sorted(PROBE_SETS),
-                   help="opd's matched gain under one change at a time: 'design' (PROBES, the default) or 'budget' "
-                        "(BUDGET_PROBES, the third design's run budget)")
+                   help="one change to the gym at a time, on the validation split: 'design' (PROBES, the default: "
+                        "opd's matched gain), 'budget' (BUDGET_PROBES, the third design's run budget) or 'collapse' "
+                        "(COLLAPSE_PROBES: opd and tropd at knob 1 with warm-up or a lower peak)")
     p.add_argument("--core-seeds", type=int, default=5, help="seeds of opd and tropd per knob value")
     p.add_argument("--seeds", type=int, default=3, help="seeds of every other method per knob value")
     p.add_argument("--inner-seeds", type=int, default=None,
@@ -275,11 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         stem = args.stem or ("gym_mechanism_quick" if args.quick else "gym_mechanism") + other_students
         return write_report(Path(args.out), stem, mechanism_table(results, meta), {"meta": meta, "results": results})
     if args.probes:
-        results = run_probes(spec, PROBE_SETS[args.probes], workdir, args.workers, args.quick)
+        results = run_probes(spec, args.probes, workdir, args.workers, args.quick)
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1)}
         stem = args.stem or ("gym_probes" + ("" if args.probes == "design" else f"_{args.probes}")
                              + ("_quick" if args.quick else "") + other_students)
-        return write_report(Path(args.out), stem, probes_table(results, meta), {"meta": meta, "results": results})
+        return write_report(Path(args.out), stem, probes_table(results, meta, PROBE_TITLES[args.probes]),
+                            {"meta": meta, "results": results})
     if args.sweep:
         tried, choose_on = (check_mismatch(v.split(",")) for v in (args.sweep_mismatch, args.sweep_choose_on))
         if not set(choose_on) <= set(tried):

@@ -285,9 +285,15 @@ def test_every_probe_is_one_valid_change_to_the_gym():
     for label, (changes, lr, seeds) in {**bench.PROBES, **bench.BUDGET_PROBES}.items():
         spec = replace(gym_run.GymSpec(), **changes, lr=lr, lrs=())  # an unknown field would raise here
         assert spec.lr_of("opd") == lr and seeds >= 1, label
+    # the collapse probes: the gym itself (each method's own rate), then warm-up or a lower peak, one at a time
+    collapse = [replace(gym_run.GymSpec(), **changes) for changes, _, _ in bench.COLLAPSE_PROBES.values()]
+    assert collapse[0] == gym_run.GymSpec() and [c.lr_warmup_steps for c in collapse] == [0, 20, 50, 0]
+    assert [lr for _, lr, _ in bench.COLLAPSE_PROBES.values()] == [None, None, None, 1e-4]
+    assert 1e-4 < gym_run.GymSpec().lr_of("opd") == gym_run.GymSpec().lr_of("tropd")  # 1e-4 is a lower peak
+    assert bench.PROBE_SETS["collapse"][1:] == (("opd", "tropd"), 1.0)
 
 
-@pytest.mark.parametrize("stem", ["gym_probes", "gym_probes_budget", "gym_mechanism"])
+@pytest.mark.parametrize("stem", ["gym_probes", "gym_probes_budget", "gym_probes_collapse", "gym_mechanism"])
 def test_committed_probes_and_contrasts_ran_the_specs_their_entries_give(stem):
     """The design probes and the mechanism contrasts pin the run budget they ran with, so their commands still
     reproduce benchmarks/results/gym_probes.json and gym_mechanism.json now that the gym's own budget is another."""
@@ -296,7 +302,7 @@ def test_committed_probes_and_contrasts_ran_the_specs_their_entries_give(stem):
     bench = _benchmark()
     data = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / f"{stem}.json").read_text())
     entries = {"gym_probes": bench.PROBES, "gym_probes_budget": bench.BUDGET_PROBES,
-               "gym_mechanism": bench.MECHANISM}[stem]
+               "gym_probes_collapse": bench.COLLAPSE_PROBES, "gym_mechanism": bench.MECHANISM}[stem]
     spec = gym_run.GymSpec()
     if stem == "gym_mechanism":
         assert data["meta"]["command"].endswith("--mechanism --steps 150")
@@ -304,7 +310,8 @@ def test_committed_probes_and_contrasts_ran_the_specs_their_entries_give(stem):
     assert list(data["results"]) == list(entries)
     defaults = gym_run._jsonable(asdict(gym_run.GymSpec()))
     for label, (changes, lr, _) in entries.items():
-        expected = gym_run._jsonable(asdict(replace(spec, **changes, lr=lr, lrs=())))
+        expected = gym_run._jsonable(asdict(replace(spec, **changes) if lr is None else
+                                            replace(spec, **changes, lr=lr, lrs=())))
         recorded = data["results"][label]["context"]["spec"]
         assert recorded == {k: v for k, v in expected.items() if k in recorded}, label
         # a field GymSpec gained after the run (student_seed) is at its default, the value the run had
@@ -315,7 +322,7 @@ def test_benchmark_probes_quick_runs_each_probe_on_validation(tmp_path, monkeypa
     bench = _benchmark()
     probes = {k: bench.PROBES[k] for k in ("lr 1e-4", "linear decay from 2e-4", "64 prompts x 1 response",
                                            "student of 500 SFT steps")}
-    monkeypatch.setitem(bench.PROBE_SETS, "design", probes)
+    monkeypatch.setitem(bench.PROBE_SETS, "design", (probes, ("opd",), 0.0))
     monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
     assert bench.main(["--quick", "--probes", "--workers", "1", "--workdir", str(tmp_path / "w"),
@@ -330,6 +337,30 @@ def test_benchmark_probes_quick_runs_each_probe_on_validation(tmp_path, monkeypa
                 assert result["context"]["spec"][key] == changes[key], (label, key)
     text = (tmp_path / "gym_probes_quick.md").read_text()
     assert all(f"| {label} | " in text for label in probes)
+
+
+def test_benchmark_probes_collapse_runs_opd_and_tropd_at_knob_1_with_warm_up(tmp_path, monkeypatch):
+    bench = _benchmark()
+    monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=2, eval_every=1, lrs=(("opd", 3e-4), ("tropd", 2e-4))))
+    assert bench.main(["--quick", "--probes", "collapse", "--workers", "1", "--workdir", str(tmp_path / "w"),
+                       "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gym_probes_collapse_quick.json").read_text())
+    assert list(data["results"]) == list(bench.COLLAPSE_PROBES)
+    rates = {label: sorted((r["method"], r["mismatch"], r["lr"]) for r in result["runs"])
+             for label, result in data["results"].items()}
+    assert rates["the gym (linear decay from the peak)"] == [("opd", 1.0, 3e-4), ("tropd", 1.0, 2e-4)]  # their own
+    assert rates["half the peak (linear decay from 1e-4)"] == [("opd", 1.0, 1e-4), ("tropd", 1.0, 1e-4)]
+    warm = data["results"]["20 warm-up steps to the peak"]
+    assert warm["context"]["spec"]["lr_warmup_steps"] == 1  # at most steps - 1 under --quick
+    assert data["results"]["the gym (linear decay from the peak)"]["context"]["spec"]["lr_warmup_steps"] == 0
+    runs = tmp_path / "w" / "quick" / replace(gym_run.QUICK, lr_warmup_steps=1).key() / "mismatch-1"
+    assert len(list(runs.glob("*-valid"))) == 2  # the warm-up runs have folders of their own ...
+    config = yaml.safe_load(next(runs.glob("opd-*-valid")).joinpath("config.yaml").read_text())
+    assert config["train"]["lr_warmup_steps"] == 1  # ... and train with it
+    text = (tmp_path / "gym_probes_collapse_quick.md").read_text()
+    assert "| 20 warm-up steps to the peak | tropd | 1 | " in text and "after 1 warm-up steps" in text
+    assert "| the gym (linear decay from the peak) | " in text.split("`tropd` − `opd`")[1]  # the paired table
 
 
 def _benchmark():
@@ -413,8 +444,12 @@ def test_committed_gym_results_come_from_the_committed_spec(stem, student_seed):
 
     results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     gym = json.loads((results / f"{stem}.json").read_text())
-    spec = replace(gym_run.GymSpec(), student_seed=student_seed)
-    assert gym["context"]["spec"] == gym_run._jsonable(asdict(spec))
+    spec = gym_run._jsonable(asdict(replace(gym_run.GymSpec(), student_seed=student_seed)))
+    recorded = gym["context"]["spec"]
+    assert recorded == {k: v for k, v in spec.items() if k in recorded}
+    assert {k: spec[k] for k in spec.keys() - recorded.keys()} == gym_run._LATER_FIELDS  # gained since, at default
+    if student_seed == 1:  # so the spec's key, and the folders of the runs behind these results, are unchanged
+        assert gym_run.spec_key(recorded) == gym_run.GymSpec().key()
     chosen = json.loads((results / "gym_sweep.json").read_text())["chosen"]
     assert {m: lr for m, (lr, _) in chosen.items()} == dict(gym_run.GymSpec().lrs)
     for run in gym["runs"]:
@@ -435,7 +470,7 @@ def test_benchmark_student_seed_trains_and_reports_another_set_of_students(tmp_p
             SPEC.student, SPEC.student_plan(m))
         assert (tmp_path / "cache" / "gym" / gym_models.cache_key(other.student, other.student_plan(m))).is_dir()
     # every output of another set of students has its own name: it never overwrites the default set's results
-    monkeypatch.setitem(bench.PROBE_SETS, "design", {"lr 1e-4": bench.PROBES["lr 1e-4"]})
+    monkeypatch.setitem(bench.PROBE_SETS, "design", ({"lr 1e-4": bench.PROBES["lr 1e-4"]}, ("opd",), 0.0))
     assert bench.main(["--quick", "--probes", "--student-seed", "2", "--workers", "1", "--workdir",
                        str(tmp_path / "w"), "--out", str(tmp_path)]) == 0
     probes = json.loads((tmp_path / "gym_probes_quick_student_seed2.json").read_text())

@@ -100,10 +100,10 @@ class GymSpec:
 
     ``lr`` is the learning rate of a method without an entry in ``lrs`` (``(method, lr)`` pairs chosen by the
     validation sweep, docs/gym.md). Neither enters :meth:`key`: a run's folder names its own learning rate.
-    ``betas``, ``lr_schedule`` and ``grad_clip`` are every run's ``train.*`` optimizer settings (tropd's defaults;
-    ``benchmarks/gym.py --probes`` varies them). ``student_seed`` draws the starting students (their SFT examples
-    and order, which problems are written in the alt style, their initial weights): another value is another set of
-    students for the same knob values (``benchmarks/gym.py --student-seed``)."""
+    ``betas``, ``lr_schedule``, ``lr_warmup_steps`` and ``grad_clip`` are every run's ``train.*`` optimizer settings
+    (tropd's defaults; ``benchmarks/gym.py --probes`` varies them). ``student_seed`` draws the starting students
+    (their SFT examples and order, which problems are written in the alt style, their initial weights): another
+    value is another set of students for the same knob values (``benchmarks/gym.py --student-seed``)."""
 
     families: tuple[str, ...] = ("add", "modchain", "sort")
     teacher: DecoderSpec = TEACHER
@@ -124,6 +124,7 @@ class GymSpec:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     lr_schedule: str = "linear"
+    lr_warmup_steps: int = 0
     grad_clip: float = 1.0
     lrs: tuple[tuple[str, float], ...] = (("clip_outlier", 2e-04), ("eopd", 1e-04), ("fkl_outlier", 1e-04),
                                           ("gkd", 8e-04), ("mask_outlier", 2e-04), ("opd", 2e-04), ("sft", 8e-04),
@@ -144,9 +145,7 @@ class GymSpec:
     def key(self) -> str:
         """Content hash of the models (their recipe version included) and budgets: run folders live under it, so a
         changed budget or retrained model never reuses old runs (the learning rates are in each run's folder name)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("lr", "lrs")}
-        blob = json.dumps({**fields, "recipe": RECIPE_VERSION}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return spec_key(asdict(self))
 
     def teacher_plan(self) -> SFTPlan:
         return SFTPlan(self.families, "teacher", recovery=self.teacher_recovery, examples=self.teacher_examples,
@@ -174,6 +173,20 @@ CONSTANT_RATE: dict = {"lr_schedule": "constant", "eval_every": 100}
 #: GymSpec changes back to the second design's run budget: 300 steps at a constant rate (docs/gym.md; its results are
 #: at commit d821f07). Most probes of docs/gym.md ran with it.
 SECOND_BUDGET: dict = {"steps": 300, **CONSTANT_RATE}
+
+#: GymSpec fields added after the third design's runs, with their defaults: at its default a field stays out of
+#: :meth:`GymSpec.key`, so the runs made before it existed keep their folders.
+_LATER_FIELDS: dict = {"lr_warmup_steps": 0}
+
+
+def spec_key(fields: dict) -> str:
+    """:meth:`GymSpec.key` of a spec's fields (``asdict`` or as a results file records them): ``lr``, ``lrs`` and a
+    :data:`_LATER_FIELDS` field at its default left out."""
+    kept = {k: v for k, v in fields.items()
+            if k not in ("lr", "lrs") and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    blob = json.dumps({**kept, "recipe": RECIPE_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
 
 QUICK = GymSpec(teacher=DecoderSpec(hidden=32, layers=1, heads=2, intermediate=64), teacher_steps=30,
                 teacher_examples=600, student=DecoderSpec(hidden=16, layers=1, heads=2, intermediate=32),
@@ -293,7 +306,8 @@ def run_one(job: RunJob) -> dict:
         "data.prompts": job.prompts, "data.chat_template": False, "data.eval_prompts": 0,
         "train.steps": spec.steps, "train.prompts_per_step": spec.prompts_per_step,
         "train.micro_batch_size": spec.prompts_per_step * spec.rollouts_per_prompt, "train.lr": job.lr,
-        "train.betas": list(spec.betas), "train.lr_schedule": spec.lr_schedule, "train.grad_clip": spec.grad_clip,
+        "train.betas": list(spec.betas), "train.lr_schedule": spec.lr_schedule,
+        "train.lr_warmup_steps": spec.lr_warmup_steps, "train.grad_clip": spec.grad_clip,
         "train.sft_warmup_steps": 0, "train.save_every": 0, "train.progress": False, "train.seed": job.seed,
         "train.eval_every": spec.eval_every, "train.output_dir": str(run)})
     start = time.perf_counter()
