@@ -115,7 +115,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for activations.{json,md}")
     args = p.parse_args(argv)
 
-
     lengths, depths = ((32, 64), (1, 2)) if args.quick else ((256, 512), (1, 2))
     results = {}
     for precision in ("float32", "bf16 autocast"):

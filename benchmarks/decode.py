@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 VARIANTS = ("dynamic", "static", "dynamic_compiled", "static_compiled", "vllm")
 PROMPTS = [
     "Explain in two sentences why the sky is blue.",
@@ -154,7 +155,6 @@ def main(argv=None) -> int:
     if min(row_counts) < 1:
         p.error(f"--rows must be >= 1, got {args.rows}")
 
-
     results = {}
     for rows in row_counts:
         for variant in variants:
@@ -184,7 +184,6 @@ def main(argv=None) -> int:
                     r.update(compare(output, reference))
                 r["vs_dynamic"] = r.get("paired_dynamic_seconds", base["seconds"]) / r["seconds"]
 
-    sys.path.insert(0, str(ROOT))
     from benchmarks.machine import describe
 
     command = " ".join(["python benchmarks/decode.py", *(sys.argv[1:] if argv is None else argv)])

@@ -20,12 +20,13 @@ def cpu_model() -> str:
 
 
 def describe(load: bool = True) -> str:
-    """``x86_64 (CPU model), N CPU cores, torch X[, GPU name][, load L at the end]``: the GPU when CUDA is up; the
-    one-minute load average when ``load`` (call it at the end of the measurement)."""
+    """``x86_64 (CPU model), N CPU cores, torch X[, GPU name][, load L at the end]``: the GPU when this process has
+    used CUDA (asking never initialises it, so a process that forks workers afterwards still can); the one-minute
+    load average when ``load`` (call it at the end of the measurement)."""
     import torch
 
     parts = [f"{platform.machine()} ({cpu_model()})", f"{os.cpu_count()} CPU cores", f"torch {torch.__version__}"]
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         parts.append(f"GPU {torch.cuda.get_device_name()}")
     if load:
         parts.append(f"load {os.getloadavg()[0]:.2f} at the end")

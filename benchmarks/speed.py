@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 SIZES = [(2048, 49152, 576), (2048, 151936, 896), (8192, 151936, 896)]  # (N, V, H): SmolLM2 and Qwen2.5-0.5B
 QUICK_SIZES = [(256, 4096, 64)]
 FROM_LOGITS = ("naive_k1", "opd", "tropd", "trl_gkd")
@@ -156,7 +157,6 @@ def main(argv=None) -> int:
         print(json.dumps({k: worker(k, int(n), int(v), int(h), int(repeats)) for k in kinds.split(",")}))
         return 0
 
-
     kernels = args.kernels.split(",")
     results = []
     if args.jobs < 1:
@@ -175,7 +175,6 @@ def main(argv=None) -> int:
                     print(f"N={n} V={v} {kind}: {cell}", flush=True)
         results.append(row)
 
-    sys.path.insert(0, str(ROOT))
     from benchmarks.machine import describe
 
     machine = describe()

@@ -40,6 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 PROMPTS = [
     "Explain in two sentences why the sky is blue.",
     "Write a short poem about a cat that likes rain.",
@@ -306,7 +307,6 @@ def main(argv=None) -> int:
         print(json.dumps(result))
         return 0
 
-
     if args.jobs < 1:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     results = {}
@@ -316,7 +316,6 @@ def main(argv=None) -> int:
         for kind in kinds:
             results[kind] = futures[kind].result()
             print(f"{kind}: { {k: v for k, v in results[kind].items() if k != 'settings'} }", flush=True)
-    sys.path.insert(0, str(ROOT))
     from benchmarks.machine import describe
 
     machine = describe()
