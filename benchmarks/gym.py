@@ -103,21 +103,22 @@ COLLAPSE_PROBES = {
     "half the peak (linear decay from 1e-4)": ({}, 1e-4, 3),
 }
 
-#: name -> (probes, methods, knob value) of ``--probes NAME``, and the title of its report
-PROBE_SETS = {"design": (PROBES, ("opd",), 0.0), "budget": (BUDGET_PROBES, ("opd",), 0.0),
-              "collapse": (COLLAPSE_PROBES, ("opd", "tropd"), 1.0)}
-PROBE_TITLES = {"design": "What lifts opd's matched gain? One change to the gym at a time",
-                "budget": "The third design's run budget: opd's matched gain in 200 steps",
-                "collapse": "Is the collapse at knob 1 the early, highest rate's? opd and tropd with warm-up or a "
-                            "lower peak"}
+#: name -> (probes, methods, knob value, title of the report) of ``--probes NAME``
+PROBE_SETS = {
+    "design": (PROBES, ("opd",), 0.0, "What lifts opd's matched gain? One change to the gym at a time"),
+    "budget": (BUDGET_PROBES, ("opd",), 0.0, "The third design's run budget: opd's matched gain in 200 steps"),
+    "collapse": (COLLAPSE_PROBES, ("opd", "tropd"), 1.0,
+                 "Is the collapse at knob 1 the early, highest rate's? opd and tropd with warm-up or a lower peak"),
+}
 
 
 def run_probes(spec, probe_set: str, workdir: Path, workers: int, quick: bool = False) -> dict:
     """The methods of ``probe_set`` (:data:`PROBE_SETS`) at its knob value under every entry of its probes, on the
-    validation split; ``{label: run_gym result}`` (``quick``: the tiny spec's sizes stay, one seed)."""
+    validation split; ``{label: run_gym result}`` (``quick``: the tiny spec's sizes stay, warm-up at most its steps
+    - 1, one seed)."""
     from tropd.gym.run import run_gym
 
-    probes, methods, mismatch = PROBE_SETS[probe_set]
+    probes, methods, mismatch, _ = PROBE_SETS[probe_set]
     out = {}
     for label, (changes, lr, seeds) in probes.items():
         if quick:
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"command": command, "machine": machine, "duration": round(time.perf_counter() - start, 1)}
         stem = args.stem or ("gym_probes" + ("" if args.probes == "design" else f"_{args.probes}")
                              + ("_quick" if args.quick else "") + other_students)
-        return write_report(Path(args.out), stem, probes_table(results, meta, PROBE_TITLES[args.probes]),
+        return write_report(Path(args.out), stem, probes_table(results, meta, PROBE_SETS[args.probes][3]),
                             {"meta": meta, "results": results})
     if args.sweep:
         tried, choose_on = (check_mismatch(v.split(",")) for v in (args.sweep_mismatch, args.sweep_choose_on))

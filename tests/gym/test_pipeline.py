@@ -289,8 +289,8 @@ def test_every_probe_is_one_valid_change_to_the_gym():
     collapse = [replace(gym_run.GymSpec(), **changes) for changes, _, _ in bench.COLLAPSE_PROBES.values()]
     assert collapse[0] == gym_run.GymSpec() and [c.lr_warmup_steps for c in collapse] == [0, 20, 50, 0]
     assert [lr for _, lr, _ in bench.COLLAPSE_PROBES.values()] == [None, None, None, 1e-4]
-    assert 1e-4 < gym_run.GymSpec().lr_of("opd") == gym_run.GymSpec().lr_of("tropd")  # 1e-4 is a lower peak
-    assert bench.PROBE_SETS["collapse"][1:] == (("opd", "tropd"), 1.0)
+    assert gym_run.GymSpec().lr_of("opd") == gym_run.GymSpec().lr_of("tropd") == 2e-4  # 1e-4 is half their peak
+    assert bench.PROBE_SETS["collapse"][1:3] == (("opd", "tropd"), 1.0)
 
 
 @pytest.mark.parametrize("stem", ["gym_probes", "gym_probes_budget", "gym_probes_collapse", "gym_mechanism"])
@@ -322,7 +322,7 @@ def test_benchmark_probes_quick_runs_each_probe_on_validation(tmp_path, monkeypa
     bench = _benchmark()
     probes = {k: bench.PROBES[k] for k in ("lr 1e-4", "linear decay from 2e-4", "64 prompts x 1 response",
                                            "student of 500 SFT steps")}
-    monkeypatch.setitem(bench.PROBE_SETS, "design", (probes, ("opd",), 0.0))
+    monkeypatch.setitem(bench.PROBE_SETS, "design", (probes, ("opd",), 0.0, "title"))
     monkeypatch.setenv("TROPD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(gym_run, "QUICK", replace(SPEC, steps=1, eval_every=1))
     assert bench.main(["--quick", "--probes", "--workers", "1", "--workdir", str(tmp_path / "w"),
@@ -470,7 +470,7 @@ def test_benchmark_student_seed_trains_and_reports_another_set_of_students(tmp_p
             SPEC.student, SPEC.student_plan(m))
         assert (tmp_path / "cache" / "gym" / gym_models.cache_key(other.student, other.student_plan(m))).is_dir()
     # every output of another set of students has its own name: it never overwrites the default set's results
-    monkeypatch.setitem(bench.PROBE_SETS, "design", ({"lr 1e-4": bench.PROBES["lr 1e-4"]}, ("opd",), 0.0))
+    monkeypatch.setitem(bench.PROBE_SETS, "design", ({"lr 1e-4": bench.PROBES["lr 1e-4"]}, ("opd",), 0.0, "title"))
     assert bench.main(["--quick", "--probes", "--student-seed", "2", "--workers", "1", "--workdir",
                        str(tmp_path / "w"), "--out", str(tmp_path)]) == 0
     probes = json.loads((tmp_path / "gym_probes_quick_student_seed2.json").read_text())

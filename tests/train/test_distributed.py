@@ -169,6 +169,21 @@ def test_a_launched_process_ends_the_group_its_runs_started(config, tmp_path):
         assert (tmp_path / f"rank-{rank}-group-alive-at-exit").read_text() == "False"
 
 
+def test_a_group_the_caller_started_is_left_to_the_caller(config, tmp_path):
+    """A script that made its own process group before training ends it itself: the run does not destroy it, at
+    return or at exit (a gloo group of one process)."""
+    script = (
+        "import atexit, sys, torch.distributed as dist\n"
+        "from tropd.train.config import load_config\n"
+        "from tropd.train.run import train_from_config\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+        "atexit.register(lambda: print('alive at exit', dist.is_initialized()))\n"
+        "train_from_config(load_config(sys.argv[1], sys.argv[2:]), console=lambda *_: None)\n"
+        "print('alive after the run', dist.is_initialized())\n")
+    proc = tropd([str(config), f"train.output_dir={tmp_path / 'run'}", "train.steps=1"], program=("-c", script))
+    assert "alive after the run True" in proc.stdout and "alive at exit True" in proc.stdout, proc.stdout
+
+
 def test_bf16_autocast_keeps_float32_master_weights(teacher_dir, tmp_path):
     """At lr 5e-6 bf16 weights would not move; float32 master weights under bf16 autocast move like fp32."""
     deltas = {}

@@ -144,7 +144,8 @@ class GymSpec:
 
     def key(self) -> str:
         """Content hash of the models (their recipe version included) and budgets: run folders live under it, so a
-        changed budget or retrained model never reuses old runs (the learning rates are in each run's folder name)."""
+        changed budget or retrained model never reuses old runs (the learning rates are in each run's folder name; a
+        :data:`_LATER_FIELDS` field at its default stays out, so older runs keep their folders)."""
         return spec_key(asdict(self))
 
     def teacher_plan(self) -> SFTPlan:

@@ -36,7 +36,8 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
 
     Under ``accelerate launch`` the process group this call starts stays up for later calls in the same process
     and is destroyed when the process exits (what ``Accelerator.end_training`` does; a group left alive into the
-    interpreter's teardown can abort the process there)."""
+    interpreter's teardown can abort the process there). A group running before the first call (a script that made
+    its own ``Accelerator`` first) is the caller's to end: ``accelerator.end_training()`` at the end of the script."""
     group_before = _group_running()
     try:
         accelerator = build_accelerator(cfg)
