@@ -133,7 +133,7 @@ def run_probes(spec, probe_set: str, workdir: Path, workers: int, quick: bool = 
 def probes_table(results: dict, meta: dict, title: str) -> str:
     """One row per (probe, method): start, final accuracy per seed, mean gain, collapses (COLLAPSE_RULE); with
     ``tropd`` beside ``opd``, their paired difference of final accuracy (95% interval)."""
-    from tropd.gym.stats import collapsed, final_accuracy, level_name, paired_test
+    from tropd.gym.stats import collapsed, comparisons, final_accuracy, level_name
 
     lines = [f"# {title}", "",
              f"- **command**: `{meta['command']}`", f"- **machine**: {meta['machine']}",
@@ -145,24 +145,25 @@ def probes_table(results: dict, meta: dict, title: str) -> str:
              "collapsed | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     paired = []
     for label, result in results.items():
-        spec, finals = result["context"]["spec"], {}
+        spec = result["context"]["spec"]
         budget = f"{spec['steps']} steps, {spec['lr_schedule']} rate"
         if spec.get("lr_warmup_steps"):
             budget += f" after {spec['lr_warmup_steps']} warm-up steps"
         for method in dict.fromkeys(r["method"] for r in result["runs"]):
             runs = sorted((r for r in result["runs"] if r["method"] == method), key=lambda r: r["seed"])
-            finals[method] = [final_accuracy(r) for r in runs]
+            finals = [final_accuracy(r) for r in runs]
             start = runs[0]["accuracy"][0]
-            gain = 100 * (sum(finals[method]) / len(runs) - start)
+            gain = 100 * (sum(finals) / len(runs) - start)
             wall = sum(r["wall_s"] for r in runs) / len(runs)
             down = sum(collapsed(r, result["context"]) for r in runs)
             lines.append(f"| {label} | {method} | {level_name(runs[0]['mismatch'])} | {spec['student_steps']} steps | "
                          f"{budget} | {runs[0]['lr']:g} | {100 * start:.1f} | "
-                         f"{', '.join(f'{100 * f:.1f}' for f in finals[method])} | {gain:+.1f} | {down}/{len(runs)} | "
+                         f"{', '.join(f'{100 * f:.1f}' for f in finals)} | {gain:+.1f} | {down}/{len(runs)} | "
                          f"{wall:.0f} |")
-        if {"opd", "tropd"} <= finals.keys():
-            t = paired_test([100 * x for x in finals["tropd"]], [100 * x for x in finals["opd"]])
-            paired.append(f"| {label} | {t['mean_diff']:+.1f} [{t['ci_low']:+.1f}, {t['ci_high']:+.1f}] | {t['n']} |")
+        for c in comparisons(result["runs"]):  # tropd − opd, paired by seed
+            if c["metric"] == "final_accuracy":
+                paired.append(f"| {label} | {100 * c['mean_diff']:+.1f} [{100 * c['ci_low']:+.1f}, "
+                              f"{100 * c['ci_high']:+.1f}] | {c['n']} |")
     if paired:
         lines += ["", "`tropd` − `opd`, final validation accuracy in points, paired by seed (95% interval):", "",
                   "| probe | tropd − opd | seeds |", "|---|---|---|", *paired]

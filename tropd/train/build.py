@@ -21,6 +21,7 @@ The :class:`~tropd.train.trainer.Trainer` receives the parts and builds none of 
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 from collections.abc import Callable
@@ -169,17 +170,35 @@ def check_launch(cfg: RunConfig, environ=os.environ) -> None:
 
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:
-    """The accelerate ``Accelerator`` of a run: processes (from ``accelerate launch``), device, mixed precision."""
+    """The accelerate ``Accelerator`` of a run: processes (from ``accelerate launch``), device, mixed precision.
+
+    The process group it starts (under ``accelerate launch``) is destroyed when the process exits, what
+    ``Accelerator.end_training`` does: a group left alive into the interpreter's teardown can abort the process
+    there, after a finished run. A group that was already running is its starter's to end."""
     from accelerate.utils import DistributedType
 
     check_launch(cfg)
     device = resolve_device(cfg.model.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.model.mixed_precision)
+    group_before = _group_running()
+    try:
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.model.mixed_precision)
+    finally:  # a group may be up even when the Accelerator then fails
+        if not group_before and _group_running():
+            atexit.register(_end_group)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ValueError(_REFUSE_SHARDING.format(accelerator.distributed_type.value))
     return accelerator
+
+
+def _group_running() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _end_group() -> None:
+    if _group_running():
+        torch.distributed.destroy_process_group()
 
 
 # -- prompts --------------------------------------------------------------------------------------------------

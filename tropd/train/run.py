@@ -3,7 +3,6 @@ build the run's parts (:mod:`tropd.train.build`), train, write ``summary.json``.
 
 from __future__ import annotations
 
-import atexit
 import json
 import time
 from pathlib import Path
@@ -34,16 +33,10 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     whose every step was skipped as non-finite writes its summary, then raises
     :class:`~tropd.train.errors.NoStepTrainedError` with the cause (the student did not train).
 
-    Under ``accelerate launch`` the process group this call starts stays up for later calls in the same process
-    and is destroyed when the process exits (what ``Accelerator.end_training`` does; a group left alive into the
-    interpreter's teardown can abort the process there). A group running before the first call (a script that made
-    its own ``Accelerator`` first) is the caller's to end: ``accelerator.end_training()`` at the end of the script."""
-    group_before = _group_running()
-    try:
-        accelerator = build_accelerator(cfg)
-    finally:  # the group is up even when the accelerator is then refused
-        if not group_before and _group_running():
-            atexit.register(_end_group)
+    Under ``accelerate launch`` the process group the first call starts stays up for later calls in the same
+    process and is destroyed when the process exits (:func:`~tropd.train.build.build_accelerator`); a group running
+    before the first call (a script that made its own ``Accelerator`` first) is the caller's to end."""
+    accelerator = build_accelerator(cfg)
     main = accelerator.is_main_process
     console = console if main else (lambda *_: None)
     if cfg.train.output_dir is None:  # one name for every process: the main process's
@@ -57,19 +50,6 @@ def train_from_config(cfg: RunConfig, resume: bool = False, console=print, eval_
     finally:
         if lock is not None:
             lock.release()
-
-
-def _group_running() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _end_group() -> None:
-    import torch.distributed as dist
-
-    if _group_running():
-        dist.destroy_process_group()
 
 
 def _lock_run_dir(run_dir: Path, accelerator) -> RunLock | None:
